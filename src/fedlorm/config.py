@@ -1,0 +1,295 @@
+"""Typed run configuration: dataclasses, TOML files and dotted ``key=value`` overrides.
+
+Every knob of a run lives here with its default; a results file stores the whole config so a run can
+be repeated from it. Unknown keys and values of the wrong type are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "LormConfig",
+    "ModelConfig",
+    "RunConfig",
+    "ScenarioConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_toml",
+    "validate_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that is not allowed; the message is one line for the user."""
+
+
+@dataclass
+class DataConfig:
+    """Which images, how many, at what size."""
+
+    datasets: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist"])
+    root: str | None = None
+    download: bool = False
+    image_size: int = 48
+    train_per_class: int | None = 300
+    test_per_class: int | None = 200
+
+
+@dataclass
+class ScenarioConfig:
+    """Class-incremental task split and the federated partition of each task."""
+
+    tasks: int | list[int] = 5
+    class_order: Literal["natural", "random"] = "natural"
+    num_clients: int = 10
+    beta: float = 0.5
+    min_samples: int = 6
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, its weights and the LoRA adapters put on it."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "pretrained"
+    rank: int = 4
+    scaling: float = 1.0
+    targets: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Rounds per task and the clients' local optimisation (AdamW, masked cross-entropy)."""
+
+    rounds: int = 4
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 3e-3
+    lr_a: float | None = None
+    lr_b: float | None = None
+    lr_head: float | None = None
+    weight_decay: float = 0.0
+    eval_batch_size: int = 256
+    eval_every_round: bool = True
+    device: str = "auto"
+    threads: int | None = None
+
+
+@dataclass
+class LormConfig:
+    """LoRM's merges: statistics shrinkage, head merge and which model the statistics go through."""
+
+    alpha_backbone: float = 0.0
+    alpha_head: float = 0.5
+    head_merge: Literal["regmean", "fedavg"] = "regmean"
+    stats_model: Literal["trained", "reference"] = "trained"
+    task_start: Literal["pretrained", "merged"] = "pretrained"
+    ridge: float = 1e-10
+
+
+@dataclass
+class RunConfig:
+    """One federated class-incremental run."""
+
+    method: str = "lorm"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lorm: LormConfig = field(default_factory=LormConfig)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain JSON/TOML-compatible data (None values kept)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """A config from nested mappings (as read from TOML), on top of ``base`` or the defaults."""
+    cfg = _copy(base) if base is not None else RunConfig()
+    _merge_into(cfg, data, prefix="")
+    return cfg
+
+
+def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """Read a TOML config file (sections = dataclass groups, dotted keys allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    return config_from_dict(data, base)
+
+
+def apply_overrides(cfg: RunConfig, overrides: Iterable[str]) -> RunConfig:
+    """Apply ``section.key=value`` strings; values are parsed as TOML, bare words as strings."""
+    cfg = _copy(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.rounds=5)")
+        _set_path(cfg, key.split("."), _parse_value(raw.strip()))
+    return cfg
+
+
+def _copy(cfg: RunConfig) -> RunConfig:
+    return config_from_plain(dataclasses.asdict(cfg))
+
+
+def config_from_plain(data: Mapping[str, Any]) -> RunConfig:
+    """Rebuild a config from ``config_to_dict`` output (e.g. a results file's ``config``)."""
+    cfg = RunConfig()
+    _merge_into(cfg, data, prefix="")
+    return cfg
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _merge_into(obj: Any, data: Mapping[str, Any], prefix: str) -> None:
+    for key, value in data.items():
+        _set_path(obj, str(key).split("."), value, shown_prefix=prefix)
+
+
+def _set_path(obj: Any, path: list[str], value: Any, shown_prefix: str = "") -> None:
+    target = obj
+    for depth, name in enumerate(path):
+        shown = shown_prefix + ".".join(path[: depth + 1])
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if name not in fields:
+            allowed = ", ".join(sorted(shown_prefix + ".".join([*path[:depth], f]) for f in fields))
+            raise ConfigError(f"unknown config key {shown!r}; allowed here: {allowed}")
+        hint = typing.get_type_hints(type(target))[name]
+        last = depth == len(path) - 1
+        if dataclasses.is_dataclass(hint):
+            if last:
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"config key {shown!r} is a section; give it a table, not {value!r}")
+                _merge_into(getattr(target, name), value, prefix=shown + ".")
+                return
+            target = getattr(target, name)
+            continue
+        if not last:
+            raise ConfigError(f"config key {shown!r} is a value, not a section")
+        setattr(target, name, _coerce(value, hint, shown))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the field's type hint, converting only where lossless."""
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(hint)
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            if type(None) in options:
+                return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"config key {key!r} got {value!r}")
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} got {value!r}; allowed: {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        (item_type,) = get_args(hint)
+        if isinstance(value, str):
+            value = [v for v in (p.strip() for p in value.split(",")) if v]
+        if isinstance(value, int) and not isinstance(value, bool) and item_type is int:
+            raise ConfigError(f"config key {key!r} expects a list of {item_type.__name__}, got {value!r}")
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key {key!r} expects a list of {item_type.__name__}, got {value!r}")
+        return [_coerce(v, item_type, key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"config key {key!r} expects true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key {key!r} expects a string, got {value!r}")
+    raise ConfigError(f"config key {key!r} has an unsupported type {hint!r}")
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Range checks that need no data or model (names are checked where their registries live)."""
+    checks: list[tuple[str, Any, bool, str]] = [
+        ("seed", cfg.seed, cfg.seed >= 0, "an integer >= 0"),
+        ("data.image_size", cfg.data.image_size, cfg.data.image_size >= 8, "an integer >= 8"),
+        ("data.train_per_class", cfg.data.train_per_class,
+         cfg.data.train_per_class is None or cfg.data.train_per_class >= 1, "an integer >= 1 or none"),
+        ("data.test_per_class", cfg.data.test_per_class,
+         cfg.data.test_per_class is None or cfg.data.test_per_class >= 1, "an integer >= 1 or none"),
+        ("data.datasets", cfg.data.datasets, len(cfg.data.datasets) >= 1, "at least one dataset name"),
+        ("scenario.num_clients", cfg.scenario.num_clients, cfg.scenario.num_clients >= 1, "an integer >= 1"),
+        ("scenario.beta", cfg.scenario.beta, cfg.scenario.beta > 0, "a number > 0"),
+        ("scenario.min_samples", cfg.scenario.min_samples, cfg.scenario.min_samples >= 1, "an integer >= 1"),
+        ("model.rank", cfg.model.rank, cfg.model.rank >= 1, "an integer >= 1"),
+        ("train.rounds", cfg.train.rounds, cfg.train.rounds >= 1, "an integer >= 1"),
+        ("train.local_epochs", cfg.train.local_epochs, cfg.train.local_epochs >= 1, "an integer >= 1"),
+        ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size >= 1, "an integer >= 1"),
+        ("train.eval_batch_size", cfg.train.eval_batch_size, cfg.train.eval_batch_size >= 1,
+         "an integer >= 1"),
+        ("train.weight_decay", cfg.train.weight_decay, cfg.train.weight_decay >= 0, "a number >= 0"),
+        ("lorm.alpha_backbone", cfg.lorm.alpha_backbone, 0 <= cfg.lorm.alpha_backbone <= 1,
+         "a number in [0, 1]"),
+        ("lorm.alpha_head", cfg.lorm.alpha_head, 0 <= cfg.lorm.alpha_head <= 1, "a number in [0, 1]"),
+        ("lorm.ridge", cfg.lorm.ridge, cfg.lorm.ridge >= 0, "a number >= 0"),
+    ]
+    for name in ("lr", "lr_a", "lr_b", "lr_head"):
+        value = getattr(cfg.train, name)
+        checks.append((f"train.{name}", value, value is None or value > 0, "a number > 0"))
+    tasks = cfg.scenario.tasks
+    if isinstance(tasks, int):
+        checks.append(("scenario.tasks", tasks, tasks >= 1, "an integer >= 1 or a list of class counts"))
+    else:
+        checks.append(("scenario.tasks", tasks, len(tasks) >= 1 and all(n >= 1 for n in tasks),
+                       "an integer >= 1 or a non-empty list of positive class counts"))
+    for key, value, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{key} = {value!r} is not allowed; expected {allowed}")

@@ -1,0 +1,146 @@
+"""The client/server protocol every federated method implements.
+
+A round is: the server publishes an :class:`Instruction` and a dict of arrays; every client loads the
+arrays into the (one, shared) model, does its local work and replies with *summands* (a dict of
+tensors); the runtime adds the replies up and hands only the sums to :meth:`Server.aggregate`. The
+server therefore never sees one client's statistics, and the in-process simulator and the Flower app
+are two transports of the same messages.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fedlorm.adapters import LoRALayer
+from fedlorm.backbones import Backbone
+from fedlorm.config import RunConfig
+
+Arrays = dict[str, Tensor]
+Phase = Literal["train", "task_stats"]
+Factor = Literal["A", "B", "both", "none"]
+
+__all__ = ["Arrays", "Client", "ClientData", "ClientReply", "Instruction", "Server", "add_arrays"]
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What the server asks of every client in one step; flat, so it travels as a config record."""
+
+    task: int
+    round: int
+    phase: Phase
+    factor: Factor
+    class_start: int
+    class_stop: int
+
+    def to_record(self) -> dict[str, int | str]:
+        """Plain key/value form (Flower ConfigRecord, checkpoints)."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, int | str]) -> Instruction:
+        """Inverse of :meth:`to_record`."""
+        return cls(
+            task=int(record["task"]),
+            round=int(record["round"]),
+            phase=str(record["phase"]),  # type: ignore[arg-type]
+            factor=str(record["factor"]),  # type: ignore[arg-type]
+            class_start=int(record["class_start"]),
+            class_stop=int(record["class_stop"]),
+        )
+
+    @property
+    def classes(self) -> range:
+        """Class positions of the current task (the only logits the local loss sees)."""
+        return range(self.class_start, self.class_stop)
+
+
+@dataclass
+class ClientData:
+    """One client's share of the current task: preprocessed images and class positions."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+
+@dataclass
+class ClientReply:
+    """What a client sends back: additive summands, its sample count and local metrics."""
+
+    summands: Arrays
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def upload_bytes(self) -> int:
+        """Bytes on the wire for the summands (tensor payload only)."""
+        return sum(t.numel() * t.element_size() for t in self.summands.values())
+
+
+def add_arrays(total: Arrays | None, update: Mapping[str, Tensor]) -> Arrays:
+    """``total + update`` key by key (float64 accumulation); ``total`` None starts a new sum."""
+    if total is None:
+        return {k: v.detach().to(torch.float64).clone() for k, v in update.items()}
+    if total.keys() != update.keys():
+        missing = sorted(set(total) ^ set(update))[:3]
+        raise ValueError(f"client reply keys differ from the others' (e.g. {missing})")
+    for key, value in update.items():
+        total[key] += value.detach().to(torch.float64)
+    return total
+
+
+class Client(ABC):
+    """Client side of a method: stateless between rounds, everything arrives with the message."""
+
+    def __init__(self, cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer]) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.layers = dict(layers)
+
+    @abstractmethod
+    def update(
+        self, arrays: Mapping[str, Tensor], instruction: Instruction, data: ClientData,
+        generator: torch.Generator,
+    ) -> ClientReply:
+        """Load ``arrays``, do the instructed local work on ``data``, return the summands."""
+
+
+class Server(ABC):
+    """Server side of a method: global state, per-round instructions and the closed-form folds."""
+
+    def __init__(self, cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer]) -> None:
+        self.cfg = cfg
+        self.layer_names = list(layers)
+
+    @abstractmethod
+    def start_task(self, task: int, classes: range, generator: torch.Generator) -> None:
+        """Prepare the global state for a new task (e.g. fresh adapters)."""
+
+    @abstractmethod
+    def instructions(self, task: int, classes: range) -> Iterator[Instruction]:
+        """The steps of one task in order: training rounds, then any end-of-task pass."""
+
+    @abstractmethod
+    def arrays(self, instruction: Instruction) -> Arrays:
+        """Arrays every client needs for ``instruction`` (the broadcast)."""
+
+    @abstractmethod
+    def aggregate(self, instruction: Instruction, sums: Arrays, num_examples: int) -> None:
+        """Fold the summed client replies into the global state."""
+
+    @abstractmethod
+    def deployed_arrays(self) -> Arrays:
+        """Arrays of the model to evaluate now (no task id at test time)."""
+
+    @abstractmethod
+    def state_dict(self) -> Arrays:
+        """Everything the server holds, for checkpoints and equivalence tests."""

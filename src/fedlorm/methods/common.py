@@ -1,0 +1,139 @@
+"""Client-side building blocks shared by the methods: loading arrays, local training, statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedlorm.adapters import InputStatistics, LoRALayer, set_trainable_factor
+from fedlorm.backbones import Backbone
+from fedlorm.methods.base import ClientData, Factor
+
+__all__ = [
+    "HEAD",
+    "apply_arrays",
+    "collect_statistics",
+    "factor_key",
+    "shared_model_arrays",
+    "train_locally",
+]
+
+HEAD = "head"
+
+
+def factor_key(layer: str, factor: str) -> str:
+    """Array name of one LoRA factor, e.g. ``blocks.0.attn.qkv.lora_A``."""
+    return f"{layer}.lora_{factor}"
+
+
+def apply_arrays(model: Backbone, layers: Mapping[str, LoRALayer], arrays: Mapping[str, Tensor]) -> None:
+    """Copy the named arrays into the model in place; layers without a ``fixed_delta`` get none."""
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for factor in ("A", "B"):
+                key = factor_key(name, factor)
+                if key in arrays:
+                    getattr(layer, f"lora_{factor}").copy_(arrays[key])
+            delta = arrays.get(f"{name}.fixed_delta")
+            layer.set_fixed_delta(None if delta is None else delta.to(layer.lora_A.dtype))
+        if f"{HEAD}.weight" in arrays:
+            model.head.weight.copy_(arrays[f"{HEAD}.weight"])
+            model.head.bias.copy_(arrays[f"{HEAD}.bias"])
+
+
+def shared_model_arrays(model: Backbone, layers: Mapping[str, LoRALayer]) -> dict[str, Tensor]:
+    """The model's current factors and head (detached copies)."""
+    out: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        out[factor_key(name, "A")] = layer.lora_A.detach().clone()
+        out[factor_key(name, "B")] = layer.lora_B.detach().clone()
+    out[f"{HEAD}.weight"] = model.head.weight.detach().clone()
+    out[f"{HEAD}.bias"] = model.head.bias.detach().clone()
+    return out
+
+
+def train_locally(
+    model: Backbone,
+    layers: Mapping[str, LoRALayer],
+    data: ClientData,
+    *,
+    factor: Factor,
+    classes: range,
+    epochs: int,
+    batch_size: int,
+    lr_a: float,
+    lr_b: float,
+    lr_head: float,
+    weight_decay: float,
+    generator: torch.Generator,
+    train_head: bool = True,
+) -> float:
+    """Train the chosen LoRA factor(s) and the current task's head rows; return the mean loss.
+
+    The loss sees only the current task's logits (class-incremental local training). The backbone
+    stays in eval mode: its normalisation statistics are pretrained and frozen, and every client must
+    see the same function. Head rows of other tasks are restored after training, so AdamW's decoupled
+    weight decay cannot shrink them.
+    """
+    model.eval()
+    model.requires_grad_(False)
+    set_trainable_factor(layers, factor)
+    groups = []
+    if factor in ("A", "both"):
+        groups.append({"params": [lay.lora_A for lay in layers.values()], "lr": lr_a})
+    if factor in ("B", "both"):
+        groups.append({"params": [lay.lora_B for lay in layers.values()], "lr": lr_b})
+    head_before = (model.head.weight.detach().clone(), model.head.bias.detach().clone())
+    if train_head:
+        model.head.requires_grad_(True)
+        groups.append({"params": list(model.head.parameters()), "lr": lr_head})
+    if not groups:
+        return float("nan")
+    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    start, stop = classes.start, classes.stop
+    device = model.head.weight.device
+    total, count = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=generator)
+        for batch in order.split(batch_size):
+            images = data.images[batch].to(device, non_blocking=True)
+            targets = data.labels[batch].to(device) - start
+            logits = model(images)[:, start:stop]
+            loss = F.cross_entropy(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(batch)
+            count += len(batch)
+    model.requires_grad_(False)
+    _restore_other_rows(model.head, head_before, classes)
+    return total / max(count, 1)
+
+
+def _restore_other_rows(head: nn.Linear, before: tuple[Tensor, Tensor], classes: range) -> None:
+    keep = torch.ones(head.out_features, dtype=torch.bool, device=head.weight.device)
+    keep[classes.start : classes.stop] = False
+    with torch.no_grad():
+        head.weight[keep] = before[0][keep]
+        head.bias[keep] = before[1][keep]
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: Backbone,
+    modules: Mapping[str, nn.Module],
+    data: ClientData,
+    *,
+    modes: Mapping[str, str],
+    batch_size: int,
+) -> dict[str, Tensor]:
+    """Input Grams (float64, full or diagonal per module) over every token of the client's data."""
+    model.eval()
+    device = model.head.weight.device
+    with InputStatistics(modules, mode=dict(modes)) as stats:
+        for batch in torch.arange(len(data)).split(batch_size):
+            model(data.images[batch].to(device, non_blocking=True))
+    return stats.grams()

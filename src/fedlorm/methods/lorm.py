@@ -1,0 +1,248 @@
+"""LoRM (ICLR 2025): alternating closed-form merges of LoRA's B and A, within and across tasks.
+
+Per task, rounds alternate B, A, B, ... (B first: with B = 0 at a task's start, A has zero gradient).
+Clients train the round's factor and the current task's head rows, then send additive summands
+(DESIGN.md §2): B-round ``M_i = B_i H_i, H_i = A G̃_i Aᵀ``; A-round ``N_i = A_i G̃_i, G̃_i``; head
+``W_i G̃_i, G̃_i`` (RegMean) plus ``n_i b_i, n_i``. At a task's end the clients send the Grams of
+every adapted layer's inputs through the merged task model and the server folds the task's update
+``ΔW_t`` into ``ΔW = (Σ_t ΔW_t G_t)(Σ_t G_t)⁻¹``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from fedlorm import merging
+from fedlorm.adapters import LoRALayer
+from fedlorm.backbones import Backbone
+from fedlorm.config import RunConfig
+from fedlorm.methods.base import Arrays, Client, ClientData, ClientReply, Instruction, Server
+from fedlorm.methods.common import (
+    HEAD,
+    apply_arrays,
+    collect_statistics,
+    factor_key,
+    train_locally,
+)
+
+__all__ = ["LoRMClient", "LoRMServer", "round_factor"]
+
+
+def round_factor(round_index: int) -> str:
+    """B, A, B, A, ...: the factor trained in a round of a task."""
+    return "B" if round_index % 2 == 0 else "A"
+
+
+def _mode(alpha: float) -> str:
+    return "diag" if alpha == 0 else "full"
+
+
+class LoRMClient(Client):
+    """Trains the round's factor and head rows; replies with LoRM's additive summands."""
+
+    def update(
+        self, arrays: Mapping[str, Tensor], instruction: Instruction, data: ClientData,
+        generator: torch.Generator,
+    ) -> ClientReply:
+        cfg, train = self.cfg.lorm, self.cfg.train
+        apply_arrays(self.model, self.layers, arrays)
+        metrics: dict[str, float] = {}
+        if instruction.phase == "train":
+            metrics["train_loss"] = train_locally(
+                self.model, self.layers, data,
+                factor=instruction.factor, classes=instruction.classes,
+                epochs=train.local_epochs, batch_size=train.batch_size,
+                lr_a=train.lr_a or train.lr, lr_b=train.lr_b or train.lr,
+                lr_head=train.lr_head or train.lr, weight_decay=train.weight_decay,
+                generator=generator,
+            )
+        grams = self._statistics(arrays, instruction, data)
+        summands: Arrays = {}
+        for name, layer in self.layers.items():
+            gram = merging.shrink_gram(grams[name], cfg.alpha_backbone)
+            if instruction.phase == "task_stats":
+                summands[f"{name}.G"] = gram
+            elif instruction.factor == "B":
+                summands[f"{name}.M"], summands[f"{name}.H"] = merging.merge_b_summands(
+                    layer.lora_B.detach(), layer.lora_A.detach(), gram
+                )
+            else:
+                summands[f"{name}.N"], summands[f"{name}.G"] = merging.merge_a_summands(
+                    layer.lora_A.detach(), gram
+                )
+        if instruction.phase == "train":
+            summands.update(self._head_summands(grams.get(HEAD), len(data)))
+        return ClientReply(summands=summands, num_examples=len(data), metrics=metrics)
+
+    def _statistics(
+        self, arrays: Mapping[str, Tensor], instruction: Instruction, data: ClientData
+    ) -> dict[str, Tensor]:
+        """Grams through the statistics model: the trained one, or the authors' averaged one."""
+        cfg = self.cfg.lorm
+        modules: dict[str, nn.Module] = dict(self.layers)
+        modes = {name: _mode(cfg.alpha_backbone) for name in self.layers}
+        if instruction.phase == "train" and cfg.head_merge == "regmean":
+            modules[HEAD] = self.model.head
+            modes[HEAD] = _mode(cfg.alpha_head)
+        if cfg.stats_model == "reference":
+            # fed-mammoth: inputs through W0 + (Σ_{j<t} ΔW_j + current ΔW) / (t + 1).
+            t = instruction.task
+            for name, layer in self.layers.items():
+                earlier = arrays.get(f"{name}.earlier_sum")
+                layer.set_fixed_delta(None if earlier is None else earlier / (t + 1))
+                layer.scaling = self.cfg.model.scaling / (t + 1)
+        try:
+            return collect_statistics(
+                self.model, modules, data, modes=modes, batch_size=self.cfg.train.eval_batch_size
+            )
+        finally:
+            if cfg.stats_model == "reference":
+                for layer in self.layers.values():
+                    layer.scaling = self.cfg.model.scaling
+                apply_arrays(self.model, self.layers, {
+                    k: v for k, v in arrays.items() if k.endswith(".fixed_delta")
+                })
+
+    def _head_summands(self, head_gram: Tensor | None, n: int) -> Arrays:
+        weight = self.model.head.weight.detach()
+        bias = self.model.head.bias.detach().to(torch.float64)
+        out: Arrays = {f"{HEAD}.nb": n * bias, f"{HEAD}.n": torch.tensor(float(n), dtype=torch.float64)}
+        if head_gram is None:
+            out[f"{HEAD}.nW"] = n * weight.to(torch.float64)
+        else:
+            gram = merging.shrink_gram(head_gram, self.cfg.lorm.alpha_head)
+            out[f"{HEAD}.WG"], out[f"{HEAD}.G"] = merging.regmean_summands(weight, gram)
+        return out
+
+
+class LoRMServer(Server):
+    """Holds the current task's factors, the head and the cross-task sums P = Σ ΔW_t G_t, Q = Σ G_t."""
+
+    def __init__(self, cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer]) -> None:
+        super().__init__(cfg, model, layers)
+        if cfg.lorm.stats_model == "reference" and cfg.lorm.task_start != "pretrained":
+            raise ValueError(
+                "lorm.stats_model='reference' reproduces the authors' setup and needs "
+                f"lorm.task_start='pretrained', got {cfg.lorm.task_start!r}"
+            )
+        self.scaling = cfg.model.scaling
+        self.dtype = model.head.weight.dtype
+        self.device = model.head.weight.device
+        self.shapes = {name: (lay.out_features, lay.in_features, lay.rank) for name, lay in layers.items()}
+        self.A = {name: lay.lora_A.detach().clone() for name, lay in layers.items()}
+        self.B = {name: torch.zeros_like(lay.lora_B) for name, lay in layers.items()}
+        self.head_weight = torch.zeros_like(model.head.weight)
+        self.head_bias = torch.zeros_like(model.head.bias)
+        self.P: dict[str, Tensor] = {}
+        self.Q: dict[str, Tensor] = {}
+        self.merged: dict[str, Tensor] = {}
+        self.earlier_sum: dict[str, Tensor] = {}
+        self.task = -1
+        self.task_finished = False
+
+    # -- protocol -----------------------------------------------------------------------------------
+    def start_task(self, task: int, classes: range, generator: torch.Generator) -> None:
+        self.task = task
+        self.task_finished = False
+        for name, (d_out, d_in, rank) in self.shapes.items():
+            a = torch.empty(rank, d_in, dtype=torch.float32)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            self.A[name] = a.to(device=self.device, dtype=self.dtype)
+            self.B[name] = torch.zeros(d_out, rank, device=self.device, dtype=self.dtype)
+
+    def instructions(self, task: int, classes: range) -> Iterator[Instruction]:
+        for r in range(self.cfg.train.rounds):
+            yield Instruction(task, r, "train", round_factor(r), classes.start, classes.stop)  # type: ignore[arg-type]
+        yield Instruction(task, -1, "task_stats", "none", classes.start, classes.stop)
+
+    def arrays(self, instruction: Instruction) -> Arrays:
+        out = self._training_arrays()
+        if self.cfg.lorm.stats_model == "reference":
+            for name, total in self.earlier_sum.items():
+                out[f"{name}.earlier_sum"] = total
+        return out
+
+    def aggregate(self, instruction: Instruction, sums: Arrays, num_examples: int) -> None:
+        if instruction.phase == "task_stats":
+            self._fold_task(sums)
+            return
+        ridge = self.cfg.lorm.ridge
+        for name in self.shapes:
+            if instruction.factor == "B":
+                self.B[name] = merging.merge_b_solve(
+                    sums[f"{name}.M"], sums[f"{name}.H"], reference=self.B[name], dtype=self.dtype,
+                    ridge=ridge,
+                )
+            else:
+                self.A[name] = merging.merge_a_solve(
+                    sums[f"{name}.N"], sums[f"{name}.G"], reference=self.A[name], dtype=self.dtype,
+                    ridge=ridge,
+                )
+        self._merge_head(sums)
+
+    def deployed_arrays(self) -> Arrays:
+        if not self.task_finished:
+            return self._training_arrays()
+        out = {f"{HEAD}.weight": self.head_weight, f"{HEAD}.bias": self.head_bias}
+        for name in self.shapes:
+            out[factor_key(name, "A")] = self.A[name]
+            out[factor_key(name, "B")] = torch.zeros_like(self.B[name])
+            if name in self.merged:
+                out[f"{name}.fixed_delta"] = self.merged[name]
+        return out
+
+    def state_dict(self) -> Arrays:
+        out = self._training_arrays()
+        for prefix, table in (("P", self.P), ("Q", self.Q), ("merged", self.merged),
+                              ("earlier_sum", self.earlier_sum)):
+            out.update({f"{prefix}.{name}": value for name, value in table.items()})
+        return out
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _training_arrays(self) -> Arrays:
+        out: Arrays = {f"{HEAD}.weight": self.head_weight, f"{HEAD}.bias": self.head_bias}
+        for name in self.shapes:
+            out[factor_key(name, "A")] = self.A[name]
+            out[factor_key(name, "B")] = self.B[name]
+            if self.cfg.lorm.task_start == "merged" and name in self.merged:
+                out[f"{name}.fixed_delta"] = self.merged[name]
+        return out
+
+    def _merge_head(self, sums: Arrays) -> None:
+        n = sums[f"{HEAD}.n"]
+        if f"{HEAD}.WG" in sums:
+            self.head_weight = merging.regmean_solve(
+                sums[f"{HEAD}.WG"], sums[f"{HEAD}.G"], reference=self.head_weight, dtype=self.dtype,
+                ridge=self.cfg.lorm.ridge,
+            )
+        else:
+            self.head_weight = (sums[f"{HEAD}.nW"] / n).to(self.dtype)
+        self.head_bias = (sums[f"{HEAD}.nb"] / n).to(self.dtype)
+
+    def _task_delta(self, name: str) -> Tensor:
+        delta = self.scaling * (self.B[name].to(torch.float64) @ self.A[name].to(torch.float64))
+        if self.cfg.lorm.task_start == "merged" and name in self.merged:
+            delta = delta + self.merged[name].to(torch.float64)
+        return delta
+
+    def _fold_task(self, sums: Arrays) -> None:
+        """Cross-task closed form: P += ΔW_t G_t, Q += G_t, ΔW = P Q⁻¹ (earlier value kept where Q = 0)."""
+        for name in self.shapes:
+            delta = self._task_delta(name)
+            p, q = merging.merge_tasks_summands(delta, sums[f"{name}.G"])
+            self.P[name] = p if name not in self.P else self.P[name] + p
+            self.Q[name] = q if name not in self.Q else self.Q[name] + q
+            reference = self.merged.get(name)
+            self.merged[name] = merging.merge_tasks_solve(
+                self.P[name], self.Q[name], reference=reference, dtype=self.dtype,
+                ridge=self.cfg.lorm.ridge,
+            )
+            if self.cfg.lorm.stats_model == "reference":
+                plain = self.scaling * (self.B[name].to(torch.float64) @ self.A[name].to(torch.float64))
+                previous = self.earlier_sum.get(name)
+                self.earlier_sum[name] = (plain if previous is None else previous + plain).to(self.dtype)
+        self.task_finished = True

@@ -1,0 +1,135 @@
+"""Build everything a run needs from its config: data, scenario, the one shared model, the method.
+
+Both runtimes (the in-process simulator and the Flower app) start here, so for the same config and
+seed they see the same images, partitions, initial weights and method objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fedlorm.adapters import LoRALayer, inject_lora
+from fedlorm.backbones import Backbone, create_backbone
+from fedlorm.config import ConfigError, RunConfig, validate_config
+from fedlorm.data import (
+    LabeledImages,
+    class_incremental_union,
+    load_dataset,
+    per_class_subsample,
+    to_model_input,
+)
+from fedlorm.fcl import Scenario, dirichlet_partition, make_scenario
+from fedlorm.methods import METHODS, Client, ClientData, Server
+from fedlorm.seeding import derive_seed
+
+__all__ = ["Experiment", "build_experiment", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Experiment:
+    """Data, scenario, model and method objects of one run (one model copy for all clients)."""
+
+    cfg: RunConfig
+    scenario: Scenario
+    train: ClientData
+    test: ClientData
+    model: Backbone
+    layers: dict[str, LoRALayer]
+    server: Server
+    client: Client
+    device: torch.device
+
+    def client_data(self, task: int) -> list[ClientData]:
+        """The task's training data split across clients by the seeded Dirichlet partition."""
+        classes = self.scenario.task_classes(task)
+        in_task = torch.nonzero(
+            (self.train.labels >= classes.start) & (self.train.labels < classes.stop)
+        ).flatten()
+        sc = self.cfg.scenario
+        shares = dirichlet_partition(
+            self.train.labels[in_task].numpy(), sc.num_clients, sc.beta,
+            min_samples=sc.min_samples, seed=derive_seed(self.cfg.seed, "partition", task),
+        )
+        return [
+            ClientData(self.train.images[in_task[idx]], self.train.labels[in_task[idx]])
+            for idx in (torch.as_tensor(share, dtype=torch.long) for share in shares)
+        ]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; anything else must be a valid torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device = {name!r} is not a torch device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name!r} but no CUDA device is available; use auto or cpu")
+    return device
+
+
+def _load_split(cfg: RunConfig, split: str, per_class: int | None) -> LabeledImages:
+    parts = [
+        load_dataset(name, split, root=cfg.data.root, download=cfg.data.download)
+        for name in cfg.data.datasets
+    ]
+    data = parts[0] if len(parts) == 1 else class_incremental_union(parts)
+    return per_class_subsample(data, per_class, seed=derive_seed(cfg.seed, "subsample", split))
+
+
+def _pretrained(weights: str) -> bool | Path:
+    if weights == "pretrained":
+        return True
+    if weights in ("none", "random"):
+        return False
+    return Path(weights)
+
+
+def build_experiment(cfg: RunConfig) -> Experiment:
+    """Validate the config, then load data and build model and method (no training)."""
+    validate_config(cfg)
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method {cfg.method!r} is unknown; choose one of: {', '.join(sorted(METHODS))}")
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    train_raw = _load_split(cfg, "train", cfg.data.train_per_class)
+    test_raw = _load_split(cfg, "test", cfg.data.test_per_class)
+    num_classes = len(train_raw.class_names)
+    scenario = make_scenario(
+        num_classes, cfg.scenario.tasks, cfg.scenario.class_order,
+        seed=derive_seed(cfg.seed, "class_order"),
+    )
+    train = _to_client_data(train_raw, scenario, cfg.data.image_size)
+    test = _to_client_data(test_raw, scenario, cfg.data.image_size)
+    torch.manual_seed(derive_seed(cfg.seed, "model"))
+    model = create_backbone(
+        cfg.model.backbone, num_classes, pretrained=_pretrained(cfg.model.weights),
+        img_size=cfg.data.image_size,
+    )
+    model.requires_grad_(False)
+    layers = inject_lora(model, cfg.model.targets or model.lora_targets, cfg.model.rank, cfg.model.scaling)
+    model.to(device)
+    server_cls, client_cls = METHODS[cfg.method]
+    logger.info(
+        "built %s: %d classes in %d tasks, %d train / %d test images, %d LoRA layers",
+        cfg.model.backbone, num_classes, scenario.num_tasks, len(train), len(test), len(layers),
+    )
+    return Experiment(
+        cfg=cfg, scenario=scenario, train=train, test=test, model=model, layers=layers,
+        server=server_cls(cfg, model, layers), client=client_cls(cfg, model, layers), device=device,
+    )
+
+
+def _to_client_data(data: LabeledImages, scenario: Scenario, size: int) -> ClientData:
+    images: Tensor = to_model_input(data.images, size)
+    labels: Tensor = scenario.to_positions(data.labels)
+    return ClientData(images=images, labels=labels)
