@@ -115,7 +115,7 @@ def _run_step(exp: Experiment, instruction: Instruction, shares, bar) -> tuple[d
     merge_seconds = time.perf_counter() - started
     row = {
         "task": instruction.task,
-        "round": instruction.round if instruction.phase == "train" else "end",
+        "round": instruction.round if instruction.phase == "train" else cfg.train.rounds,
         "phase": instruction.phase,
         "factor": instruction.factor,
         "train_loss": round(loss_sum / examples, 6) if instruction.phase == "train" else "",

@@ -1,0 +1,175 @@
+"""LoRA layers that wrap a frozen ``nn.Linear`` or 1×1 ``nn.Conv2d``.
+
+Why not peft's ``LoraLayer``: LoRM trains one factor per round (B, then A, ...), writes closed-form
+server solutions straight into the factors, adds a frozen dense update (the merged update of earlier
+tasks) next to the trainable one, and hooks the layer's input for statistics. peft's layer is built
+around named adapters, dropout, merging and variants, not around per-round factor switching and
+in-place closed-form writes, so we keep a small layer of our own and speak peft's format on disk
+(see :mod:`fedlorm.adapters.peft_io`).
+
+Conventions (the paper's): ``ΔW = scaling · B A`` with ``B ∈ R^{d_out×r}``, ``A ∈ R^{r×d_in}``,
+``scaling = 1.0`` by default (no α/r), ``B = 0`` and ``A`` kaiming-uniform at reset.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LoRAConv2d", "LoRALayer", "LoRALinear", "check_pointwise_conv"]
+
+
+def check_pointwise_conv(conv: nn.Conv2d) -> None:
+    """Raise ValueError unless ``conv`` is a 1×1 convolution with groups=1 and padding 0.
+
+    Such a convolution is a linear map of the channel vector at every (strided) position, which is
+    what LoRA factors and input Grams assume. The stride may be anything.
+    """
+    kernel = tuple(conv.kernel_size)
+    padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+    problems = []
+    if kernel != (1, 1):
+        problems.append(f"kernel_size={kernel} (need (1, 1))")
+    if conv.groups != 1:
+        problems.append(f"groups={conv.groups} (need 1)")
+    if padding not in ((0, 0), "valid", "same"):  # "same" is 0 for a 1×1 kernel
+        problems.append(f"padding={padding} (need 0)")
+    if problems:
+        raise ValueError(
+            f"LoRA supports only 1×1 Conv2d layers with groups=1 and padding 0; got {conv} with "
+            + ", ".join(problems)
+        )
+
+
+class LoRALayer(nn.Module):
+    """Base of the LoRA wrappers: ``y = base(x) + x·fixed_deltaᵀ + scaling·(x Aᵀ) Bᵀ``.
+
+    ``base`` is the wrapped module; the wrapper freezes its parameters. ``lora_A`` (r × d_in) and
+    ``lora_B`` (d_out × r) are plain 2-D parameters in the base weight's dtype and device.
+    ``scaling`` is a plain float the caller may change. ``fixed_delta`` (d_out × d_in, or None) is
+    a frozen dense update added to the base weight: fedlorm keeps the merged update of earlier
+    tasks there. Subclasses say how a d_out × d_in matrix acts on their input.
+    """
+
+    fixed_delta: Tensor | None
+
+    def __init__(
+        self, base: nn.Module, in_features: int, out_features: int, rank: int, scaling: float
+    ) -> None:
+        super().__init__()
+        if (
+            not isinstance(rank, int)
+            or isinstance(rank, bool)
+            or not 1 <= rank <= min(in_features, out_features)
+        ):
+            raise ValueError(
+                f"rank {rank!r} is out of range for {base} (d_out={out_features}, "
+                f"d_in={in_features}): allowed 1..{min(in_features, out_features)}"
+            )
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.scaling = float(scaling)
+        weight = base.weight
+        kw = {"dtype": weight.dtype, "device": weight.device}
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **kw))
+        self.register_buffer("fixed_delta", None)
+        self.reset_parameters()
+
+    # How a (d_out' × d_in') matrix acts on this layer's input (A, fixed_delta) or on the rank-r
+    # hidden activation (B).
+    def _apply_to_input(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _apply_to_hidden(self, h: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        if self.fixed_delta is not None:
+            out = out + self._apply_to_input(x, self.fixed_delta)
+        # Always computed: with B = 0 the branch is an exact (signed) zero, and adding ±0.0 leaves
+        # every finite output bit-identical.
+        lora = self._apply_to_hidden(self._apply_to_input(x, self.lora_A), self.lora_B)
+        return out + self.scaling * lora
+
+    def delta_weight(self) -> Tensor:
+        """The trainable update ``scaling · B A`` (d_out × d_in); ``fixed_delta`` not included."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """B = 0; A kaiming-uniform (a=√5, as nn.Linear), drawn from ``generator`` if given."""
+        self.lora_B.zero_()
+        A = self.lora_A
+        if generator is None or generator.device == A.device:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        else:  # e.g. a CPU generator for CUDA factors: draw where the generator lives
+            draw = torch.empty(A.shape, dtype=A.dtype, device=generator.device)
+            A.copy_(nn.init.kaiming_uniform_(draw, a=math.sqrt(5), generator=generator))
+
+    def set_fixed_delta(self, delta: Tensor | None) -> None:
+        """Set (a detached copy, in the base's dtype/device) or clear the frozen dense update."""
+        if delta is None:
+            self.fixed_delta = None
+            return
+        shape = (self.out_features, self.in_features)
+        if tuple(delta.shape) != shape:
+            raise ValueError(
+                f"fixed_delta must have shape {shape} (d_out, d_in), got {tuple(delta.shape)}"
+            )
+        weight = self.base.weight
+        self.fixed_delta = delta.detach().to(dtype=weight.dtype, device=weight.device).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A None buffer is not an expected key: make room so that a checkpoint taken with a
+        # fixed_delta loads into a fresh layer (values are copied in by the base class).
+        if self.fixed_delta is None and prefix + "fixed_delta" in state_dict:
+            self.set_fixed_delta(torch.zeros(self.out_features, self.in_features))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        fixed = "set" if self.fixed_delta is not None else "None"
+        return f"rank={self.rank}, scaling={self.scaling}, fixed_delta={fixed}"
+
+
+class LoRALinear(LoRALayer):
+    """LoRA around an ``nn.Linear`` (any leading dimensions)."""
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float = 1.0) -> None:
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        super().__init__(base, base.in_features, base.out_features, rank, scaling)
+
+    def _apply_to_input(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight)
+
+    def _apply_to_hidden(self, h: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(h, weight)
+
+
+class LoRAConv2d(LoRALayer):
+    """LoRA around a 1×1 ``nn.Conv2d`` (groups=1, padding 0, any stride).
+
+    Per (strided) spatial position this is LoRALinear on the channel vector: A and fixed_delta are
+    applied with the base's stride, B at stride 1 (as peft does for convolutions).
+    """
+
+    def __init__(self, base: nn.Conv2d, rank: int, scaling: float = 1.0) -> None:
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"LoRAConv2d wraps an nn.Conv2d, got {type(base).__name__}")
+        check_pointwise_conv(base)
+        super().__init__(base, base.in_channels, base.out_channels, rank, scaling)
+
+    def _apply_to_input(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(x, weight[:, :, None, None], stride=self.base.stride)
+
+    def _apply_to_hidden(self, h: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(h, weight[:, :, None, None])

