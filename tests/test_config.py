@@ -19,8 +19,15 @@ from fedlorm.presets import PRESETS, preset_config
 def test_overrides_parse_to_the_field_types():
     cfg = apply_overrides(
         RunConfig(),
-        ["train.rounds=6", "train.lr=1e-3", "scenario.tasks=[20, 20, 16]", "model.targets=none",
-         "data.datasets=mnist,fashion_mnist", "train.eval_every_round=false", "lorm.stats_model=reference"],
+        [
+            "train.rounds=6",
+            "train.lr=1e-3",
+            "scenario.tasks=[20, 20, 16]",
+            "model.targets=none",
+            "data.datasets=mnist,fashion_mnist",
+            "train.eval_every_round=false",
+            "lorm.stats_model=reference",
+        ],
     )
     assert cfg.train.rounds == 6
     assert cfg.train.lr == pytest.approx(1e-3)
@@ -40,8 +47,9 @@ def test_integer_accepted_where_a_float_is_expected_and_tasks_as_int():
 
 def test_toml_file_with_sections_and_dotted_keys(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('method = "lorm"\nseed = 3\nmodel.rank = 8\n[train]\nrounds = 2\n'
-                    '[lorm]\nalpha_head = 0.3\n')
+    path.write_text(
+        'method = "lorm"\nseed = 3\nmodel.rank = 8\n[train]\nrounds = 2\n[lorm]\nalpha_head = 0.3\n'
+    )
     cfg = load_toml(path)
     assert (cfg.seed, cfg.train.rounds, cfg.lorm.alpha_head, cfg.model.rank) == (3, 2, 0.3, 8)
 

@@ -35,14 +35,20 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedlorm {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     run = sub.add_parser("run", help="run one federated class-incremental experiment")
-    run.add_argument("--preset", default="default", help="named configuration (see `fedlorm presets`)")
+    run.add_argument(
+        "--preset", default="default", help="named configuration (see `fedlorm presets`)"
+    )
     run.add_argument("--config", type=Path, help="TOML file applied on top of the preset")
     run.add_argument("--method", help="federated method (default: lorm)")
     run.add_argument("--seed", type=int, help="seed of every random choice in the run")
-    run.add_argument("--out", type=Path, help="output directory (default: runs/PRESET-METHOD-sSEED)")
+    run.add_argument(
+        "--out", type=Path, help="output directory (default: runs/PRESET-METHOD-sSEED)"
+    )
     run.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5")
+    run.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5"
+    )
     sub.add_parser("presets", help="list the presets")
     return parser
 
@@ -87,7 +93,9 @@ def _command_run(args: argparse.Namespace) -> int:
         (out / name).unlink(missing_ok=True)
     results = run_simulation(cfg, out, progress=not args.quiet, experiment=experiment)
     print(summary_table(results))
-    print(f"results: {out / 'results.json'}  metrics: {out / 'metrics.csv'}  plot: {out / 'accuracy.png'}")
+    print(
+        f"results: {out / 'results.json'}  metrics: {out / 'metrics.csv'}  plot: {out / 'accuracy.png'}"
+    )
     return 0
 
 

@@ -43,8 +43,8 @@ class DataConfig:
     root: str | None = None
     download: bool = False
     image_size: int = 48
-    train_per_class: int | None = 300
-    test_per_class: int | None = 200
+    train_per_class: int | None = 200
+    test_per_class: int | None = 100
 
 
 @dataclass
@@ -93,7 +93,7 @@ class LormConfig:
 
     alpha_backbone: float = 0.0
     alpha_head: float = 0.5
-    head_merge: Literal["regmean", "fedavg"] = "regmean"
+    head_merge: Literal["regmean", "fedavg"] = "fedavg"
     stats_model: Literal["trained", "reference"] = "trained"
     task_start: Literal["pretrained", "merged"] = "pretrained"
     ridge: float = 1e-10
@@ -143,7 +143,9 @@ def apply_overrides(cfg: RunConfig, overrides: Iterable[str]) -> RunConfig:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.rounds=5)")
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. train.rounds=5)"
+            )
         _set_path(cfg, key.split("."), _parse_value(raw.strip()))
     return cfg
 
@@ -184,7 +186,9 @@ def _set_path(obj: Any, path: list[str], value: Any, shown_prefix: str = "") -> 
         if dataclasses.is_dataclass(hint):
             if last:
                 if not isinstance(value, Mapping):
-                    raise ConfigError(f"config key {shown!r} is a section; give it a table, not {value!r}")
+                    raise ConfigError(
+                        f"config key {shown!r} is a section; give it a table, not {value!r}"
+                    )
                 _merge_into(getattr(target, name), value, prefix=shown + ".")
                 return
             target = getattr(target, name)
@@ -199,9 +203,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = get_args(hint)
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            if type(None) in options:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() == "none")
+        if is_none and type(None) in options:
+            return None
         errors = []
         for option in options:
             if option is type(None):
@@ -214,16 +218,22 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is Literal:
         allowed = get_args(hint)
         if value not in allowed:
-            raise ConfigError(f"config key {key!r} got {value!r}; allowed: {', '.join(map(str, allowed))}")
+            raise ConfigError(
+                f"config key {key!r} got {value!r}; allowed: {', '.join(map(str, allowed))}"
+            )
         return value
     if origin is list:
         (item_type,) = get_args(hint)
         if isinstance(value, str):
             value = [v for v in (p.strip() for p in value.split(",")) if v]
         if isinstance(value, int) and not isinstance(value, bool) and item_type is int:
-            raise ConfigError(f"config key {key!r} expects a list of {item_type.__name__}, got {value!r}")
+            raise ConfigError(
+                f"config key {key!r} expects a list of {item_type.__name__}, got {value!r}"
+            )
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"config key {key!r} expects a list of {item_type.__name__}, got {value!r}")
+            raise ConfigError(
+                f"config key {key!r} expects a list of {item_type.__name__}, got {value!r}"
+            )
         return [_coerce(v, item_type, key) for v in value]
     if hint is bool:
         if isinstance(value, bool):
@@ -261,24 +271,70 @@ def validate_config(cfg: RunConfig) -> None:
     checks: list[tuple[str, Any, bool, str]] = [
         ("seed", cfg.seed, cfg.seed >= 0, "an integer >= 0"),
         ("data.image_size", cfg.data.image_size, cfg.data.image_size >= 8, "an integer >= 8"),
-        ("data.train_per_class", cfg.data.train_per_class,
-         cfg.data.train_per_class is None or cfg.data.train_per_class >= 1, "an integer >= 1 or none"),
-        ("data.test_per_class", cfg.data.test_per_class,
-         cfg.data.test_per_class is None or cfg.data.test_per_class >= 1, "an integer >= 1 or none"),
-        ("data.datasets", cfg.data.datasets, len(cfg.data.datasets) >= 1, "at least one dataset name"),
-        ("scenario.num_clients", cfg.scenario.num_clients, cfg.scenario.num_clients >= 1, "an integer >= 1"),
+        (
+            "data.train_per_class",
+            cfg.data.train_per_class,
+            cfg.data.train_per_class is None or cfg.data.train_per_class >= 1,
+            "an integer >= 1 or none",
+        ),
+        (
+            "data.test_per_class",
+            cfg.data.test_per_class,
+            cfg.data.test_per_class is None or cfg.data.test_per_class >= 1,
+            "an integer >= 1 or none",
+        ),
+        (
+            "data.datasets",
+            cfg.data.datasets,
+            len(cfg.data.datasets) >= 1,
+            "at least one dataset name",
+        ),
+        (
+            "scenario.num_clients",
+            cfg.scenario.num_clients,
+            cfg.scenario.num_clients >= 1,
+            "an integer >= 1",
+        ),
         ("scenario.beta", cfg.scenario.beta, cfg.scenario.beta > 0, "a number > 0"),
-        ("scenario.min_samples", cfg.scenario.min_samples, cfg.scenario.min_samples >= 1, "an integer >= 1"),
+        (
+            "scenario.min_samples",
+            cfg.scenario.min_samples,
+            cfg.scenario.min_samples >= 1,
+            "an integer >= 1",
+        ),
         ("model.rank", cfg.model.rank, cfg.model.rank >= 1, "an integer >= 1"),
         ("train.rounds", cfg.train.rounds, cfg.train.rounds >= 1, "an integer >= 1"),
-        ("train.local_epochs", cfg.train.local_epochs, cfg.train.local_epochs >= 1, "an integer >= 1"),
+        (
+            "train.local_epochs",
+            cfg.train.local_epochs,
+            cfg.train.local_epochs >= 1,
+            "an integer >= 1",
+        ),
         ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size >= 1, "an integer >= 1"),
-        ("train.eval_batch_size", cfg.train.eval_batch_size, cfg.train.eval_batch_size >= 1,
-         "an integer >= 1"),
-        ("train.weight_decay", cfg.train.weight_decay, cfg.train.weight_decay >= 0, "a number >= 0"),
-        ("lorm.alpha_backbone", cfg.lorm.alpha_backbone, 0 <= cfg.lorm.alpha_backbone <= 1,
-         "a number in [0, 1]"),
-        ("lorm.alpha_head", cfg.lorm.alpha_head, 0 <= cfg.lorm.alpha_head <= 1, "a number in [0, 1]"),
+        (
+            "train.eval_batch_size",
+            cfg.train.eval_batch_size,
+            cfg.train.eval_batch_size >= 1,
+            "an integer >= 1",
+        ),
+        (
+            "train.weight_decay",
+            cfg.train.weight_decay,
+            cfg.train.weight_decay >= 0,
+            "a number >= 0",
+        ),
+        (
+            "lorm.alpha_backbone",
+            cfg.lorm.alpha_backbone,
+            0 <= cfg.lorm.alpha_backbone <= 1,
+            "a number in [0, 1]",
+        ),
+        (
+            "lorm.alpha_head",
+            cfg.lorm.alpha_head,
+            0 <= cfg.lorm.alpha_head <= 1,
+            "a number in [0, 1]",
+        ),
         ("lorm.ridge", cfg.lorm.ridge, cfg.lorm.ridge >= 0, "a number >= 0"),
     ]
     for name in ("lr", "lr_a", "lr_b", "lr_head"):
@@ -286,10 +342,18 @@ def validate_config(cfg: RunConfig) -> None:
         checks.append((f"train.{name}", value, value is None or value > 0, "a number > 0"))
     tasks = cfg.scenario.tasks
     if isinstance(tasks, int):
-        checks.append(("scenario.tasks", tasks, tasks >= 1, "an integer >= 1 or a list of class counts"))
+        checks.append(
+            ("scenario.tasks", tasks, tasks >= 1, "an integer >= 1 or a list of class counts")
+        )
     else:
-        checks.append(("scenario.tasks", tasks, len(tasks) >= 1 and all(n >= 1 for n in tasks),
-                       "an integer >= 1 or a non-empty list of positive class counts"))
+        checks.append(
+            (
+                "scenario.tasks",
+                tasks,
+                len(tasks) >= 1 and all(n >= 1 for n in tasks),
+                "an integer >= 1 or a non-empty list of positive class counts",
+            )
+        )
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key} = {value!r} is not allowed; expected {allowed}")

@@ -30,8 +30,12 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         "a few tens of seconds: MNIST 2 tasks x 5 classes, 4 clients, 32 px, 2 rounds",
         {
-            "data": {"datasets": ["mnist"], "image_size": 32, "train_per_class": 24,
-                     "test_per_class": 20},
+            "data": {
+                "datasets": ["mnist"],
+                "image_size": 32,
+                "train_per_class": 24,
+                "test_per_class": 20,
+            },
             "scenario": {"tasks": 2, "num_clients": 4, "min_samples": 2},
             "model": {"rank": 2},
             "train": {"rounds": 2, "local_epochs": 1, "batch_size": 16},
@@ -40,8 +44,12 @@ PRESETS: dict[str, Preset] = {
     "split-fmnist-5x2": Preset(
         "classic Split Fashion-MNIST: 5 tasks x 2 classes, 10 clients, beta 0.5, 32 px",
         {
-            "data": {"datasets": ["fashion_mnist"], "image_size": 32, "train_per_class": 500,
-                     "test_per_class": 500},
+            "data": {
+                "datasets": ["fashion_mnist"],
+                "image_size": 32,
+                "train_per_class": 500,
+                "test_per_class": 500,
+            },
             "scenario": {"tasks": 5},
             "train": {"rounds": 4, "local_epochs": 2},
         },
@@ -52,5 +60,7 @@ PRESETS: dict[str, Preset] = {
 def preset_config(name: str) -> RunConfig:
     """The config of preset ``name`` (defaults plus its overrides)."""
     if name not in PRESETS:
-        raise ConfigError(f"preset {name!r} is unknown; choose one of: {', '.join(sorted(PRESETS))}")
+        raise ConfigError(
+            f"preset {name!r} is unknown; choose one of: {', '.join(sorted(PRESETS))}"
+        )
     return config_from_dict(PRESETS[name].overrides)

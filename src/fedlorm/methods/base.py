@@ -108,7 +108,10 @@ class Client(ABC):
 
     @abstractmethod
     def update(
-        self, arrays: Mapping[str, Tensor], instruction: Instruction, data: ClientData,
+        self,
+        arrays: Mapping[str, Tensor],
+        instruction: Instruction,
+        data: ClientData,
         generator: torch.Generator,
     ) -> ClientReply:
         """Load ``arrays``, do the instructed local work on ``data``, return the summands."""

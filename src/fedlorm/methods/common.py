@@ -29,7 +29,9 @@ def factor_key(layer: str, factor: str) -> str:
     return f"{layer}.lora_{factor}"
 
 
-def apply_arrays(model: Backbone, layers: Mapping[str, LoRALayer], arrays: Mapping[str, Tensor]) -> None:
+def apply_arrays(
+    model: Backbone, layers: Mapping[str, LoRALayer], arrays: Mapping[str, Tensor]
+) -> None:
     """Copy the named arrays into the model in place; layers without a ``fixed_delta`` get none."""
     with torch.no_grad():
         for name, layer in layers.items():

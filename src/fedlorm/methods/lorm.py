@@ -45,7 +45,10 @@ class LoRMClient(Client):
     """Trains the round's factor and head rows; replies with LoRM's additive summands."""
 
     def update(
-        self, arrays: Mapping[str, Tensor], instruction: Instruction, data: ClientData,
+        self,
+        arrays: Mapping[str, Tensor],
+        instruction: Instruction,
+        data: ClientData,
         generator: torch.Generator,
     ) -> ClientReply:
         cfg, train = self.cfg.lorm, self.cfg.train
@@ -53,11 +56,17 @@ class LoRMClient(Client):
         metrics: dict[str, float] = {}
         if instruction.phase == "train":
             metrics["train_loss"] = train_locally(
-                self.model, self.layers, data,
-                factor=instruction.factor, classes=instruction.classes,
-                epochs=train.local_epochs, batch_size=train.batch_size,
-                lr_a=train.lr_a or train.lr, lr_b=train.lr_b or train.lr,
-                lr_head=train.lr_head or train.lr, weight_decay=train.weight_decay,
+                self.model,
+                self.layers,
+                data,
+                factor=instruction.factor,
+                classes=instruction.classes,
+                epochs=train.local_epochs,
+                batch_size=train.batch_size,
+                lr_a=train.lr_a or train.lr,
+                lr_b=train.lr_b or train.lr,
+                lr_head=train.lr_head or train.lr,
+                weight_decay=train.weight_decay,
                 generator=generator,
             )
         grams = self._statistics(arrays, instruction, data)
@@ -103,14 +112,19 @@ class LoRMClient(Client):
             if cfg.stats_model == "reference":
                 for layer in self.layers.values():
                     layer.scaling = self.cfg.model.scaling
-                apply_arrays(self.model, self.layers, {
-                    k: v for k, v in arrays.items() if k.endswith(".fixed_delta")
-                })
+                apply_arrays(
+                    self.model,
+                    self.layers,
+                    {k: v for k, v in arrays.items() if k.endswith(".fixed_delta")},
+                )
 
     def _head_summands(self, head_gram: Tensor | None, n: int) -> Arrays:
         weight = self.model.head.weight.detach()
         bias = self.model.head.bias.detach().to(torch.float64)
-        out: Arrays = {f"{HEAD}.nb": n * bias, f"{HEAD}.n": torch.tensor(float(n), dtype=torch.float64)}
+        out: Arrays = {
+            f"{HEAD}.nb": n * bias,
+            f"{HEAD}.n": torch.tensor(float(n), dtype=torch.float64),
+        }
         if head_gram is None:
             out[f"{HEAD}.nW"] = n * weight.to(torch.float64)
         else:
@@ -132,7 +146,9 @@ class LoRMServer(Server):
         self.scaling = cfg.model.scaling
         self.dtype = model.head.weight.dtype
         self.device = model.head.weight.device
-        self.shapes = {name: (lay.out_features, lay.in_features, lay.rank) for name, lay in layers.items()}
+        self.shapes = {
+            name: (lay.out_features, lay.in_features, lay.rank) for name, lay in layers.items()
+        }
         self.A = {name: lay.lora_A.detach().clone() for name, lay in layers.items()}
         self.B = {name: torch.zeros_like(lay.lora_B) for name, lay in layers.items()}
         self.head_weight = torch.zeros_like(model.head.weight)
@@ -174,12 +190,18 @@ class LoRMServer(Server):
         for name in self.shapes:
             if instruction.factor == "B":
                 self.B[name] = merging.merge_b_solve(
-                    sums[f"{name}.M"], sums[f"{name}.H"], reference=self.B[name], dtype=self.dtype,
+                    sums[f"{name}.M"],
+                    sums[f"{name}.H"],
+                    reference=self.B[name],
+                    dtype=self.dtype,
                     ridge=ridge,
                 )
             else:
                 self.A[name] = merging.merge_a_solve(
-                    sums[f"{name}.N"], sums[f"{name}.G"], reference=self.A[name], dtype=self.dtype,
+                    sums[f"{name}.N"],
+                    sums[f"{name}.G"],
+                    reference=self.A[name],
+                    dtype=self.dtype,
                     ridge=ridge,
                 )
         self._merge_head(sums)
@@ -197,8 +219,12 @@ class LoRMServer(Server):
 
     def state_dict(self) -> Arrays:
         out = self._training_arrays()
-        for prefix, table in (("P", self.P), ("Q", self.Q), ("merged", self.merged),
-                              ("earlier_sum", self.earlier_sum)):
+        for prefix, table in (
+            ("P", self.P),
+            ("Q", self.Q),
+            ("merged", self.merged),
+            ("earlier_sum", self.earlier_sum),
+        ):
             out.update({f"{prefix}.{name}": value for name, value in table.items()})
         return out
 
@@ -216,7 +242,10 @@ class LoRMServer(Server):
         n = sums[f"{HEAD}.n"]
         if f"{HEAD}.WG" in sums:
             self.head_weight = merging.regmean_solve(
-                sums[f"{HEAD}.WG"], sums[f"{HEAD}.G"], reference=self.head_weight, dtype=self.dtype,
+                sums[f"{HEAD}.WG"],
+                sums[f"{HEAD}.G"],
+                reference=self.head_weight,
+                dtype=self.dtype,
                 ridge=self.cfg.lorm.ridge,
             )
         else:
@@ -238,11 +267,18 @@ class LoRMServer(Server):
             self.Q[name] = q if name not in self.Q else self.Q[name] + q
             reference = self.merged.get(name)
             self.merged[name] = merging.merge_tasks_solve(
-                self.P[name], self.Q[name], reference=reference, dtype=self.dtype,
+                self.P[name],
+                self.Q[name],
+                reference=reference,
+                dtype=self.dtype,
                 ridge=self.cfg.lorm.ridge,
             )
             if self.cfg.lorm.stats_model == "reference":
-                plain = self.scaling * (self.B[name].to(torch.float64) @ self.A[name].to(torch.float64))
+                plain = self.scaling * (
+                    self.B[name].to(torch.float64) @ self.A[name].to(torch.float64)
+                )
                 previous = self.earlier_sum.get(name)
-                self.earlier_sum[name] = (plain if previous is None else previous + plain).to(self.dtype)
+                self.earlier_sum[name] = (plain if previous is None else previous + plain).to(
+                    self.dtype
+                )
         self.task_finished = True

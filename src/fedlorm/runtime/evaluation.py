@@ -29,7 +29,10 @@ def predict_logits(model: Backbone, images: Tensor, batch_size: int) -> Tensor:
     """Logits for ``images`` in batches (eval mode, CPU float32 result)."""
     model.eval()
     device = model.head.weight.device
-    outputs = [model(batch.to(device, non_blocking=True)).float().cpu() for batch in images.split(batch_size)]
+    outputs = [
+        model(batch.to(device, non_blocking=True)).float().cpu()
+        for batch in images.split(batch_size)
+    ]
     return torch.cat(outputs) if outputs else torch.empty(0, model.num_classes)
 
 

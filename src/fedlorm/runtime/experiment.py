@@ -45,22 +45,38 @@ class Experiment:
     server: Server
     client: Client
     device: torch.device
+    partitions: list[list[Tensor]]
 
     def client_data(self, task: int) -> list[ClientData]:
-        """The task's training data split across clients by the seeded Dirichlet partition."""
-        classes = self.scenario.task_classes(task)
-        in_task = torch.nonzero(
-            (self.train.labels >= classes.start) & (self.train.labels < classes.stop)
-        ).flatten()
-        sc = self.cfg.scenario
-        shares = dirichlet_partition(
-            self.train.labels[in_task].numpy(), sc.num_clients, sc.beta,
-            min_samples=sc.min_samples, seed=derive_seed(self.cfg.seed, "partition", task),
-        )
+        """The task's training data split across clients (indices into ``train``)."""
         return [
-            ClientData(self.train.images[in_task[idx]], self.train.labels[in_task[idx]])
-            for idx in (torch.as_tensor(share, dtype=torch.long) for share in shares)
+            ClientData(self.train.images[idx], self.train.labels[idx])
+            for idx in self.partitions[task]
         ]
+
+
+def _partition(cfg: RunConfig, scenario: Scenario, labels: Tensor) -> list[list[Tensor]]:
+    """Per task, the seeded Dirichlet split of its training samples across clients (DESIGN.md §1).
+
+    Drawn for every task before training starts, so an impossible split fails before any output.
+    """
+    sc = cfg.scenario
+    out = []
+    for task in range(scenario.num_tasks):
+        classes = scenario.task_classes(task)
+        in_task = torch.nonzero((labels >= classes.start) & (labels < classes.stop)).flatten()
+        try:
+            shares = dirichlet_partition(
+                labels[in_task].numpy(),
+                sc.num_clients,
+                sc.beta,
+                min_samples=sc.min_samples,
+                seed=derive_seed(cfg.seed, "partition", task),
+            )
+        except ValueError as err:
+            raise ConfigError(f"task {task + 1}: {err}") from None
+        out.append([in_task[torch.as_tensor(share, dtype=torch.long)] for share in shares])
+    return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,9 +86,13 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device = {name!r} is not a torch device; use auto, cpu or cuda[:N]") from None
+        raise ConfigError(
+            f"train.device = {name!r} is not a torch device; use auto, cpu or cuda[:N]"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device = {name!r} but no CUDA device is available; use auto or cpu")
+        raise ConfigError(
+            f"train.device = {name!r} but no CUDA device is available; use auto or cpu"
+        )
     return device
 
 
@@ -97,7 +117,9 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     """Validate the config, then load data and build model and method (no training)."""
     validate_config(cfg)
     if cfg.method not in METHODS:
-        raise ConfigError(f"method {cfg.method!r} is unknown; choose one of: {', '.join(sorted(METHODS))}")
+        raise ConfigError(
+            f"method {cfg.method!r} is unknown; choose one of: {', '.join(sorted(METHODS))}"
+        )
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -105,27 +127,47 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     test_raw = _load_split(cfg, "test", cfg.data.test_per_class)
     num_classes = len(train_raw.class_names)
     scenario = make_scenario(
-        num_classes, cfg.scenario.tasks, cfg.scenario.class_order,
+        num_classes,
+        cfg.scenario.tasks,
+        cfg.scenario.class_order,
         seed=derive_seed(cfg.seed, "class_order"),
     )
+    partitions = _partition(cfg, scenario, scenario.to_positions(train_raw.labels))
     train = _to_client_data(train_raw, scenario, cfg.data.image_size)
     test = _to_client_data(test_raw, scenario, cfg.data.image_size)
     torch.manual_seed(derive_seed(cfg.seed, "model"))
     model = create_backbone(
-        cfg.model.backbone, num_classes, pretrained=_pretrained(cfg.model.weights),
+        cfg.model.backbone,
+        num_classes,
+        pretrained=_pretrained(cfg.model.weights),
         img_size=cfg.data.image_size,
     )
     model.requires_grad_(False)
-    layers = inject_lora(model, cfg.model.targets or model.lora_targets, cfg.model.rank, cfg.model.scaling)
+    layers = inject_lora(
+        model, cfg.model.targets or model.lora_targets, cfg.model.rank, cfg.model.scaling
+    )
     model.to(device)
     server_cls, client_cls = METHODS[cfg.method]
     logger.info(
         "built %s: %d classes in %d tasks, %d train / %d test images, %d LoRA layers",
-        cfg.model.backbone, num_classes, scenario.num_tasks, len(train), len(test), len(layers),
+        cfg.model.backbone,
+        num_classes,
+        scenario.num_tasks,
+        len(train),
+        len(test),
+        len(layers),
     )
     return Experiment(
-        cfg=cfg, scenario=scenario, train=train, test=test, model=model, layers=layers,
-        server=server_cls(cfg, model, layers), client=client_cls(cfg, model, layers), device=device,
+        cfg=cfg,
+        scenario=scenario,
+        train=train,
+        test=test,
+        model=model,
+        layers=layers,
+        server=server_cls(cfg, model, layers),
+        client=client_cls(cfg, model, layers),
+        device=device,
+        partitions=partitions,
     )
 
 

@@ -28,13 +28,24 @@ __all__ = ["METRICS_FIELDS", "run_simulation"]
 logger = logging.getLogger(__name__)
 
 METRICS_FIELDS = [
-    "task", "round", "phase", "factor", "train_loss", "seen_accuracy", "newest_task_fraction",
-    "merge_seconds", "upload_bytes", "clients",
+    "task",
+    "round",
+    "phase",
+    "factor",
+    "train_loss",
+    "seen_accuracy",
+    "newest_task_fraction",
+    "merge_seconds",
+    "upload_bytes",
+    "clients",
 ]
 
 
 def run_simulation(
-    cfg: RunConfig, out_dir: str | Path | None = None, *, progress: bool = False,
+    cfg: RunConfig,
+    out_dir: str | Path | None = None,
+    *,
+    progress: bool = False,
     experiment: Experiment | None = None,
 ) -> dict[str, Any]:
     """Run the whole class-incremental sequence in process; return (and write) the results dict."""
@@ -43,11 +54,15 @@ def run_simulation(
     torch.manual_seed(derive_seed(cfg.seed, "torch"))
     out = Path(out_dir) if out_dir is not None else None
     csv = MetricsCSV(out / "metrics.csv", METRICS_FIELDS) if out is not None else None
-    scenario, server, client = exp.scenario, exp.server, exp.client
-    steps_per_task = cfg.train.rounds + 1
+    scenario, server = exp.scenario, exp.server
+    plan = [
+        list(server.instructions(t, scenario.task_classes(t))) for t in range(scenario.num_tasks)
+    ]
     bar = tqdm(
-        total=scenario.num_tasks * steps_per_task * cfg.scenario.num_clients,
-        disable=not progress, unit="client", dynamic_ncols=True,
+        total=sum(map(len, plan)) * cfg.scenario.num_clients,
+        disable=not progress,
+        unit="client",
+        dynamic_ncols=True,
     )
     server_rng = torch_generator(cfg.seed, "server")
     matrix: list[list[float]] = []
@@ -55,21 +70,30 @@ def run_simulation(
     diagnostics: list[dict[str, Any]] = []
     rounds: list[dict[str, Any]] = []
     upload_total = 0
-    test_sizes = [int(((exp.test.labels >= c.start) & (exp.test.labels < c.stop)).sum())
-                  for c in (scenario.task_classes(t) for t in range(scenario.num_tasks))]
+    test_sizes = [
+        int(((exp.test.labels >= c.start) & (exp.test.labels < c.stop)).sum())
+        for c in (scenario.task_classes(t) for t in range(scenario.num_tasks))
+    ]
     for task in range(scenario.num_tasks):
         classes = scenario.task_classes(task)
         shares = exp.client_data(task)
         server.start_task(task, classes, server_rng)
         evaluation: Evaluation | None = None
-        for instruction in server.instructions(task, classes):
+        steps = plan[task]
+        for step, instruction in enumerate(steps):
             bar.set_description(f"task {task + 1}/{scenario.num_tasks} {_step_name(instruction)}")
             row, up = _run_step(exp, instruction, shares, bar)
             upload_total += up
-            if cfg.train.eval_every_round or instruction.phase == "task_stats":
+            if cfg.train.eval_every_round or step == len(steps) - 1:
                 apply_arrays(exp.model, exp.layers, server.deployed_arrays())
-                evaluation = evaluate(exp.model, exp.test.images, exp.test.labels, scenario, task,
-                                      cfg.train.eval_batch_size)
+                evaluation = evaluate(
+                    exp.model,
+                    exp.test.images,
+                    exp.test.labels,
+                    scenario,
+                    task,
+                    cfg.train.eval_batch_size,
+                )
                 row["seen_accuracy"] = round(evaluation.seen_accuracy, 4)
                 row["newest_task_fraction"] = round(evaluation.newest_task_fraction, 4)
             rounds.append(row)
@@ -80,8 +104,16 @@ def run_simulation(
         aware.append(evaluation.task_aware)
         diagnostics.append(_diagnostics(exp, evaluation))
         logger.info("task %d: accuracy on seen classes %.2f%%", task + 1, evaluation.seen_accuracy)
-        results = _results(exp, matrix, aware, test_sizes, diagnostics, rounds, upload_total,
-                           time.perf_counter() - started)
+        results = _results(
+            exp,
+            matrix,
+            aware,
+            test_sizes,
+            diagnostics,
+            rounds,
+            upload_total,
+            time.perf_counter() - started,
+        )
         if out is not None:
             write_json_atomic(out / "results.json", results)
     bar.close()

@@ -1,0 +1,85 @@
+"""The ``fedlorm`` command: a real run, and bad input as one line with exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import TINY
+
+from fedlorm.cli import main
+from fedlorm.presets import PRESETS
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_presets_lists_every_preset(capsys):
+    code, out, _ = _run(capsys, "presets")
+    assert code == 0
+    assert [line.split()[0] for line in out.strip().splitlines()] == list(PRESETS)
+
+
+def test_run_writes_results_and_refuses_to_overwrite(capsys, tmp_path):
+    out_dir = tmp_path / "run"
+    code, out, err = _run(capsys, "run", "--quiet", "--seed", "3", "--out", str(out_dir), *TINY)
+    assert code == 0, err
+    assert "final acc" in out
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["seed"] == 3 and results["config"]["seed"] == 3
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    code, _, err = _run(capsys, "run", "--quiet", "--out", str(out_dir), *TINY)
+    assert code == 2
+    assert "already holds results" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--preset", "nope"], "preset 'nope' is unknown"),
+        (["--method", "nope"], "method 'nope' is unknown"),
+        (["model.backbone=not_a_model"], "not_a_model"),
+        (["data.datasets=nope"], "nope"),
+        (["scenario.beta=0"], "scenario.beta = 0.0"),
+        (["model.rank=0"], "model.rank = 0"),
+        (["train.rounds=0"], "train.rounds = 0"),
+        (["scenario.num_clients=30"], "clients"),
+        (["data.root=/does/not/exist"], "/does/not/exist"),
+        (["train.roundz=2"], "unknown config key 'train.roundz'"),
+        (["--config", "/does/not/exist.toml"], "does not exist"),
+        (["--seed", "x"], "invalid int value"),
+        (["model.weights=/does/not/exist.pth"], "/does/not/exist.pth"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, args, fragment):
+    out_dir = tmp_path / "out"
+    code, _, err = _run(capsys, "run", "--quiet", "--out", str(out_dir), *TINY, *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedlorm: error: "), err
+    assert fragment in lines[0]
+    assert not out_dir.exists()
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedlorm", "run", "--out", str(tmp_path / "o"), "scenario.beta=-1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip()
+        == "fedlorm: error: scenario.beta = -1.0 is not allowed; expected a number > 0"
+    )

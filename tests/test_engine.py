@@ -1,0 +1,185 @@
+"""The engine end to end on real (offline) MNIST with the pretrained EfficientNet-Lite0.
+
+The protocol checks rebuild each merge from per-client quantities with ``fedlorm.merging``'s
+convenience forms and compare with what the server computed from summed replies only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from fedlorm import merging
+from fedlorm.adapters import InputStatistics
+from fedlorm.fcl import summarize
+from fedlorm.methods import add_arrays
+from fedlorm.methods.common import HEAD
+from fedlorm.runtime.experiment import build_experiment
+from fedlorm.runtime.simulator import METRICS_FIELDS, run_simulation
+from fedlorm.seeding import torch_generator
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_config()
+    exp = build_experiment(cfg)
+    results = run_simulation(cfg, out, experiment=exp)
+    return cfg, exp, results, out
+
+
+def test_results_files_hold_the_promised_fields(tiny_run):
+    cfg, _, _, out = tiny_run
+    saved = json.loads((out / "results.json").read_text())
+    for key in (
+        "config",
+        "seed",
+        "versions",
+        "accuracy_matrix",
+        "task_aware_accuracy_matrix",
+        "task_test_sizes",
+        "final_accuracy",
+        "final_accuracy_task_mean",
+        "average_incremental_accuracy",
+        "forgetting",
+        "bwt",
+        "wall_seconds",
+        "upload_bytes",
+    ):
+        assert key in saved, key
+    matrix = saved["accuracy_matrix"]
+    assert [len(row) for row in matrix] == [1, 2]
+    assert saved["task_test_sizes"] == [25, 25]
+    summary = summarize(matrix, saved["task_test_sizes"])
+    assert saved["final_accuracy"] == pytest.approx(summary["final_accuracy"])
+    assert saved["config"]["scenario"]["num_clients"] == 3
+    assert (
+        saved["versions"]["torch"] == torch.__version__.split("+")[0] or saved["versions"]["torch"]
+    )
+    assert saved["upload_bytes"] == sum(r["upload_bytes"] for r in saved["rounds"]) > 0
+    # Task-aware accuracy can never be below class-IL accuracy on the same task.
+    for row, aware in zip(matrix, saved["task_aware_accuracy_matrix"], strict=True):
+        assert all(a >= c - 1e-9 for a, c in zip(aware, row, strict=True))
+    with open(out / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == METRICS_FIELDS
+    assert len(rows) == 2 * (cfg.train.rounds + 1)
+    assert [r["factor"] for r in rows[:3]] == ["B", "A", "none"]
+    assert (out / "accuracy.png").stat().st_size > 1000
+
+
+def test_pretrained_features_learn_the_first_task(tiny_run):
+    _, _, results, _ = tiny_run
+    # 5 MNIST digits from 40 images, 32 px: far above the 20 % of chance within the task.
+    assert results["task_aware_accuracy_matrix"][0][0] > 50.0
+
+
+def test_same_seed_same_numbers_and_other_seed_other_partition(tiny_run):
+    _, exp, results, _ = tiny_run
+    again = run_simulation(tiny_config())
+    assert again["accuracy_matrix"] == results["accuracy_matrix"]
+    assert again["rounds"][0]["train_loss"] == results["rounds"][0]["train_loss"]
+    other = build_experiment(tiny_config("seed=1"))
+    sizes = [[len(d) for d in e.client_data(0)] for e in (exp, other)]
+    assert sizes[0] != sizes[1] or not torch.equal(exp.partitions[0][0], other.partitions[0][0])
+
+
+def _record_clients(exp, instruction, arrays):
+    """Run every client and keep what the server must never see: per-client factors and Grams."""
+    factors, grams, heads, sums, total = [], [], [], None, 0
+    for k, data in enumerate(exp.client_data(instruction.task)):
+        generator = torch_generator(exp.cfg.seed, "client", instruction.task, instruction.round, k)
+        reply = exp.client.update(arrays, instruction, data, generator)
+        sums = add_arrays(sums, reply.summands)
+        total += reply.num_examples
+        factors.append(
+            {
+                n: (lay.lora_A.detach().clone(), lay.lora_B.detach().clone())
+                for n, lay in exp.layers.items()
+            }
+        )
+        heads.append(exp.model.head.weight.detach().clone())
+        modules = {**exp.layers, HEAD: exp.model.head}
+        modes = {n: "diag" for n in exp.layers} | {HEAD: "full"}
+        with InputStatistics(modules, mode=modes) as stats, torch.no_grad():
+            exp.model(data.images)
+        grams.append(stats.grams())
+    return factors, grams, heads, sums, total
+
+
+def test_server_merges_equal_the_per_client_closed_forms():
+    exp = build_experiment(tiny_config("lorm.head_merge=regmean"))
+    server, classes = exp.server, exp.scenario.task_classes(0)
+    server.start_task(0, classes, torch_generator(0, "server"))
+    steps = list(server.instructions(0, classes))
+    assert [s.factor for s in steps] == ["B", "A", "none"]
+    task_deltas = []
+    for instruction in steps:
+        arrays = {k: v.clone() for k, v in server.arrays(instruction).items()}
+        factors, grams, heads, sums, total = _record_clients(exp, instruction, arrays)
+        server.aggregate(instruction, sums, total)
+        for name in exp.layers:
+            g = [gr[name] for gr in grams]
+            if instruction.factor == "B":
+                expected = merging.merge_b(
+                    [f[name][1] for f in factors],
+                    arrays[f"{name}.lora_A"],
+                    g,
+                    reference=arrays[f"{name}.lora_B"],
+                )
+                torch.testing.assert_close(server.B[name], expected, rtol=1e-5, atol=1e-7)
+            elif instruction.factor == "A":
+                expected = merging.merge_a(
+                    [f[name][0] for f in factors], g, reference=arrays[f"{name}.lora_A"]
+                )
+                torch.testing.assert_close(server.A[name], expected, rtol=1e-5, atol=1e-7)
+        if instruction.phase == "train":
+            head_grams = [merging.shrink_gram(gr[HEAD], 0.5) for gr in grams]
+            expected_head = merging.regmean(heads, head_grams, reference=arrays[f"{HEAD}.weight"])
+            torch.testing.assert_close(server.head_weight, expected_head, rtol=1e-4, atol=1e-6)
+        else:
+            name = next(iter(exp.layers))
+            delta = server.B[name].double() @ server.A[name].double()
+            task_deltas.append((delta, sum(gr[name] for gr in grams)))
+    name = next(iter(exp.layers))
+    expected = merging.merge_tasks([d for d, _ in task_deltas], [g for _, g in task_deltas])
+    torch.testing.assert_close(server.merged[name], expected.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_task_merge_is_deployed_and_old_head_rows_stay():
+    exp = build_experiment(tiny_config("train.rounds=1"))
+    results = run_simulation(exp.cfg, experiment=exp)
+    server = exp.server
+    deployed = server.deployed_arrays()
+    name = next(iter(exp.layers))
+    assert torch.equal(deployed[f"{name}.fixed_delta"], server.merged[name])
+    assert not deployed[f"{name}.lora_B"].any()
+    assert len(results["accuracy_matrix"]) == 2
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "lorm.stats_model=reference",
+        "lorm.task_start=merged",
+        "lorm.head_merge=regmean",
+        "lorm.alpha_backbone=0.5",
+        "method=finetune",
+    ],
+)
+def test_variants_run_and_differ_from_the_default(tiny_run, override):
+    _, _, results, _ = tiny_run
+    variant = run_simulation(tiny_config(override))
+    assert len(variant["accuracy_matrix"]) == 2
+    assert all(0.0 <= v <= 100.0 for row in variant["accuracy_matrix"] for v in row)
+    assert variant["rounds"] != results["rounds"]
+
+
+def test_one_backbone_whatever_the_number_of_clients():
+    exp = build_experiment(tiny_config("scenario.num_clients=5"))
+    assert exp.client.model is exp.model
+    assert len(exp.client_data(0)) == 5
