@@ -164,7 +164,7 @@ def test_task_merge_is_deployed_and_old_head_rows_stay():
 @pytest.mark.parametrize(
     "override",
     [
-        "lorm.stats_model=reference",
+        "lorm.stats_model=trained",
         "lorm.task_start=merged",
         "lorm.head_merge=regmean",
         "lorm.alpha_backbone=0.5",

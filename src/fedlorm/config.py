@@ -94,7 +94,7 @@ class LormConfig:
     alpha_backbone: float = 0.0
     alpha_head: float = 0.5
     head_merge: Literal["regmean", "fedavg"] = "fedavg"
-    stats_model: Literal["trained", "reference"] = "trained"
+    stats_model: Literal["trained", "reference"] = "reference"
     task_start: Literal["pretrained", "merged"] = "pretrained"
     ridge: float = 1e-10
 
