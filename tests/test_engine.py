@@ -165,7 +165,7 @@ def test_task_merge_is_deployed_and_old_head_rows_stay():
     "override",
     [
         "lorm.stats_model=trained",
-        "lorm.task_start=merged",
+        "lorm.stats_model=trained lorm.task_start=merged",
         "lorm.head_merge=regmean",
         "lorm.alpha_backbone=0.5",
         "method=finetune",
@@ -173,7 +173,7 @@ def test_task_merge_is_deployed_and_old_head_rows_stay():
 )
 def test_variants_run_and_differ_from_the_default(tiny_run, override):
     _, _, results, _ = tiny_run
-    variant = run_simulation(tiny_config(override))
+    variant = run_simulation(tiny_config(*override.split()))
     assert len(variant["accuracy_matrix"]) == 2
     assert all(0.0 <= v <= 100.0 for row in variant["accuracy_matrix"] for v in row)
     assert variant["rounds"] != results["rounds"]
@@ -183,3 +183,8 @@ def test_one_backbone_whatever_the_number_of_clients():
     exp = build_experiment(tiny_config("scenario.num_clients=5"))
     assert exp.client.model is exp.model
     assert len(exp.client_data(0)) == 5
+
+
+def test_reference_statistics_need_the_pretrained_task_start():
+    with pytest.raises(ValueError, match=r"needs lorm\.task_start='pretrained', got 'merged'"):
+        build_experiment(tiny_config("lorm.task_start=merged"))
