@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from fedlorm.adapters import InputStatistics, LoRALayer, set_trainable_factor
 from fedlorm.backbones import Backbone
+from fedlorm.config import TrainConfig
 from fedlorm.methods.base import ClientData, Factor
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "factor_key",
     "shared_model_arrays",
     "train_locally",
+    "train_with_config",
 ]
 
 HEAD = "head"
@@ -29,9 +31,7 @@ def factor_key(layer: str, factor: str) -> str:
     return f"{layer}.lora_{factor}"
 
 
-def apply_arrays(
-    model: Backbone, layers: Mapping[str, LoRALayer], arrays: Mapping[str, Tensor]
-) -> None:
+def apply_arrays(model: Backbone, layers: Mapping[str, LoRALayer], arrays: Mapping[str, Tensor]) -> None:
     """Copy the named arrays into the model in place; layers without a ``fixed_delta`` get none."""
     with torch.no_grad():
         for name, layer in layers.items():
@@ -113,6 +113,33 @@ def train_locally(
     model.requires_grad_(False)
     _restore_other_rows(model.head, head_before, classes)
     return total / max(count, 1)
+
+
+def train_with_config(
+    model: Backbone,
+    layers: Mapping[str, LoRALayer],
+    data: ClientData,
+    train: TrainConfig,
+    *,
+    factor: Factor,
+    classes: range,
+    generator: torch.Generator,
+) -> float:
+    """:func:`train_locally` with the run's training settings (per-factor lr default to ``lr``)."""
+    return train_locally(
+        model,
+        layers,
+        data,
+        factor=factor,
+        classes=classes,
+        epochs=train.local_epochs,
+        batch_size=train.batch_size,
+        lr_a=train.lr_a or train.lr,
+        lr_b=train.lr_b or train.lr,
+        lr_head=train.lr_head or train.lr,
+        weight_decay=train.weight_decay,
+        generator=generator,
+    )
 
 
 def _restore_other_rows(head: nn.Linear, before: tuple[Tensor, Tensor], classes: range) -> None:

@@ -22,7 +22,7 @@ from fedlorm.methods.common import (
     apply_arrays,
     factor_key,
     shared_model_arrays,
-    train_locally,
+    train_with_config,
 )
 
 __all__ = ["FinetuneClient", "FinetuneServer"]
@@ -40,18 +40,13 @@ class FinetuneClient(Client):
     ) -> ClientReply:
         train = self.cfg.train
         apply_arrays(self.model, self.layers, arrays)
-        loss = train_locally(
+        loss = train_with_config(
             self.model,
             self.layers,
             data,
+            train,
             factor="both",
             classes=instruction.classes,
-            epochs=train.local_epochs,
-            batch_size=train.batch_size,
-            lr_a=train.lr_a or train.lr,
-            lr_b=train.lr_b or train.lr,
-            lr_head=train.lr_head or train.lr,
-            weight_decay=train.weight_decay,
             generator=generator,
         )
         n = len(data)

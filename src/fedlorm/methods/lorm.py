@@ -26,7 +26,7 @@ from fedlorm.methods.common import (
     apply_arrays,
     collect_statistics,
     factor_key,
-    train_locally,
+    train_with_config,
 )
 
 __all__ = ["LoRMClient", "LoRMServer", "round_factor"]
@@ -55,18 +55,13 @@ class LoRMClient(Client):
         apply_arrays(self.model, self.layers, arrays)
         metrics: dict[str, float] = {}
         if instruction.phase == "train":
-            metrics["train_loss"] = train_locally(
+            metrics["train_loss"] = train_with_config(
                 self.model,
                 self.layers,
                 data,
+                train,
                 factor=instruction.factor,
                 classes=instruction.classes,
-                epochs=train.local_epochs,
-                batch_size=train.batch_size,
-                lr_a=train.lr_a or train.lr,
-                lr_b=train.lr_b or train.lr,
-                lr_head=train.lr_head or train.lr,
-                weight_decay=train.weight_decay,
                 generator=generator,
             )
         grams = self._statistics(arrays, instruction, data)
@@ -146,9 +141,7 @@ class LoRMServer(Server):
         self.scaling = cfg.model.scaling
         self.dtype = model.head.weight.dtype
         self.device = model.head.weight.device
-        self.shapes = {
-            name: (lay.out_features, lay.in_features, lay.rank) for name, lay in layers.items()
-        }
+        self.shapes = {name: (lay.out_features, lay.in_features, lay.rank) for name, lay in layers.items()}
         self.A = {name: lay.lora_A.detach().clone() for name, lay in layers.items()}
         self.B = {name: torch.zeros_like(lay.lora_B) for name, lay in layers.items()}
         self.head_weight = torch.zeros_like(model.head.weight)
@@ -274,11 +267,7 @@ class LoRMServer(Server):
                 ridge=self.cfg.lorm.ridge,
             )
             if self.cfg.lorm.stats_model == "reference":
-                plain = self.scaling * (
-                    self.B[name].to(torch.float64) @ self.A[name].to(torch.float64)
-                )
+                plain = self.scaling * (self.B[name].to(torch.float64) @ self.A[name].to(torch.float64))
                 previous = self.earlier_sum.get(name)
-                self.earlier_sum[name] = (plain if previous is None else previous + plain).to(
-                    self.dtype
-                )
+                self.earlier_sum[name] = (plain if previous is None else previous + plain).to(self.dtype)
         self.task_finished = True
