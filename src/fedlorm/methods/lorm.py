@@ -267,7 +267,7 @@ class LoRMServer(Server):
                 ridge=self.cfg.lorm.ridge,
             )
             if self.cfg.lorm.stats_model == "reference":
-                plain = self.scaling * (self.B[name].to(torch.float64) @ self.A[name].to(torch.float64))
+                # The reference statistics model implies task_start="pretrained", so ΔW_t = B_t A_t.
                 previous = self.earlier_sum.get(name)
-                self.earlier_sum[name] = (plain if previous is None else previous + plain).to(self.dtype)
+                self.earlier_sum[name] = (delta if previous is None else previous + delta).to(self.dtype)
         self.task_finished = True
