@@ -24,8 +24,19 @@ from fedlorm.config import RunConfig
 Arrays = dict[str, Tensor]
 Phase = Literal["train", "task_stats"]
 Factor = Literal["A", "B", "both", "none"]
+ReplySpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+"""Keys of a valid client reply with the shape and dtype of each summand."""
 
-__all__ = ["Arrays", "Client", "ClientData", "ClientReply", "Instruction", "Server", "add_arrays"]
+__all__ = [
+    "Arrays",
+    "Client",
+    "ClientData",
+    "ClientReply",
+    "Instruction",
+    "ReplySpec",
+    "Server",
+    "add_arrays",
+]
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,10 @@ class Server(ABC):
     @abstractmethod
     def aggregate(self, instruction: Instruction, sums: Arrays, num_examples: int) -> None:
         """Fold the summed client replies into the global state."""
+
+    def expected_reply(self, instruction: Instruction) -> ReplySpec | None:
+        """Keys, shapes and dtypes of a valid reply to ``instruction``; None: check values only."""
+        return None
 
     @abstractmethod
     def deployed_arrays(self) -> Arrays:

@@ -16,7 +16,15 @@ from torch import Tensor, nn
 from fedlorm.adapters import LoRALayer
 from fedlorm.backbones import Backbone
 from fedlorm.config import RunConfig
-from fedlorm.methods.base import Arrays, Client, ClientData, ClientReply, Instruction, Server
+from fedlorm.methods.base import (
+    Arrays,
+    Client,
+    ClientData,
+    ClientReply,
+    Instruction,
+    ReplySpec,
+    Server,
+)
 from fedlorm.methods.common import (
     HEAD,
     apply_arrays,
@@ -90,6 +98,11 @@ class FinetuneServer(Server):
     def aggregate(self, instruction: Instruction, sums: Arrays, num_examples: int) -> None:
         n = sums["n"]
         self.state = {key: (sums[key] / n).to(self.dtype) for key in self.state}
+
+    def expected_reply(self, instruction: Instruction) -> ReplySpec:
+        spec = {key: (tuple(value.shape), torch.float64) for key, value in self.state.items()}
+        spec["n"] = ((), torch.float64)
+        return spec
 
     def deployed_arrays(self) -> Arrays:
         return dict(self.state)

@@ -20,7 +20,15 @@ from fedlorm import merging
 from fedlorm.adapters import LoRALayer
 from fedlorm.backbones import Backbone
 from fedlorm.config import RunConfig
-from fedlorm.methods.base import Arrays, Client, ClientData, ClientReply, Instruction, Server
+from fedlorm.methods.base import (
+    Arrays,
+    Client,
+    ClientData,
+    ClientReply,
+    Instruction,
+    ReplySpec,
+    Server,
+)
 from fedlorm.methods.common import (
     HEAD,
     apply_arrays,
@@ -198,6 +206,27 @@ class LoRMServer(Server):
                     ridge=ridge,
                 )
         self._merge_head(sums)
+
+    def expected_reply(self, instruction: Instruction) -> ReplySpec:
+        f64, lorm = torch.float64, self.cfg.lorm
+        spec: ReplySpec = {}
+        for name, (d_out, d_in, rank) in self.shapes.items():
+            gram = (d_in,) if lorm.alpha_backbone == 0 else (d_in, d_in)
+            if instruction.phase == "task_stats":
+                spec[f"{name}.G"] = (gram, f64)
+            elif instruction.factor == "B":
+                spec[f"{name}.M"], spec[f"{name}.H"] = ((d_out, rank), f64), ((rank, rank), f64)
+            else:
+                spec[f"{name}.N"], spec[f"{name}.G"] = ((rank, d_in), f64), (gram, f64)
+        if instruction.phase == "train":
+            classes, features = self.head_weight.shape
+            spec[f"{HEAD}.nb"], spec[f"{HEAD}.n"] = ((classes,), f64), ((), f64)
+            if lorm.head_merge == "regmean":
+                head_gram = (features,) if lorm.alpha_head == 0 else (features, features)
+                spec[f"{HEAD}.WG"], spec[f"{HEAD}.G"] = ((classes, features), f64), (head_gram, f64)
+            else:
+                spec[f"{HEAD}.nW"] = ((classes, features), f64)
+        return spec
 
     def deployed_arrays(self) -> Arrays:
         if not self.task_finished:

@@ -18,6 +18,7 @@ from fedlorm.config import RunConfig, config_to_dict
 from fedlorm.fcl import summarize
 from fedlorm.methods import Instruction, add_arrays
 from fedlorm.methods.common import HEAD, apply_arrays
+from fedlorm.methods.validation import InvalidReplyError, check_reply
 from fedlorm.results import MetricsCSV, plot_run, versions, write_json_atomic
 from fedlorm.runtime.evaluation import Evaluation, evaluate
 from fedlorm.runtime.experiment import Experiment, build_experiment
@@ -38,6 +39,7 @@ METRICS_FIELDS = [
     "merge_seconds",
     "upload_bytes",
     "clients",
+    "rejected",
 ]
 
 
@@ -132,30 +134,43 @@ def _run_step(exp: Experiment, instruction: Instruction, shares, bar) -> tuple[d
     """One broadcast → local work on every client → summed replies → server merge."""
     cfg = exp.cfg
     arrays = exp.server.arrays(instruction)
+    expected = exp.server.expected_reply(instruction)
     sums = None
-    examples, upload, loss_sum = 0, 0, 0.0
+    examples, upload, loss_sum, rejected = 0, 0, 0.0, 0
     for k, data in enumerate(shares):
         generator = torch_generator(cfg.seed, "client", instruction.task, instruction.round, k)
         reply = exp.client.update(arrays, instruction, data, generator)
+        bar.update(1)
+        upload += reply.upload_bytes
+        try:
+            check_reply(reply, expected)
+        except InvalidReplyError as err:
+            rejected += 1
+            logger.warning("task %d %s: client %d rejected: %s", instruction.task + 1,
+                           _step_name(instruction), k, err)
+            continue
         sums = add_arrays(sums, reply.summands)
         examples += reply.num_examples
-        upload += reply.upload_bytes
         loss_sum += reply.metrics.get("train_loss", 0.0) * reply.num_examples
-        bar.update(1)
     started = time.perf_counter()
-    exp.server.aggregate(instruction, sums or {}, examples)
+    if sums is None:
+        logger.warning("task %d %s: every client was rejected; the previous global state stays",
+                       instruction.task + 1, _step_name(instruction))
+    else:
+        exp.server.aggregate(instruction, sums, examples)
     merge_seconds = time.perf_counter() - started
     row = {
         "task": instruction.task,
         "round": instruction.round if instruction.phase == "train" else cfg.train.rounds,
         "phase": instruction.phase,
         "factor": instruction.factor,
-        "train_loss": round(loss_sum / examples, 6) if instruction.phase == "train" else "",
+        "train_loss": round(loss_sum / examples, 6) if instruction.phase == "train" and examples else "",
         "seen_accuracy": "",
         "newest_task_fraction": "",
         "merge_seconds": round(merge_seconds, 6),
         "upload_bytes": upload,
         "clients": len(shares),
+        "rejected": rejected,
     }
     return row, upload
 

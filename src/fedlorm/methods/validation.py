@@ -1,0 +1,86 @@
+"""Server-side checks of one client's reply before it joins the sums (both runtimes use them).
+
+A reply that is not finite, has the wrong keys, shapes or dtypes, or carries a Gram-type statistic that
+is not positive semi-definite would poison the closed-form merge of every other client, so it is
+rejected with a one-line reason and the round goes on with the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from fedlorm.methods.base import ClientReply, ReplySpec
+
+__all__ = ["GRAM_SUFFIXES", "InvalidReplyError", "check_reply", "reply_spec"]
+
+GRAM_SUFFIXES = (".G", ".H")
+"""Summands that are Grams (X^T X or A X^T X A^T): symmetric PSD matrices, or non-negative diagonals."""
+
+# Relative tolerance of the PSD test: eigenvalues above -tol · d · max|G| count as >= 0, which absorbs
+# float64 rounding of sums over millions of tokens.
+_PSD_TOL = 1e-8
+
+
+class InvalidReplyError(ValueError):
+    """A client reply that must not be merged; the message names the array and the problem."""
+
+
+def reply_spec(summands: Mapping[str, Tensor]) -> ReplySpec:
+    """Names, shapes and dtypes of a reply, to check other replies of the same step against."""
+    return {key: (tuple(value.shape), value.dtype) for key, value in summands.items()}
+
+
+def check_reply(reply: ClientReply, expected: ReplySpec | None = None) -> None:
+    """Raise :class:`InvalidReplyError` unless ``reply`` is finite, well-formed and PSD where it must be.
+
+    ``expected`` (from :meth:`Server.expected_reply` or :func:`reply_spec`) fixes keys, shapes and
+    dtypes; without it only the values are checked.
+    """
+    if not isinstance(reply.num_examples, int) or reply.num_examples < 1:
+        raise InvalidReplyError(f"num_examples = {reply.num_examples!r}; expected an integer >= 1")
+    summands = reply.summands
+    if expected is not None:
+        missing = sorted(set(expected) - set(summands))
+        extra = sorted(set(summands) - set(expected))
+        if missing or extra:
+            raise InvalidReplyError(
+                f"reply keys differ from the protocol's: missing {missing[:3]}, extra {extra[:3]}"
+            )
+    for key, value in summands.items():
+        if not isinstance(value, Tensor):
+            raise InvalidReplyError(f"{key} is a {type(value).__name__}, not a tensor")
+        if expected is not None:
+            shape, dtype = expected[key]
+            if tuple(value.shape) != shape:
+                raise InvalidReplyError(f"{key} has shape {tuple(value.shape)}; expected {shape}")
+            if value.dtype != dtype:
+                raise InvalidReplyError(f"{key} has dtype {value.dtype}; expected {dtype}")
+        if not value.is_floating_point():
+            raise InvalidReplyError(f"{key} has dtype {value.dtype}; expected a floating-point tensor")
+        if not bool(torch.isfinite(value).all()):
+            raise InvalidReplyError(f"{key} holds NaN or Inf")
+        if key.endswith(GRAM_SUFFIXES):
+            _check_gram(key, value)
+
+
+def _check_gram(key: str, value: Tensor) -> None:
+    if value.ndim == 1:
+        if bool((value < 0).any()):
+            raise InvalidReplyError(f"{key} is a diagonal Gram with negative entries")
+        return
+    if value.ndim != 2 or value.shape[0] != value.shape[1]:
+        raise InvalidReplyError(f"{key} is a Gram of shape {tuple(value.shape)}; expected a square matrix")
+    gram = value.to(torch.float64)
+    scale = float(gram.abs().max())
+    if scale == 0:
+        return
+    if float((gram - gram.T).abs().max()) > 1e-6 * scale:
+        raise InvalidReplyError(f"{key} is a Gram but is not symmetric")
+    # A Cholesky factorisation of G + tol·max|G|·I exists iff no eigenvalue is below -tol·max|G|; it is
+    # several times cheaper than an eigendecomposition of a 3072×3072 Gram.
+    shifted = gram + _PSD_TOL * gram.shape[0] * scale * torch.eye(gram.shape[0], dtype=gram.dtype)
+    if int(torch.linalg.cholesky_ex(shifted).info) != 0:
+        raise InvalidReplyError(f"{key} is a Gram but not positive semi-definite")
