@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -423,3 +424,25 @@ ERRORS = _errors()
 def test_errors_name_the_argument(call: Callable[[], object], message: str):
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
+
+
+def test_low_rank_factors_give_the_best_rank_r_approximation():
+    rng = np.random.default_rng(5)
+    delta = rng.standard_normal((8, 11))
+    B, A = mg.low_rank_factors(torch.from_numpy(delta), 3)
+    u, s, vh = np.linalg.svd(delta, full_matrices=False)
+    np.testing.assert_allclose((B @ A).numpy(), (u[:, :3] * s[:3]) @ vh[:3], atol=1e-12)
+    assert B.shape == (8, 3) and A.shape == (3, 11)
+
+
+def test_low_rank_factors_pad_when_the_rank_exceeds_the_shape():
+    delta = torch.randn(2, 5, dtype=torch.float64)
+    B, A = mg.low_rank_factors(delta, 4)
+    assert B.shape == (2, 4) and A.shape == (4, 5)
+    torch.testing.assert_close(B @ A, delta, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rank", [0, -1, 1.5, True])
+def test_low_rank_factors_reject_bad_ranks(rank):
+    with pytest.raises(ValueError, match="rank"):
+        mg.low_rank_factors(torch.ones(3, 3), rank)

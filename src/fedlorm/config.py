@@ -96,6 +96,7 @@ class LormConfig:
     head_merge: Literal["regmean", "fedavg"] = "fedavg"
     stats_model: Literal["trained", "reference"] = "reference"
     task_start: Literal["pretrained", "merged"] = "pretrained"
+    cross_task: Literal["closed_form", "simple_mean", "task_arithmetic"] = "closed_form"
     ridge: float = 1e-10
 
 

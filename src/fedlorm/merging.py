@@ -38,6 +38,7 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_RIDGE",
+    "low_rank_factors",
     "merge_a",
     "merge_a_solve",
     "merge_a_summands",
@@ -445,3 +446,23 @@ def merge_tasks(
 ) -> Tensor:
     """ΔW minimising Σ_t w_t‖(ΔW − ΔW_t) X_tᵀ‖²; dtype of ``deltas``."""
     return _merge_right(deltas, grams, weights, reference, ridge, "deltas")
+
+
+def low_rank_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """B (d_out, r), A (r, d_in) with B·A the best rank-r approximation of ``delta`` (truncated SVD).
+
+    The singular values are split evenly, B = U_r·√S_r and A = √S_r·V_rᵀ, so both factors have the
+    same scale; used to bring a merged full update back to LoRA's rank. Float64, like ``delta`` in.
+    """
+    delta = _check_tensor(delta, "delta", (2,))
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank = {rank!r} is not allowed; expected an integer >= 1")
+    U, S, Vh = torch.linalg.svd(delta.to(_F64), full_matrices=False)
+    r = min(rank, S.numel())
+    root = S[:r].sqrt()
+    B = U[:, :r] * root
+    A = root[:, None] * Vh[:r]
+    if r < rank:  # a rank-deficient shape: pad with zero directions so the factor shapes stay (·, rank)
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - r)], dim=1)
+        A = torch.cat([A, A.new_zeros(rank - r, A.shape[1])], dim=0)
+    return B, A

@@ -9,15 +9,20 @@ from fedlorm.methods.base import (
     Server,
     add_arrays,
 )
+from fedlorm.methods.client_merge import CLIENT_MERGES
 from fedlorm.methods.finetune import FinetuneClient, FinetuneServer
+from fedlorm.methods.joint import JOINT, joint_config
 from fedlorm.methods.lorm import LoRMClient, LoRMServer
 
 METHODS: dict[str, tuple[type[Server], type[Client]]] = {
-    "lorm": (LoRMServer, LoRMClient),
+    **{name: (LoRMServer, LoRMClient) for name in CLIENT_MERGES},
     "finetune": (FinetuneServer, FinetuneClient),
+    JOINT: (FinetuneServer, FinetuneClient),
 }
+"""Method name → (server, client) classes. ``joint`` runs on :func:`joint_config`'s scenario."""
 
 __all__ = [
+    "JOINT",
     "METHODS",
     "Arrays",
     "Client",
@@ -26,4 +31,5 @@ __all__ = [
     "Instruction",
     "Server",
     "add_arrays",
+    "joint_config",
 ]

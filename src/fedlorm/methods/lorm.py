@@ -6,6 +6,11 @@ Clients train the round's factor and the current task's head rows, then send add
 ``W_i G̃_i, G̃_i`` (RegMean) plus ``n_i b_i, n_i``. At a task's end the clients send the Grams of
 every adapted layer's inputs through the merged task model and the server folds the task's update
 ``ΔW_t`` into ``ΔW = (Σ_t ΔW_t G_t)(Σ_t G_t)⁻¹``.
+
+The same task structure serves the baselines that differ from LoRM in one place only: the
+within-task client merge (``fedavg``, ``ffa``, ``fedavg-product``, ``regmean``, ``lorm-avg``; see
+:mod:`fedlorm.methods.client_merge`) or the cross-task merge (``lorm.cross_task``: ``simple_mean``
+ΔW = mean_t ΔW_t, ``task_arithmetic`` ΔW = Σ_t ΔW_t; neither needs the end-of-task statistics).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from fedlorm.methods.base import (
     ReplySpec,
     Server,
 )
+from fedlorm.methods.client_merge import CLIENT_MERGES
 from fedlorm.methods.common import (
     HEAD,
     apply_arrays,
@@ -37,12 +43,7 @@ from fedlorm.methods.common import (
     train_with_config,
 )
 
-__all__ = ["LoRMClient", "LoRMServer", "round_factor"]
-
-
-def round_factor(round_index: int) -> str:
-    """B, A, B, A, ...: the factor trained in a round of a task."""
-    return "B" if round_index % 2 == 0 else "A"
+__all__ = ["LoRMClient", "LoRMServer"]
 
 
 def _mode(alpha: float) -> str:
@@ -60,6 +61,7 @@ class LoRMClient(Client):
         generator: torch.Generator,
     ) -> ClientReply:
         cfg, train = self.cfg.lorm, self.cfg.train
+        merge = CLIENT_MERGES[self.cfg.method]
         apply_arrays(self.model, self.layers, arrays)
         metrics: dict[str, float] = {}
         if instruction.phase == "train":
@@ -72,34 +74,31 @@ class LoRMClient(Client):
                 classes=instruction.classes,
                 generator=generator,
             )
-        grams = self._statistics(arrays, instruction, data)
+        layer_grams = instruction.phase == "task_stats" or merge.needs_grams
+        grams = self._statistics(arrays, instruction, data, layer_grams)
         summands: Arrays = {}
         for name, layer in self.layers.items():
-            gram = merging.shrink_gram(grams[name], cfg.alpha_backbone)
+            gram = merging.shrink_gram(grams[name], cfg.alpha_backbone) if layer_grams else None
             if instruction.phase == "task_stats":
                 summands[f"{name}.G"] = gram
-            elif instruction.factor == "B":
-                summands[f"{name}.M"], summands[f"{name}.H"] = merging.merge_b_summands(
-                    layer.lora_B.detach(), layer.lora_A.detach(), gram
-                )
             else:
-                summands[f"{name}.N"], summands[f"{name}.G"] = merging.merge_a_summands(
-                    layer.lora_A.detach(), gram
-                )
+                summands.update(merge.summands(name, layer, instruction.factor, gram, len(data)))
         if instruction.phase == "train":
             summands.update(self._head_summands(grams.get(HEAD), len(data)))
         return ClientReply(summands=summands, num_examples=len(data), metrics=metrics)
 
     def _statistics(
-        self, arrays: Mapping[str, Tensor], instruction: Instruction, data: ClientData
+        self, arrays: Mapping[str, Tensor], instruction: Instruction, data: ClientData, layer_grams: bool
     ) -> dict[str, Tensor]:
         """Grams through the statistics model: the trained one, or the authors' averaged one."""
         cfg = self.cfg.lorm
-        modules: dict[str, nn.Module] = dict(self.layers)
-        modes = {name: _mode(cfg.alpha_backbone) for name in self.layers}
+        modules: dict[str, nn.Module] = dict(self.layers) if layer_grams else {}
+        modes = {name: _mode(cfg.alpha_backbone) for name in modules}
         if instruction.phase == "train" and cfg.head_merge == "regmean":
             modules[HEAD] = self.model.head
             modes[HEAD] = _mode(cfg.alpha_head)
+        if not modules:
+            return {}
         if cfg.stats_model == "reference":
             # fed-mammoth: inputs through W0 + (Σ_{j<t} ΔW_j + current ΔW) / (t + 1).
             t = instruction.task
@@ -146,6 +145,7 @@ class LoRMServer(Server):
                 "lorm.stats_model='reference' reproduces the authors' setup and needs "
                 f"lorm.task_start='pretrained', got {cfg.lorm.task_start!r}"
             )
+        self.merge = CLIENT_MERGES[cfg.method]
         self.scaling = cfg.model.scaling
         self.dtype = model.head.weight.dtype
         self.device = model.head.weight.device
@@ -160,6 +160,7 @@ class LoRMServer(Server):
         self.earlier_sum: dict[str, Tensor] = {}
         self.task = -1
         self.task_finished = False
+        self.tasks_folded = 0
 
     # -- protocol -----------------------------------------------------------------------------------
     def start_task(self, task: int, classes: range, generator: torch.Generator) -> None:
@@ -173,8 +174,9 @@ class LoRMServer(Server):
 
     def instructions(self, task: int, classes: range) -> Iterator[Instruction]:
         for r in range(self.cfg.train.rounds):
-            yield Instruction(task, r, "train", round_factor(r), classes.start, classes.stop)  # type: ignore[arg-type]
-        yield Instruction(task, -1, "task_stats", "none", classes.start, classes.stop)
+            yield Instruction(task, r, "train", self.merge.factor(r), classes.start, classes.stop)
+        if self.cfg.lorm.cross_task == "closed_form":
+            yield Instruction(task, -1, "task_stats", "none", classes.start, classes.stop)
 
     def arrays(self, instruction: Instruction) -> Arrays:
         out = self._training_arrays()
@@ -187,25 +189,21 @@ class LoRMServer(Server):
         if instruction.phase == "task_stats":
             self._fold_task(sums)
             return
-        ridge = self.cfg.lorm.ridge
         for name in self.shapes:
-            if instruction.factor == "B":
-                self.B[name] = merging.merge_b_solve(
-                    sums[f"{name}.M"],
-                    sums[f"{name}.H"],
-                    reference=self.B[name],
-                    dtype=self.dtype,
-                    ridge=ridge,
-                )
-            else:
-                self.A[name] = merging.merge_a_solve(
-                    sums[f"{name}.N"],
-                    sums[f"{name}.G"],
-                    reference=self.A[name],
-                    dtype=self.dtype,
-                    ridge=ridge,
-                )
+            self.A[name], self.B[name] = self.merge.solve(
+                name,
+                instruction.factor,
+                sums,
+                sums[f"{HEAD}.n"],
+                self.A[name],
+                self.B[name],
+                scaling=self.scaling,
+                ridge=self.cfg.lorm.ridge,
+            )
         self._merge_head(sums)
+        last_round = instruction.round == self.cfg.train.rounds - 1
+        if last_round and self.cfg.lorm.cross_task != "closed_form":
+            self._fold_task(None)
 
     def expected_reply(self, instruction: Instruction) -> ReplySpec:
         f64, lorm = torch.float64, self.cfg.lorm
@@ -214,10 +212,8 @@ class LoRMServer(Server):
             gram = (d_in,) if lorm.alpha_backbone == 0 else (d_in, d_in)
             if instruction.phase == "task_stats":
                 spec[f"{name}.G"] = (gram, f64)
-            elif instruction.factor == "B":
-                spec[f"{name}.M"], spec[f"{name}.H"] = ((d_out, rank), f64), ((rank, rank), f64)
             else:
-                spec[f"{name}.N"], spec[f"{name}.G"] = ((rank, d_in), f64), (gram, f64)
+                spec.update(self.merge.spec(name, (d_out, d_in, rank), instruction.factor, gram))
         if instruction.phase == "train":
             classes, features = self.head_weight.shape
             spec[f"{HEAD}.nb"], spec[f"{HEAD}.n"] = ((classes,), f64), ((), f64)
@@ -248,7 +244,30 @@ class LoRMServer(Server):
             ("earlier_sum", self.earlier_sum),
         ):
             out.update({f"{prefix}.{name}": value for name, value in table.items()})
+        out["task"] = torch.tensor(self.task)
+        out["task_finished"] = torch.tensor(self.task_finished)
+        out["tasks_folded"] = torch.tensor(self.tasks_folded)
         return out
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        for name in self.shapes:
+            self.A[name] = state[factor_key(name, "A")].to(self.device, copy=True)
+            self.B[name] = state[factor_key(name, "B")].to(self.device, copy=True)
+        self.head_weight = state[f"{HEAD}.weight"].to(self.device, copy=True)
+        self.head_bias = state[f"{HEAD}.bias"].to(self.device, copy=True)
+        for prefix, table in (
+            ("P", self.P),
+            ("Q", self.Q),
+            ("merged", self.merged),
+            ("earlier_sum", self.earlier_sum),
+        ):
+            table.clear()
+            for name in self.shapes:
+                if f"{prefix}.{name}" in state:
+                    table[name] = state[f"{prefix}.{name}"].to(self.device, copy=True)
+        self.task = int(state["task"])
+        self.task_finished = bool(state["task_finished"])
+        self.tasks_folded = int(state["tasks_folded"])
 
     # -- internals ----------------------------------------------------------------------------------
     def _training_arrays(self) -> Arrays:
@@ -280,21 +299,34 @@ class LoRMServer(Server):
             delta = delta + self.merged[name].to(torch.float64)
         return delta
 
-    def _fold_task(self, sums: Arrays) -> None:
-        """Cross-task closed form: P += ΔW_t G_t, Q += G_t, ΔW = P Q⁻¹ (earlier value kept where Q = 0)."""
+    def _fold_task(self, sums: Arrays | None) -> None:
+        """Fold task t's ΔW_t into the deployed ΔW by the configured cross-task rule.
+
+        ``closed_form``: P += ΔW_t G_t, Q += G_t, ΔW = P Q⁻¹ (earlier value kept where Q = 0);
+        ``simple_mean``: ΔW = (1/t) Σ ΔW_t; ``task_arithmetic``: ΔW = Σ ΔW_t (no statistics).
+        """
+        rule = self.cfg.lorm.cross_task
+        self.tasks_folded += 1
         for name in self.shapes:
             delta = self._task_delta(name)
-            p, q = merging.merge_tasks_summands(delta, sums[f"{name}.G"])
+            if rule == "closed_form":
+                assert sums is not None
+                p, q = merging.merge_tasks_summands(delta, sums[f"{name}.G"])
+                self.Q[name] = q if name not in self.Q else self.Q[name] + q
+            else:
+                p = delta
             self.P[name] = p if name not in self.P else self.P[name] + p
-            self.Q[name] = q if name not in self.Q else self.Q[name] + q
-            reference = self.merged.get(name)
-            self.merged[name] = merging.merge_tasks_solve(
-                self.P[name],
-                self.Q[name],
-                reference=reference,
-                dtype=self.dtype,
-                ridge=self.cfg.lorm.ridge,
-            )
+            if rule == "closed_form":
+                self.merged[name] = merging.merge_tasks_solve(
+                    self.P[name],
+                    self.Q[name],
+                    reference=self.merged.get(name),
+                    dtype=self.dtype,
+                    ridge=self.cfg.lorm.ridge,
+                )
+            else:
+                divisor = self.tasks_folded if rule == "simple_mean" else 1
+                self.merged[name] = (self.P[name] / divisor).to(self.dtype)
             if self.cfg.lorm.stats_model == "reference":
                 # The reference statistics model implies task_start="pretrained", so ΔW_t = B_t A_t.
                 previous = self.earlier_sum.get(name)

@@ -24,7 +24,7 @@ from fedlorm.data import (
     to_model_input,
 )
 from fedlorm.fcl import Scenario, dirichlet_partition, make_scenario
-from fedlorm.methods import METHODS, Client, ClientData, Server
+from fedlorm.methods import JOINT, METHODS, Client, ClientData, Server, joint_config
 from fedlorm.seeding import derive_seed
 
 __all__ = ["Experiment", "build_experiment", "resolve_device"]
@@ -120,6 +120,8 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         raise ConfigError(
             f"method {cfg.method!r} is unknown; choose one of: {', '.join(sorted(METHODS))}"
         )
+    if cfg.method == JOINT:
+        cfg = joint_config(cfg)
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
