@@ -93,7 +93,8 @@ class LormConfig:
 
     alpha_backbone: float = 0.0
     alpha_head: float = 0.5
-    head_merge: Literal["regmean", "fedavg"] = "fedavg"
+    head_merge: Literal["regmean", "fedavg", "analytic"] = "fedavg"
+    head_ridge: float = 1e-3
     stats_model: Literal["trained", "reference"] = "reference"
     task_start: Literal["pretrained", "merged"] = "pretrained"
     cross_task: Literal["closed_form", "simple_mean", "task_arithmetic"] = "closed_form"
@@ -129,7 +130,8 @@ def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     """Read a TOML config file (sections = dataclass groups, dotted keys allowed)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"config file {str(path)!r} {problem}")
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
@@ -337,6 +339,7 @@ def validate_config(cfg: RunConfig) -> None:
             "a number in [0, 1]",
         ),
         ("lorm.ridge", cfg.lorm.ridge, cfg.lorm.ridge >= 0, "a number >= 0"),
+        ("lorm.head_ridge", cfg.lorm.head_ridge, cfg.lorm.head_ridge > 0, "a number > 0"),
     ]
     for name in ("lr", "lr_a", "lr_b", "lr_head"):
         value = getattr(cfg.train, name)

@@ -19,6 +19,9 @@ Solve, with reference R (default 0) and Q = Σ Q_i:
 
     X = R + (P − R·Q)(Q + λI)⁻¹,   λ = ridge · mean(diag Q)   (Cholesky; lstsq only if it fails)
 
+followed by up to ``_REFINE_STEPS`` steps of iterative refinement against the unridged Q (reusing the
+Cholesky factor), which remove the ridge's bias where features span orders of magnitude (a feature
+1e4 times smaller than the largest is otherwise biased by ~1e-3; after refinement by < 1e-8).
 The ridge is relative (scale-free) and shrinks toward R, not toward 0. Where Q is singular the
 answer tends to the R-closest minimiser; in particular **a feature (column) whose total weight is
 zero keeps R's value**, and an all-zero Q returns R. The federated protocol passes the previous
@@ -38,6 +41,8 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_RIDGE",
+    "analytic_head_solve",
+    "analytic_head_summands",
     "low_rank_factors",
     "merge_a",
     "merge_a_solve",
@@ -62,6 +67,11 @@ __all__ = [
 # relative in the tests) away from the reference-closest solution. 1e-12 would leak ~1e-3; 1e-8
 # would bias well-conditioned solutions by ~1e-7.
 DEFAULT_RIDGE = 1e-10
+
+# Refinement Δ ← Δ + (rhs − Δ·Q)(Q + λI)⁻¹ multiplies the ridge's relative bias λ/(μ + λ) in an
+# eigendirection μ of Q by itself each step, and leaves directions with μ = 0 (never seen) at 0; in
+# round-off null directions it adds one more leak of the size above per step, hence few steps.
+_REFINE_STEPS = 3
 
 _F64 = torch.float64
 
@@ -229,6 +239,11 @@ def _solve_right(P: Tensor, Q: Tensor, reference: Tensor | None, ridge: float) -
     L, info = torch.linalg.cholesky_ex(Qr)
     if int(info) == 0:
         delta_t = torch.cholesky_solve(rhs.T, L)
+        for _ in range(_REFINE_STEPS):
+            step = torch.cholesky_solve(rhs.T - Q @ delta_t, L)
+            delta_t += step
+            if not bool(step.abs().max() > 1e-13 * delta_t.abs().max()):
+                break
     else:  # not positive definite even with the ridge (e.g. ridge=0 on a singular Q)
         driver = "gelsd" if Qr.device.type == "cpu" else None
         delta_t = torch.linalg.lstsq(Qr, rhs.T, driver=driver).solution
@@ -466,3 +481,43 @@ def low_rank_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
         B = torch.cat([B, B.new_zeros(B.shape[0], rank - r)], dim=1)
         A = torch.cat([A, A.new_zeros(rank - r, A.shape[1])], dim=0)
     return B, A
+
+
+def analytic_head_summands(features: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """One client's sums for the ridge-regression head: (F̂ᵀF̂, F̂ᵀY) with F̂ = [F, 1], float64.
+
+    ``features`` (n, d), ``targets`` (n, K) (one-hot rows for classification).
+    """
+    features = _check_tensor(features, "features", (2,))
+    targets = _check_tensor(targets, "targets", (2,))
+    if targets.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"targets has {targets.shape[0]} rows but features has {features.shape[0]}; expected equal"
+        )
+    augmented = torch.cat([features.to(_F64), features.new_ones(features.shape[0], 1, dtype=_F64)], 1)
+    return augmented.T @ augmented, augmented.T @ targets.to(_F64)
+
+
+def analytic_head_solve(
+    gram: Tensor, cross: Tensor, *, ridge: float, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """Weight (K, d) and bias (K,) of the ridge-regression classifier from summed statistics.
+
+    Minimises Σ‖W f + b − y‖² + λ‖[W, b]‖² with λ = ridge · mean(diag(gram)), i.e.
+    [W, b] = crossᵀ (gram + λI)⁻¹ for gram = Σ F̂ᵀF̂, cross = Σ F̂ᵀY. Unlike the merges above the ridge
+    here is a real regulariser (chosen on validation data), so there is no refinement toward λ = 0.
+    """
+    gram = _check_tensor(gram, "gram", (2,)).to(_F64)
+    cross = _check_tensor(cross, "cross", (2,)).to(_F64)
+    if gram.shape[0] != gram.shape[1] or cross.shape[0] != gram.shape[0]:
+        raise ValueError(
+            f"gram has shape {_shape(gram)} and cross {_shape(cross)}; expected (d+1, d+1) and (d+1, K)"
+        )
+    lam = _check_ridge(ridge) * float(gram.diagonal().mean())
+    if not lam > 0:
+        raise ValueError(f"ridge = {ridge!r} with this gram gives λ = {lam!r}; expected λ > 0")
+    regularised = gram.clone()
+    regularised.diagonal().add_(lam)
+    solution = torch.cholesky_solve(cross, torch.linalg.cholesky(regularised)).T
+    weight, bias = solution[:, :-1], solution[:, -1]
+    return (weight, bias) if dtype is None else (weight.to(dtype), bias.to(dtype))

@@ -256,10 +256,17 @@ def plot_comparison(
     title: str = "",
     xlabel: str = "task",
     ylabel: str = "accuracy on seen classes (%)",
+    levels: Mapping[str, float] | None = None,
 ) -> Path:
-    """One line per method over tasks 1..T; a ``(mean, std)`` pair adds a shaded ±std band."""
+    """One line per method over tasks 1..T; a ``(mean, std)`` pair adds a shaded ±std band.
+
+    ``levels`` are single numbers drawn as dashed horizontal lines (e.g. joint training, which has
+    one task and so no curve).
+    """
     fig = _new_figure((7.0, 4.5))
     ax = fig.subplots()
+    for name, level in (levels or {}).items():
+        ax.axhline(level, ls="--", lw=1.2, color="0.35", label=f"{name} ({level:.1f})")
     for name, values in curves.items():
         mean, std = _curve(values)
         xs = list(range(1, len(mean) + 1))
@@ -274,7 +281,7 @@ def plot_comparison(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if curves:
+    if curves or levels:
         ax.legend(fontsize=8)
     if title:
         ax.set_title(title)

@@ -22,7 +22,7 @@ from fedlorm.backbones import Backbone
 from fedlorm.config import RunConfig
 
 Arrays = dict[str, Tensor]
-Phase = Literal["train", "task_stats"]
+Phase = Literal["train", "task_stats", "head_stats"]
 Factor = Literal["A", "B", "both", "none"]
 ReplySpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 """Keys of a valid client reply with the shape and dtype of each summand."""
@@ -161,4 +161,19 @@ class Server(ABC):
 
     @abstractmethod
     def state_dict(self) -> Arrays:
-        """Everything the server holds, for checkpoints and equivalence tests."""
+        """Everything the server holds, for checkpoints and equivalence tests.
+
+        Contract (checkpoints rely on it): tensors only, and *everything* that later steps read,
+        so that a freshly built server (same config and model) given
+        ``load_state_dict(state_dict())`` continues bit for bit like this one. Non-tensor fields
+        (task index, flags such as ``task_finished`` or ``started``, counters) go in as 0-d tensors
+        under plain names (e.g. ``"task"``); the checkpoint stores the dict as it is (safetensors).
+        """
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned (copies; resume after a crash).
+
+        A method that does not override it cannot be resumed: its checkpoints are written, and
+        ``--resume`` stops with this error.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement load_state_dict")

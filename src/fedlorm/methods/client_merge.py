@@ -13,6 +13,7 @@ method             trains       client sends (per layer)              server com
 ``ffa``            B only       n_i·B_i (A frozen at its init)        mean of B (FFA-LoRA)
 ``fedavg-product`` A and B      n_i·B_iA_i                            mean product, SVD to rank r
 ``regmean``        A and B      B_iA_iG̃_i, G̃_i                       RegMean on ΔW_i, SVD to rank r
+``head-only``      nothing      (only the head)                       the pretrained backbone stays
 =================  ===========  ====================================================================
 """
 
@@ -37,7 +38,7 @@ _F64 = torch.float64
 class ClientMerge:
     """One within-task merge: the per-round factor schedule and the aggregation rule."""
 
-    schedule: Literal["alternate", "both", "B"]
+    schedule: Literal["alternate", "both", "B", "none"]
     rule: Literal["closed_form", "average", "product", "regmean"]
 
     def factor(self, round_index: int) -> Factor:
@@ -56,6 +57,8 @@ class ClientMerge:
     ) -> Arrays:
         """One client's additive reply for layer ``name`` after training ``factor``."""
         A, B = layer.lora_A.detach(), layer.lora_B.detach()
+        if factor == "none":
+            return {}
         if self.rule == "closed_form":
             assert gram is not None
             if factor == "B":
@@ -77,6 +80,8 @@ class ClientMerge:
     ) -> ReplySpec:
         """Keys, shapes and dtypes of :meth:`summands` for a (d_out, d_in, rank) layer."""
         d_out, d_in, rank = shape
+        if factor == "none":
+            return {}
         if self.rule == "closed_form":
             if factor == "B":
                 return {f"{name}.M": ((d_out, rank), _F64), f"{name}.H": ((rank, rank), _F64)}
@@ -102,6 +107,8 @@ class ClientMerge:
     ) -> tuple[Tensor, Tensor]:
         """The new global (A, B) of layer ``name`` from the summed replies (``n`` = Σ n_i)."""
         dtype = A.dtype
+        if factor == "none":
+            return A, B
         if self.rule == "closed_form":
             if factor == "B":
                 B = merging.merge_b_solve(
@@ -130,7 +137,7 @@ class ClientMerge:
 
 
 def _trained(factor: Factor) -> tuple[str, ...]:
-    return ("A", "B") if factor == "both" else (factor,)
+    return {"both": ("A", "B"), "none": ()}.get(factor, (factor,))
 
 
 CLIENT_MERGES: dict[str, ClientMerge] = {
@@ -140,5 +147,6 @@ CLIENT_MERGES: dict[str, ClientMerge] = {
     "ffa": ClientMerge("B", "average"),
     "fedavg-product": ClientMerge("both", "product"),
     "regmean": ClientMerge("both", "regmean"),
+    "head-only": ClientMerge("none", "average"),
 }
 """Method name → its within-task merge; all share LoRM's task structure and cross-task merge."""

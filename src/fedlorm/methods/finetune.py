@@ -108,4 +108,8 @@ class FinetuneServer(Server):
         return dict(self.state)
 
     def state_dict(self) -> Arrays:
-        return dict(self.state)
+        return {**self.state, "started": torch.tensor(self.started)}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.state = {key: state[key].to(value.device, copy=True) for key, value in self.state.items()}
+        self.started = bool(state["started"])

@@ -11,6 +11,12 @@ The same task structure serves the baselines that differ from LoRM in one place 
 within-task client merge (``fedavg``, ``ffa``, ``fedavg-product``, ``regmean``, ``lorm-avg``; see
 :mod:`fedlorm.methods.client_merge`) or the cross-task merge (``lorm.cross_task``: ``simple_mean``
 ΔW = mean_t ΔW_t, ``task_arithmetic`` ΔW = Σ_t ΔW_t; neither needs the end-of-task statistics).
+
+Heads (``lorm.head_merge``): ``fedavg`` averages the clients' trained rows, ``regmean`` is the paper's
+closed form, and ``analytic`` deploys a ridge-regression classifier over all seen classes, solved from
+running sums of the clients' features (F̂ᵀF̂, F̂ᵀY with F̂ = [F, 1]) collected at each task's end
+through the deployed backbone (one extra forward pass, ``head_stats``); the trained head then only
+serves local training.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ class LoRMClient(Client):
         cfg, train = self.cfg.lorm, self.cfg.train
         merge = CLIENT_MERGES[self.cfg.method]
         apply_arrays(self.model, self.layers, arrays)
+        if instruction.phase == "head_stats":
+            return ClientReply(self._analytic_summands(data, instruction), num_examples=len(data))
         metrics: dict[str, float] = {}
         if instruction.phase == "train":
             metrics["train_loss"] = train_with_config(
@@ -120,6 +128,20 @@ class LoRMClient(Client):
                     {k: v for k, v in arrays.items() if k.endswith(".fixed_delta")},
                 )
 
+    @torch.no_grad()
+    def _analytic_summands(self, data: ClientData, instruction: Instruction) -> Arrays:
+        """F̂ᵀF̂ and F̂ᵀY of the deployed model's pooled features (Y: one-hot over the task's classes)."""
+        self.model.eval()
+        device = self.model.head.weight.device
+        width = instruction.class_stop - instruction.class_start
+        gram, cross = None, None
+        for batch in torch.arange(len(data)).split(self.cfg.train.eval_batch_size):
+            features = self.model.features(data.images[batch].to(device, non_blocking=True))
+            targets = nn.functional.one_hot(data.labels[batch] - instruction.class_start, width)
+            g, c = merging.analytic_head_summands(features.cpu(), targets.double())
+            gram, cross = (g, c) if gram is None else (gram + g, cross + c)
+        return {f"{HEAD}.features.G": gram, f"{HEAD}.features.Y": cross}
+
     def _head_summands(self, head_gram: Tensor | None, n: int) -> Arrays:
         weight = self.model.head.weight.detach()
         bias = self.model.head.bias.detach().to(torch.float64)
@@ -161,6 +183,10 @@ class LoRMServer(Server):
         self.task = -1
         self.task_finished = False
         self.tasks_folded = 0
+        classes, features = self.head_weight.shape
+        self.analytic_gram = torch.zeros(features + 1, features + 1, dtype=torch.float64)
+        self.analytic_cross = torch.zeros(features + 1, classes, dtype=torch.float64)
+        self.analytic_head: tuple[Tensor, Tensor] | None = None
 
     # -- protocol -----------------------------------------------------------------------------------
     def start_task(self, task: int, classes: range, generator: torch.Generator) -> None:
@@ -175,10 +201,14 @@ class LoRMServer(Server):
     def instructions(self, task: int, classes: range) -> Iterator[Instruction]:
         for r in range(self.cfg.train.rounds):
             yield Instruction(task, r, "train", self.merge.factor(r), classes.start, classes.stop)
-        if self.cfg.lorm.cross_task == "closed_form":
+        if self.cfg.lorm.cross_task == "closed_form" and self.merge.schedule != "none":
             yield Instruction(task, -1, "task_stats", "none", classes.start, classes.stop)
+        if self.cfg.lorm.head_merge == "analytic":
+            yield Instruction(task, -1, "head_stats", "none", classes.start, classes.stop)
 
     def arrays(self, instruction: Instruction) -> Arrays:
+        if instruction.phase == "head_stats":
+            return self.deployed_arrays()
         out = self._training_arrays()
         if self.cfg.lorm.stats_model == "reference":
             for name, total in self.earlier_sum.items():
@@ -188,6 +218,9 @@ class LoRMServer(Server):
     def aggregate(self, instruction: Instruction, sums: Arrays, num_examples: int) -> None:
         if instruction.phase == "task_stats":
             self._fold_task(sums)
+            return
+        if instruction.phase == "head_stats":
+            self._solve_analytic_head(sums, instruction.classes)
             return
         for name in self.shapes:
             self.A[name], self.B[name] = self.merge.solve(
@@ -202,11 +235,17 @@ class LoRMServer(Server):
             )
         self._merge_head(sums)
         last_round = instruction.round == self.cfg.train.rounds - 1
-        if last_round and self.cfg.lorm.cross_task != "closed_form":
+        if last_round and (self.cfg.lorm.cross_task != "closed_form" or self.merge.schedule == "none"):
             self._fold_task(None)
 
     def expected_reply(self, instruction: Instruction) -> ReplySpec:
         f64, lorm = torch.float64, self.cfg.lorm
+        if instruction.phase == "head_stats":
+            width = self.analytic_gram.shape[0]
+            return {
+                f"{HEAD}.features.G": ((width, width), f64),
+                f"{HEAD}.features.Y": ((width, len(instruction.classes)), f64),
+            }
         spec: ReplySpec = {}
         for name, (d_out, d_in, rank) in self.shapes.items():
             gram = (d_in,) if lorm.alpha_backbone == 0 else (d_in, d_in)
@@ -227,7 +266,8 @@ class LoRMServer(Server):
     def deployed_arrays(self) -> Arrays:
         if not self.task_finished:
             return self._training_arrays()
-        out = {f"{HEAD}.weight": self.head_weight, f"{HEAD}.bias": self.head_bias}
+        weight, bias = self.analytic_head or (self.head_weight, self.head_bias)
+        out = {f"{HEAD}.weight": weight, f"{HEAD}.bias": bias}
         for name in self.shapes:
             out[factor_key(name, "A")] = self.A[name]
             out[factor_key(name, "B")] = torch.zeros_like(self.B[name])
@@ -247,6 +287,9 @@ class LoRMServer(Server):
         out["task"] = torch.tensor(self.task)
         out["task_finished"] = torch.tensor(self.task_finished)
         out["tasks_folded"] = torch.tensor(self.tasks_folded)
+        out["analytic.gram"], out["analytic.cross"] = self.analytic_gram, self.analytic_cross
+        if self.analytic_head is not None:
+            out["analytic.weight"], out["analytic.bias"] = self.analytic_head
         return out
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
@@ -268,6 +311,14 @@ class LoRMServer(Server):
         self.task = int(state["task"])
         self.task_finished = bool(state["task_finished"])
         self.tasks_folded = int(state["tasks_folded"])
+        self.analytic_gram = state["analytic.gram"].clone()
+        self.analytic_cross = state["analytic.cross"].clone()
+        self.analytic_head = None
+        if "analytic.weight" in state:
+            self.analytic_head = (
+                state["analytic.weight"].to(self.device, copy=True),
+                state["analytic.bias"].to(self.device, copy=True),
+            )
 
     # -- internals ----------------------------------------------------------------------------------
     def _training_arrays(self) -> Arrays:
@@ -293,6 +344,20 @@ class LoRMServer(Server):
             self.head_weight = (sums[f"{HEAD}.nW"] / n).to(self.dtype)
         self.head_bias = (sums[f"{HEAD}.nb"] / n).to(self.dtype)
 
+    def _solve_analytic_head(self, sums: Arrays, classes: range) -> None:
+        """Fold the task's feature sums into the running ones and re-solve the ridge classifier."""
+        self.analytic_gram += sums[f"{HEAD}.features.G"]
+        self.analytic_cross[:, classes.start : classes.stop] += sums[f"{HEAD}.features.Y"]
+        seen = classes.stop
+        weight, bias = merging.analytic_head_solve(
+            self.analytic_gram, self.analytic_cross[:, :seen], ridge=self.cfg.lorm.head_ridge
+        )
+        full_weight = torch.zeros_like(self.head_weight)
+        full_bias = torch.zeros_like(self.head_bias)
+        full_weight[:seen] = weight.to(self.device, self.dtype)
+        full_bias[:seen] = bias.to(self.device, self.dtype)
+        self.analytic_head = (full_weight, full_bias)
+
     def _task_delta(self, name: str) -> Tensor:
         delta = self.scaling * (self.B[name].to(torch.float64) @ self.A[name].to(torch.float64))
         if self.cfg.lorm.task_start == "merged" and name in self.merged:
@@ -305,7 +370,8 @@ class LoRMServer(Server):
         ``closed_form``: P += ΔW_t G_t, Q += G_t, ΔW = P Q⁻¹ (earlier value kept where Q = 0);
         ``simple_mean``: ΔW = (1/t) Σ ΔW_t; ``task_arithmetic``: ΔW = Σ ΔW_t (no statistics).
         """
-        rule = self.cfg.lorm.cross_task
+        # head-only trains no adapter: its task deltas are zero and need no statistics.
+        rule = self.cfg.lorm.cross_task if self.merge.schedule != "none" else "task_arithmetic"
         self.tasks_folded += 1
         for name in self.shapes:
             delta = self._task_delta(name)

@@ -1,8 +1,9 @@
 """Server-side checks of one client's reply before it joins the sums (both runtimes use them).
 
-A reply that is not finite, has the wrong keys, shapes or dtypes, or carries a Gram-type statistic that
-is not positive semi-definite would poison the closed-form merge of every other client, so it is
-rejected with a one-line reason and the round goes on with the rest.
+A reply that is not finite, has the wrong keys, shapes or dtypes, carries a Gram-type statistic that
+is not positive semi-definite, or a sample count (key ``n`` or ``*.n``, a divisor on the server) that
+is not positive, would poison the merge of every other client, so it is rejected with a one-line
+reason and the round goes on with the rest.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def check_reply(reply: ClientReply, expected: ReplySpec | None = None) -> None:
     ``expected`` (from :meth:`Server.expected_reply` or :func:`reply_spec`) fixes keys, shapes and
     dtypes; without it only the values are checked.
     """
-    if not isinstance(reply.num_examples, int) or reply.num_examples < 1:
+    n = reply.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidReplyError(f"num_examples = {reply.num_examples!r}; expected an integer >= 1")
     summands = reply.summands
     if expected is not None:
@@ -64,6 +66,8 @@ def check_reply(reply: ClientReply, expected: ReplySpec | None = None) -> None:
             raise InvalidReplyError(f"{key} holds NaN or Inf")
         if key.endswith(GRAM_SUFFIXES):
             _check_gram(key, value)
+        if (key == "n" or key.endswith(".n")) and not bool((value > 0).all()):
+            raise InvalidReplyError(f"{key} is a sample count but is not positive")
 
 
 def _check_gram(key: str, value: Tensor) -> None:
@@ -81,6 +85,7 @@ def _check_gram(key: str, value: Tensor) -> None:
         raise InvalidReplyError(f"{key} is a Gram but is not symmetric")
     # A Cholesky factorisation of G + tol·max|G|·I exists iff no eigenvalue is below -tol·max|G|; it is
     # several times cheaper than an eigendecomposition of a 3072×3072 Gram.
-    shifted = gram + _PSD_TOL * gram.shape[0] * scale * torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    shifted = gram + _PSD_TOL * gram.shape[0] * scale * eye
     if int(torch.linalg.cholesky_ex(shifted).info) != 0:
         raise InvalidReplyError(f"{key} is a Gram but not positive semi-definite")
