@@ -210,3 +210,37 @@ def test_joint_trains_one_client_on_all_classes_at_once():
 
 def test_every_method_is_registered():
     assert set(METHODS) == {*CLIENT_MERGES, "finetune", "joint"}
+
+
+@pytest.mark.parametrize("method", ["lorm", "head-only"])
+def test_analytic_head_is_ridge_regression_on_every_seen_task_s_deployed_features(method):
+    cfg = tiny_config(
+        f"method={method}", "train.rounds=1", "lorm.head_merge=analytic", "lorm.head_ridge=0.01"
+    )
+    exp = build_experiment(cfg)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    update = exp.client.update
+
+    def recording_update(arrays, instruction, data, generator):
+        reply = update(arrays, instruction, data, generator)
+        if instruction.phase == "head_stats":  # the deployed model is loaded: record its features
+            with torch.no_grad():
+                seen.append((exp.model.features(data.images).double(), data.labels))
+        return reply
+
+    exp.client.update = recording_update
+    results = run_simulation(cfg, experiment=exp)
+    features = torch.cat([f for f, _ in seen]).numpy()
+    features = np.hstack([features, np.ones((len(features), 1))])
+    targets = np.eye(10)[torch.cat([y for _, y in seen]).numpy()]
+    lam = 0.01 * np.mean(np.sum(features**2, axis=0))
+    d = features.shape[1]
+    solution = np.linalg.lstsq(
+        np.vstack([features, np.sqrt(lam) * np.eye(d)]), np.vstack([targets, np.zeros((d, 10))]), rcond=None
+    )[0].T
+    weight, bias = exp.server.analytic_head
+    np.testing.assert_allclose(weight.double().numpy(), solution[:, :-1], rtol=2e-3, atol=2e-6)
+    np.testing.assert_allclose(bias.double().numpy(), solution[:, -1], rtol=2e-3, atol=2e-6)
+    assert [r["phase"] for r in results["rounds"]].count("head_stats") == 2
+    deployed = exp.server.deployed_arrays()
+    assert torch.equal(deployed["head.weight"], weight)

@@ -446,3 +446,32 @@ def test_low_rank_factors_pad_when_the_rank_exceeds_the_shape():
 def test_low_rank_factors_reject_bad_ranks(rank):
     with pytest.raises(ValueError, match="rank"):
         mg.low_rank_factors(torch.ones(3, 3), rank)
+
+
+def test_analytic_head_is_ridge_regression_on_stacked_features():
+    rng = np.random.default_rng(7)
+    chunks = [rng.standard_normal((n, 6)) * np.array([1e-2, 1, 3, 10, 1, 0.5]) + 2 for n in (5, 1, 9)]
+    labels = [rng.integers(0, 4, len(c)) for c in chunks]
+    gram, cross = None, None
+    for x, y in zip(chunks, labels, strict=True):
+        g, c = mg.analytic_head_summands(torch.from_numpy(x), torch.eye(4, dtype=torch.float64)[y])
+        gram, cross = (g, c) if gram is None else (gram + g, cross + c)
+    weight, bias = mg.analytic_head_solve(gram, cross, ridge=1e-2)
+    # Brute force: least squares on [F̂; √λ I] against [Y; 0], F̂ = [F, 1], λ = ridge · mean diag(F̂ᵀF̂).
+    features = np.hstack([np.vstack(chunks), np.ones((15, 1))])
+    targets = np.eye(4)[np.concatenate(labels)]
+    lam = 1e-2 * np.mean(np.sum(features**2, axis=0))
+    stacked = np.vstack([features, np.sqrt(lam) * np.eye(7)])
+    solution = np.linalg.lstsq(stacked, np.vstack([targets, np.zeros((7, 4))]), rcond=None)[0].T
+    np.testing.assert_allclose(weight.numpy(), solution[:, :6], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(bias.numpy(), solution[:, 6], rtol=1e-9, atol=1e-12)
+
+
+def test_analytic_head_rejects_a_zero_ridge_and_mismatched_shapes():
+    g, c = mg.analytic_head_summands(torch.ones(3, 2), torch.ones(3, 2))
+    with pytest.raises(ValueError, match="λ > 0"):
+        mg.analytic_head_solve(g, c, ridge=0.0)
+    with pytest.raises(ValueError, match=r"expected \(d\+1, d\+1\) and \(d\+1, K\)"):
+        mg.analytic_head_solve(g, c[:2], ridge=1e-3)
+    with pytest.raises(ValueError, match="targets has 2 rows but features has 3"):
+        mg.analytic_head_summands(torch.ones(3, 2), torch.ones(2, 2))

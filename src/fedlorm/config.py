@@ -45,6 +45,7 @@ class DataConfig:
     image_size: int = 48
     train_per_class: int | None = 200
     test_per_class: int | None = 100
+    validation_per_class: int | None = None
 
 
 @dataclass
@@ -284,6 +285,12 @@ def validate_config(cfg: RunConfig) -> None:
             "data.test_per_class",
             cfg.data.test_per_class,
             cfg.data.test_per_class is None or cfg.data.test_per_class >= 1,
+            "an integer >= 1 or none",
+        ),
+        (
+            "data.validation_per_class",
+            cfg.data.validation_per_class,
+            cfg.data.validation_per_class is None or cfg.data.validation_per_class >= 1,
             "an integer >= 1 or none",
         ),
         (

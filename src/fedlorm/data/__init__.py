@@ -9,7 +9,13 @@ from .eurosat import load_eurosat
 from .folders import holdout_split, list_class_folders
 from .imagenet_a import load_imagenet_a
 from .imagenet_r import load_imagenet_r
-from .images import LabeledImages, class_incremental_union, per_class_subsample, to_model_input
+from .images import (
+    LabeledImages,
+    class_incremental_union,
+    per_class_split,
+    per_class_subsample,
+    to_model_input,
+)
 from .loaders import (
     DATASETS,
     DEBIAN_FASHION_MNIST,
@@ -43,6 +49,7 @@ __all__ = [
     "load_imagenet_a",
     "load_imagenet_r",
     "load_mnist",
+    "per_class_split",
     "per_class_subsample",
     "takes_size",
     "to_model_input",

@@ -100,6 +100,28 @@ def per_class_subsample(data: LabeledImages, per_class: int | None, seed: int) -
     return data.subset(torch.sort(torch.cat(keep)).values)
 
 
+def per_class_split(
+    data: LabeledImages, per_class: int, seed: int
+) -> tuple[LabeledImages, LabeledImages]:
+    """(rest, held out): ``per_class`` random samples of each class held out (e.g. a validation set
+    carved from the training data), drawn with ``seed``; both keep the original order."""
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    gen = torch.Generator().manual_seed(seed)
+    held = []
+    for c in range(data.num_classes):
+        idx = torch.nonzero(data.labels == c).flatten()
+        if len(idx) <= per_class:
+            raise ValueError(
+                f"class {data.class_names[c]!r} has {len(idx)} training images; holding out "
+                f"{per_class} would leave none to train on"
+            )
+        held.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
+    mask = torch.zeros(len(data), dtype=torch.bool)
+    mask[torch.cat(held)] = True
+    return data.subset(torch.nonzero(~mask).flatten()), data.subset(torch.nonzero(mask).flatten())
+
+
 def to_model_input(images_uint8: Tensor, size: int) -> Tensor:
     """uint8 (N, C, H, W) → float (N, 3, size, size) in [0, 1]: gray repeated to RGB, bilinear
     resize with antialiasing. No mean/std normalisation: the backbone does it."""

@@ -20,6 +20,7 @@ from fedlorm.data import (
     LabeledImages,
     class_incremental_union,
     load_dataset,
+    per_class_split,
     per_class_subsample,
 )
 from fedlorm.fcl import Scenario, dirichlet_partition, make_scenario
@@ -110,6 +111,26 @@ def _load_split(cfg: RunConfig, split: str, per_class: int | None) -> LabeledIma
     return per_class_subsample(data, per_class, seed=derive_seed(cfg.seed, "subsample", split))
 
 
+def _train_and_evaluation_data(cfg: RunConfig) -> tuple[LabeledImages, LabeledImages]:
+    """Training data and the set every evaluation uses: the test split, or with
+    ``data.validation_per_class`` a validation set held out of the training split (for choosing
+    hyper-parameters without looking at the test set)."""
+    held_out = cfg.data.validation_per_class
+    if held_out is None:
+        return (
+            _load_split(cfg, "train", cfg.data.train_per_class),
+            _load_split(cfg, "test", cfg.data.test_per_class),
+        )
+    try:
+        rest, validation = per_class_split(
+            _load_split(cfg, "train", None), held_out, seed=derive_seed(cfg.seed, "validation")
+        )
+    except ValueError as err:
+        raise ConfigError(f"data.validation_per_class = {held_out}: {err}") from None
+    seed = derive_seed(cfg.seed, "subsample", "train")
+    return per_class_subsample(rest, cfg.data.train_per_class, seed=seed), validation
+
+
 def _pretrained(weights: str) -> bool | Path:
     if weights == "pretrained":
         return True
@@ -130,8 +151,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    train_raw = _load_split(cfg, "train", cfg.data.train_per_class)
-    test_raw = _load_split(cfg, "test", cfg.data.test_per_class)
+    train_raw, test_raw = _train_and_evaluation_data(cfg)
     num_classes = len(train_raw.class_names)
     scenario = make_scenario(
         num_classes,
