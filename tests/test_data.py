@@ -20,6 +20,7 @@ from fedlorm.data import (
     load_dataset,
     load_fashion_mnist,
     load_mnist,
+    per_class_split,
     per_class_subsample,
     to_model_input,
 )
@@ -171,3 +172,23 @@ def test_to_model_input() -> None:
     assert rgb.shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="uint8"):
         to_model_input(imgs.float(), 32)
+
+
+def test_per_class_split_holds_out_disjoint_samples_of_every_class() -> None:
+    n = 300
+    ids = torch.arange(n)
+    # Each image encodes its own index in two pixels, so the split can be traced back exactly.
+    images = torch.stack([ids // 256, ids % 256], 1).to(torch.uint8).view(n, 1, 1, 2)
+    data = LabeledImages(images, ids % 3, ["a", "b", "c"])
+    rest, held = per_class_split(data, 30, seed=2)
+
+    def index(part: LabeledImages) -> set[int]:
+        return {int(img[0, 0, 0]) * 256 + int(img[0, 0, 1]) for img in part.images}
+
+    assert torch.bincount(held.labels).tolist() == [30] * 3
+    assert index(rest).isdisjoint(index(held)) and index(rest) | index(held) == set(range(n))
+    assert all(i % 3 == int(y) for i, y in zip(sorted(index(held)), held.labels.tolist(), strict=True))
+    assert torch.equal(per_class_split(data, 30, seed=2)[1].images, held.images)
+    assert not torch.equal(per_class_split(data, 30, seed=3)[1].images, held.images)
+    with pytest.raises(ValueError, match="'a' has 100 training images; holding out 100"):
+        per_class_split(data, 100, seed=0)
