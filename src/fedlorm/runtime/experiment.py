@@ -121,10 +121,9 @@ def _train_and_evaluation_data(cfg: RunConfig) -> tuple[LabeledImages, LabeledIm
             _load_split(cfg, "train", cfg.data.train_per_class),
             _load_split(cfg, "test", cfg.data.test_per_class),
         )
+    train = _load_split(cfg, "train", None)
     try:
-        rest, validation = per_class_split(
-            _load_split(cfg, "train", None), held_out, seed=derive_seed(cfg.seed, "validation")
-        )
+        rest, validation = per_class_split(train, held_out, seed=derive_seed(cfg.seed, "validation"))
     except ValueError as err:
         raise ConfigError(f"data.validation_per_class = {held_out}: {err}") from None
     seed = derive_seed(cfg.seed, "subsample", "train")
