@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from fedlorm.config import RunConfig, apply_overrides
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread: the tests' tensors are small, and on a 2-core machine shared with subprocesses
+# (Flower, kill-and-resume) more threads than cores made the suite 10-30x slower.
+torch.set_num_threads(1)
 
 TINY = [
     "data.datasets=mnist",

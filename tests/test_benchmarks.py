@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,3 +17,14 @@ def test_merge_benchmark_quick_mode_runs_and_agrees():
     )
     assert proc.returncode == 0, proc.stderr
     assert "baseline" in proc.stdout and "speed-up" in proc.stdout
+
+
+def test_train_step_benchmark_quick_mode_runs_and_both_sides_agree():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quick", "--threads", "1"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("vit_tiny_patch16_224"))
+    assert float(row.split()[2]) < 1e-5  # fedlorm's and peft's LoRA compute the same function
+    assert "step time ratio fedlorm / peft" in proc.stdout and "10 clients:" in proc.stdout

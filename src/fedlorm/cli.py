@@ -1,4 +1,4 @@
-"""The ``fedlorm`` command: ``run`` a federated class-incremental experiment, list ``presets``.
+"""The ``fedlorm`` command: ``run`` an experiment, ``compare`` methods, run on ``flower``, list ``presets``.
 
 Bad input (unknown names, values out of range, missing data, an output directory that already holds
 results) ends with one line on stderr and exit code 2, before anything is written.
@@ -21,6 +21,7 @@ __all__ = ["main"]
 
 EXIT_USAGE = 2
 RESULT_FILES = ("results.json", "metrics.csv", "accuracy.png")
+CHECKPOINT = "checkpoint.json"  # fedlorm.runtime.checkpoint.CHECKPOINT_RECORD, without importing torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,7 +37,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     run = sub.add_parser("run", help="run one federated class-incremental experiment")
     run.add_argument(
-        "--preset", default="default", help="named configuration (see `fedlorm presets`)"
+        "--preset", help="named configuration (see `fedlorm presets`; default: default)"
     )
     run.add_argument("--config", type=Path, help="TOML file applied on top of the preset")
     run.add_argument("--method", help="federated method (default: lorm)")
@@ -45,16 +46,45 @@ def _build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="output directory (default: runs/PRESET-METHOD-sSEED)"
     )
     run.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    run.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the interrupted run in DIR from its last completed round (config from DIR)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5"
     )
+    compare = sub.add_parser(
+        "compare", help="run several methods on the same scenarios and seeds; table and plot"
+    )
+    compare.add_argument(
+        "--methods", required=True, help="comma-separated methods, e.g. lorm,fedavg,ffa,joint"
+    )
+    compare.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    compare.add_argument(
+        "--preset", default="default", help="named configuration (see `fedlorm presets`)"
+    )
+    compare.add_argument("--config", type=Path, help="TOML file applied on top of the preset")
+    compare.add_argument(
+        "--out", type=Path, help="output directory (default: runs/compare-PRESET); finished runs "
+        "in it are reused"
+    )
+    compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    compare.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5"
+    )
     sub.add_parser("presets", help="list the presets")
+    # The Flower commands; importing their parser pulls in neither flwr nor torch.
+    from fedlorm.flower.cli import add_parser as add_flower_parser
+
+    add_flower_parser(sub)
     return parser
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
-    cfg = preset_config(args.preset)
+    cfg = preset_config(args.preset or "default")
     if args.config is not None:
         cfg = load_toml(args.config, base=cfg)
     cfg = apply_overrides(cfg, args.overrides)
@@ -67,9 +97,20 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _output_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
-    out = args.out or Path("runs") / f"{args.preset}-{cfg.method}-s{cfg.seed}"
+    from fedlorm.runtime.checkpoint import load_record
+
+    out = args.out or Path("runs") / f"{args.preset or 'default'}-{cfg.method}-s{cfg.seed}"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
+    if (out / CHECKPOINT).exists() and not args.overwrite:
+        try:
+            step = load_record(out).get("completed_step", "?")
+        except ValueError:
+            step = "unknown: its checkpoint is unreadable"
+        raise ConfigError(
+            f"--out {str(out)!r} holds an unfinished run (last completed step {step}); "
+            f"pass --resume {str(out)!r} to continue it or --overwrite to start over"
+        )
     existing = [name for name in RESULT_FILES if (out / name).exists()]
     if existing and not args.overwrite:
         raise ConfigError(
@@ -79,16 +120,49 @@ def _output_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
     return out
 
 
+def _resume_dir(args: argparse.Namespace) -> Path:
+    """The directory to resume; options that would change the checkpointed run are errors."""
+    from fedlorm.runtime.checkpoint import load_record
+
+    given = {
+        "--preset": args.preset is not None,
+        "--config": args.config is not None,
+        "--method": args.method is not None,
+        "--seed": args.seed is not None,
+        "--out": args.out is not None,
+        "--overwrite": args.overwrite,
+        "key=value overrides": bool(args.overrides),
+    }
+    clash = [name for name, present in given.items() if present]
+    if clash:
+        raise ConfigError(
+            f"--resume takes the run's config and directory from its checkpoint; drop {', '.join(clash)}"
+        )
+    out = args.resume
+    if not out.is_dir():
+        raise ConfigError(f"--resume {str(out)!r} is not a directory")
+    load_record(out)  # a missing or unreadable checkpoint fails here, before any heavy work
+    return out
+
+
 def _command_run(args: argparse.Namespace) -> int:
     # Heavy imports (torch, timm) only once the arguments are known to be sane.
     from fedlorm.results import summary_table
+    from fedlorm.runtime.checkpoint import remove_checkpoint
     from fedlorm.runtime.experiment import build_experiment
-    from fedlorm.runtime.simulator import run_simulation
+    from fedlorm.runtime.simulator import resume_simulation, run_simulation
 
+    if args.resume is not None:
+        out = _resume_dir(args)
+        results = resume_simulation(out, progress=not args.quiet)
+        print(summary_table(results))
+        print(f"results: {out / 'results.json'}")
+        return 0
     cfg = _run_config(args)
     out = _output_dir(args, cfg)
     experiment = build_experiment(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    remove_checkpoint(out)
     for name in RESULT_FILES:
         (out / name).unlink(missing_ok=True)
     results = run_simulation(cfg, out, progress=not args.quiet, experiment=experiment)
@@ -96,6 +170,49 @@ def _command_run(args: argparse.Namespace) -> int:
     print(
         f"results: {out / 'results.json'}  metrics: {out / 'metrics.csv'}  plot: {out / 'accuracy.png'}"
     )
+    return 0
+
+
+def _int_list(option: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise ConfigError(f"{option} {text!r}: expected distinct integers >= 0, e.g. 0,1,2")
+    return values
+
+
+def _command_compare(args: argparse.Namespace) -> int:
+    from fedlorm.compare import (
+        check_methods,
+        comparison_table,
+        run_comparison,
+        summarize_method,
+        write_comparison,
+    )
+    from fedlorm.runtime.simulator import run_simulation
+
+    methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
+    seeds = _int_list("--seeds", args.seeds)
+    cfg = preset_config(args.preset)
+    if args.config is not None:
+        cfg = load_toml(args.config, base=cfg)
+    cfg = apply_overrides(cfg, args.overrides)
+    validate_config(cfg)
+    out = args.out or Path("runs") / f"compare-{args.preset}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
+
+    def run(run_cfg: RunConfig, run_dir: Path) -> dict:
+        print(f"{run_cfg.method}, seed {run_cfg.seed} → {run_dir}", flush=True)
+        return run_simulation(run_cfg, run_dir, progress=not args.quiet)
+
+    by_method = run_comparison(cfg, methods, seeds, out, run=run)
+    rows = [summarize_method(m, runs) for m, runs in by_method.items()]
+    paths = write_comparison(rows, out, title=f"{args.preset}, seeds {args.seeds}")
+    print(comparison_table(rows))
+    print(f"table: {paths['md']}  csv: {paths['csv']}  plot: {paths['png']}")
     return 0
 
 
@@ -114,11 +231,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "run":
             return _command_run(args)
+        if args.command == "compare":
+            return _command_compare(args)
+        if args.command == "flower":
+            from fedlorm.flower.cli import run as run_flower
+
+            return run_flower(args)
         if args.command == "presets":
             return _command_presets()
         parser.print_help()
         return EXIT_USAGE
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         # Every bad-input error of fedlorm is a ValueError with a one-line message for the user.
         if os.environ.get("FEDLORM_DEBUG"):
             raise

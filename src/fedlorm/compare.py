@@ -95,11 +95,13 @@ def run_comparison(
     plan = [(m, s, method_config(base, m, s)) for s in seeds for m in check_methods(methods)]
     for _, _, cfg in plan:
         validate_config(cfg)
-    done = {(m, s): _finished(out / m / f"s{s}", cfg) for m, s, cfg in plan}
+    for method, seed, cfg in plan:  # a run of another config fails here, before any training
+        _finished(out / method / f"s{seed}", cfg)
     by_method: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for method, seed, cfg in plan:
         run_dir = out / method / f"s{seed}"
-        results = done[(method, seed)]
+        # Looked up just before the run, so a second compare on other methods can share ``out``.
+        results = _finished(run_dir, cfg)
         if results is None:
             logger.info("running %s, seed %d → %s", method, seed, run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)

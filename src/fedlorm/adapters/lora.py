@@ -98,7 +98,9 @@ class LoRALayer(nn.Module):
         # Always computed: with B = 0 the branch is an exact (signed) zero, and adding ±0.0 leaves
         # every finite output bit-identical.
         lora = self._apply_to_hidden(self._apply_to_input(x, self.lora_A), self.lora_B)
-        return out + self.scaling * lora
+        if self.scaling != 1.0:  # 1.0·v == v exactly: skip the product (and its backward) then
+            lora = lora * self.scaling
+        return out + lora
 
     def delta_weight(self) -> Tensor:
         """The trainable update ``scaling · B A`` (d_out × d_in); ``fixed_delta`` not included."""

@@ -105,7 +105,7 @@ class InputStatistics:
                 if full:
                     buf.addmm_(X.T, X)
                 else:
-                    buf.add_(X.square().sum(0))
+                    buf.add_((X * X).sum(0))  # bit-identical to X.square(), whose pow kernel is ~1.7x slower
                 self._rows[name] += X.shape[0]
 
         return hook

@@ -1,30 +1,58 @@
 """The in-process runtime: every client in turn on the one shared model, the server between rounds.
 
 It is a transport of the protocol in :mod:`fedlorm.methods.base` and nothing more: clients get the
-broadcast arrays and the instruction, replies are summed, the server sees only the sums.
+broadcast arrays and the instruction, replies are checked and summed (:func:`fold_replies`), the
+server sees only the sums.
+
+With an output directory the run is checkpointed after every completed step (training round or
+end-of-task statistics pass, :mod:`fedlorm.runtime.checkpoint`); :func:`resume_simulation` continues
+from the last one and gives the same accuracy matrix as an uninterrupted run with the same seed.
+A finished run removes its checkpoint: ``results.json`` is then the record.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from fedlorm.config import RunConfig, config_to_dict
+from fedlorm.config import RunConfig, config_from_plain, config_to_dict
 from fedlorm.fcl import summarize
-from fedlorm.methods import Instruction, add_arrays
+from fedlorm.methods import ClientData, ClientReply, Instruction, Server, add_arrays
 from fedlorm.methods.common import HEAD, apply_arrays
-from fedlorm.methods.validation import InvalidReplyError, check_reply
+from fedlorm.methods.validation import InvalidReplyError, check_reply, reply_spec
 from fedlorm.results import MetricsCSV, plot_run, versions, write_json_atomic
+from fedlorm.runtime.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    remove_checkpoint,
+    restore_rng,
+    rng_tensors,
+    save_checkpoint,
+)
 from fedlorm.runtime.evaluation import Evaluation, evaluate
 from fedlorm.runtime.experiment import Experiment, build_experiment
+from fedlorm.runtime.progress import RunProgress
 from fedlorm.seeding import derive_seed, torch_generator
 
-__all__ = ["METRICS_FIELDS", "run_simulation"]
+__all__ = [
+    "KILL_ENV",
+    "METRICS_FIELDS",
+    "StepTally",
+    "fold_replies",
+    "resume_simulation",
+    "run_simulation",
+    "step_point",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +70,18 @@ METRICS_FIELDS = [
     "rejected",
 ]
 
+KILL_ENV = "FEDLORM_TEST_KILL_AT"
+"""Test hook for the crash-and-resume tests; unset in normal use.
+
+When it names a point, the process SIGKILLs itself there. Points (0-based; ``STEP`` is
+:func:`step_point`, e.g. ``task1.round0`` or ``task0.stats``): ``STEP.clientK`` after client K's reply
+was folded (mid-round), ``STEP.done`` after the step's checkpoint was committed (between rounds),
+``STEP.checkpoint.tensors`` / ``STEP.checkpoint.record`` after the checkpoint's temporary tensor /
+record file was written and before its rename (mid-write).
+"""
+
+_SERVER = "server."
+
 
 def run_simulation(
     cfg: RunConfig,
@@ -51,128 +91,274 @@ def run_simulation(
     experiment: Experiment | None = None,
 ) -> dict[str, Any]:
     """Run the whole class-incremental sequence in process; return (and write) the results dict."""
-    started = time.perf_counter()
     exp = experiment or build_experiment(cfg)
-    torch.manual_seed(derive_seed(cfg.seed, "torch"))
+    torch.manual_seed(derive_seed(exp.cfg.seed, "torch"))
+    server_rng = torch_generator(exp.cfg.seed, "server")
     out = Path(out_dir) if out_dir is not None else None
-    csv = MetricsCSV(out / "metrics.csv", METRICS_FIELDS) if out is not None else None
-    scenario, server = exp.scenario, exp.server
-    plan = [
-        list(server.instructions(t, scenario.task_classes(t))) for t in range(scenario.num_tasks)
-    ]
-    bar = tqdm(
-        total=sum(map(len, plan)) * cfg.scenario.num_clients,
-        disable=not progress,
-        unit="client",
-        dynamic_ncols=True,
-    )
-    server_rng = torch_generator(cfg.seed, "server")
-    matrix: list[list[float]] = []
-    aware: list[list[float]] = []
-    diagnostics: list[dict[str, Any]] = []
-    rounds: list[dict[str, Any]] = []
-    upload_total = 0
-    test_sizes = [
-        int(((exp.test.labels >= c.start) & (exp.test.labels < c.stop)).sum())
-        for c in (scenario.task_classes(t) for t in range(scenario.num_tasks))
-    ]
-    for task in range(scenario.num_tasks):
-        classes = scenario.task_classes(task)
-        shares = exp.client_data(task)
-        server.start_task(task, classes, server_rng)
-        evaluation: Evaluation | None = None
-        steps = plan[task]
-        for step, instruction in enumerate(steps):
-            bar.set_description(f"task {task + 1}/{scenario.num_tasks} {_step_name(instruction)}")
-            row, up = _run_step(exp, instruction, shares, bar)
-            upload_total += up
-            if cfg.train.eval_every_round or step == len(steps) - 1:
-                apply_arrays(exp.model, exp.layers, server.deployed_arrays())
-                evaluation = evaluate(
-                    exp.model,
-                    exp.test.images,
-                    exp.test.labels,
-                    scenario,
-                    task,
-                    cfg.train.eval_batch_size,
-                )
-                row["seen_accuracy"] = round(evaluation.seen_accuracy, 4)
-                row["newest_task_fraction"] = round(evaluation.newest_task_fraction, 4)
-            rounds.append(row)
-            if csv is not None:
-                csv.append(row)
-        assert evaluation is not None
-        matrix.append(evaluation.class_il)
-        aware.append(evaluation.task_aware)
-        diagnostics.append(_diagnostics(exp, evaluation))
-        logger.info("task %d: accuracy on seen classes %.2f%%", task + 1, evaluation.seen_accuracy)
-        results = _results(
-            exp,
-            matrix,
-            aware,
-            test_sizes,
-            diagnostics,
-            rounds,
-            upload_total,
-            time.perf_counter() - started,
-        )
-        if out is not None:
-            write_json_atomic(out / "results.json", results)
-    bar.close()
-    if out is not None:
-        plot_run(results, out / "accuracy.png")
-    return results
+    return _simulate(exp, out, RunProgress(), server_rng, progress)
 
 
-def _step_name(instruction: Instruction) -> str:
+def resume_simulation(
+    out_dir: str | Path, *, progress: bool = False, experiment: Experiment | None = None
+) -> dict[str, Any]:
+    """Continue the run checkpointed in ``out_dir`` from its last completed step.
+
+    The config comes from the checkpoint; the results equal an uninterrupted run's with the same
+    seed. Raises :class:`CheckpointError` (a ValueError) before writing anything if the
+    checkpoint is missing, unreadable, or does not fit ``experiment``.
+    """
+    out = Path(out_dir)
+    ckpt = load_checkpoint(out)
+    try:
+        cfg = config_from_plain(ckpt.record["config"])
+        state = RunProgress.from_record(ckpt.record["progress"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint in {str(out)!r} is damaged: {err}") from None
+    exp = experiment or build_experiment(cfg)
+    if config_to_dict(exp.cfg) != ckpt.record["config"]:
+        raise CheckpointError(f"the experiment was built from another config than the checkpoint in {out}")
+    _check_position(state, _plan(exp), ckpt.record.get("completed_step"))
+    server_state = {k[len(_SERVER) :]: v for k, v in ckpt.tensors.items() if k.startswith(_SERVER)}
+    try:
+        exp.server.load_state_dict(server_state)
+    except NotImplementedError:
+        raise CheckpointError(f"method {exp.cfg.method!r} cannot be resumed (no load_state_dict)") from None
+    except KeyError as err:
+        raise CheckpointError(f"checkpoint in {str(out)!r} lacks the server array {err}") from None
+    server_rng = torch.Generator()
+    try:
+        restore_rng(ckpt.tensors, server_rng)
+    except (KeyError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint in {str(out)!r} has no usable RNG state: {err}") from None
+    logger.info("resuming %s at task %d, step %d", out, state.task + 1, state.step + 1)
+    return _simulate(exp, out, state, server_rng, progress)
+
+
+def step_point(instruction: Instruction) -> str:
+    """Stable name of a step, e.g. ``task1.round0`` or ``task0.stats`` (0-based; logs, test hooks)."""
     if instruction.phase == "task_stats":
-        return "task statistics"
-    return f"round {instruction.round + 1} ({instruction.factor})"
+        return f"task{instruction.task}.stats"
+    return f"task{instruction.task}.round{instruction.round}"
 
 
-def _run_step(exp: Experiment, instruction: Instruction, shares, bar) -> tuple[dict[str, Any], int]:
-    """One broadcast → local work on every client → summed replies → server merge."""
-    cfg = exp.cfg
-    arrays = exp.server.arrays(instruction)
-    expected = exp.server.expected_reply(instruction)
+@dataclass
+class StepTally:
+    """What the server folded in one step."""
+
+    clients: int = 0
+    rejected: int = 0
+    examples: int = 0
+    loss_sum: float = 0.0
+    upload_bytes: int = 0
+    merge_seconds: float = 0.0
+
+
+def fold_replies(
+    server: Server, instruction: Instruction, replies: Iterable[tuple[int, ClientReply]]
+) -> StepTally:
+    """Check each client's reply, sum the valid ones, hand the sums to the server (both runtimes).
+
+    A reply that fails :func:`check_reply` is logged and left out; if every reply fails, the
+    server's state stays as it was. Without :meth:`Server.expected_reply`, the first valid reply
+    fixes the keys, shapes and dtypes the others must have.
+    """
+    expected = server.expected_reply(instruction)
+    tally = StepTally()
     sums = None
-    examples, upload, loss_sum, rejected = 0, 0, 0.0, 0
-    for k, data in enumerate(shares):
-        generator = torch_generator(cfg.seed, "client", instruction.task, instruction.round, k)
-        reply = exp.client.update(arrays, instruction, data, generator)
-        bar.update(1)
-        upload += reply.upload_bytes
+    for k, reply in replies:
+        tally.clients += 1
+        tally.upload_bytes += _payload_bytes(reply)
         try:
             check_reply(reply, expected)
         except InvalidReplyError as err:
-            rejected += 1
-            logger.warning("task %d %s: client %d rejected: %s", instruction.task + 1,
-                           _step_name(instruction), k, err)
+            tally.rejected += 1
+            logger.warning("%s: client %d rejected: %s", _step_name(instruction), k, err)
             continue
+        if expected is None:
+            expected = reply_spec(reply.summands)
         sums = add_arrays(sums, reply.summands)
-        examples += reply.num_examples
-        loss_sum += reply.metrics.get("train_loss", 0.0) * reply.num_examples
+        tally.examples += reply.num_examples
+        tally.loss_sum += reply.metrics.get("train_loss", 0.0) * reply.num_examples
     started = time.perf_counter()
     if sums is None:
-        logger.warning("task %d %s: every client was rejected; the previous global state stays",
-                       instruction.task + 1, _step_name(instruction))
+        logger.warning(
+            "%s: every client was rejected; the previous global state stays", _step_name(instruction)
+        )
     else:
-        exp.server.aggregate(instruction, sums, examples)
-    merge_seconds = time.perf_counter() - started
-    row = {
+        server.aggregate(instruction, sums, tally.examples)
+    tally.merge_seconds = time.perf_counter() - started
+    return tally
+
+
+def _simulate(
+    exp: Experiment, out: Path | None, state: RunProgress, server_rng: torch.Generator, show: bool
+) -> dict[str, Any]:
+    """The task/step loop from ``state`` on: steps, evaluation, checkpoints, results files."""
+    started = time.perf_counter()
+    cfg, scenario, server = exp.cfg, exp.scenario, exp.server
+    plan = _plan(exp)
+    csv = _metrics_csv(out, state.rounds) if out is not None else None
+    clients = cfg.scenario.num_clients
+    bar = tqdm(
+        total=sum(map(len, plan)) * clients,
+        initial=(sum(map(len, plan[: state.task])) + state.step) * clients,
+        disable=not show,
+        unit="client",
+        dynamic_ncols=True,
+    )
+    test_sizes = _test_sizes(exp)
+
+    def wall() -> float:
+        return state.elapsed + time.perf_counter() - started
+
+    while state.task < scenario.num_tasks:
+        task, steps = state.task, plan[state.task]
+        classes = scenario.task_classes(task)
+        shares = exp.client_data(task)
+        if state.step == 0:
+            server.start_task(task, classes, server_rng)
+        for step in range(state.step, len(steps)):
+            instruction, last = steps[step], step == len(steps) - 1
+            bar.set_description(f"task {task + 1}/{scenario.num_tasks} {_round_name(instruction)}")
+            row = _run_step(exp, instruction, shares, bar)
+            if cfg.train.eval_every_round or last:
+                evaluation = _evaluate(exp, task)
+                row["seen_accuracy"] = round(evaluation.seen_accuracy, 4)
+                row["newest_task_fraction"] = round(evaluation.newest_task_fraction, 4)
+            state.step_done(row)
+            if last:
+                state.task_done(evaluation.class_il, evaluation.task_aware, _diagnostics(exp, evaluation))
+                logger.info("task %d: accuracy on seen classes %.2f%%", task + 1, evaluation.seen_accuracy)
+            if out is not None:
+                if last:
+                    write_json_atomic(out / "results.json", _results(exp, state, test_sizes, wall()))
+                _save(out, exp, state, server_rng, wall(), step_point(instruction))
+                assert csv is not None
+                csv.append(row)
+            _kill_point(f"{step_point(instruction)}.done")
+    bar.close()
+    results = _results(exp, state, test_sizes, wall())
+    if out is not None:
+        write_json_atomic(out / "results.json", results)
+        plot_run(results, out / "accuracy.png")
+        remove_checkpoint(out)
+    return results
+
+
+def _plan(exp: Experiment) -> list[list[Instruction]]:
+    """Every task's steps in order."""
+    scenario = exp.scenario
+    return [list(exp.server.instructions(t, scenario.task_classes(t))) for t in range(scenario.num_tasks)]
+
+
+def _check_position(state: RunProgress, plan: list[list[Instruction]], completed: str | None) -> None:
+    """A checkpoint's position must exist in the plan and follow the step it says was completed."""
+    task, step = state.task, state.step
+    last = None
+    if 0 <= task < len(plan) and 0 <= step < len(plan[task]):
+        if step > 0:
+            last = plan[task][step - 1]
+        elif task > 0:
+            last = plan[task - 1][-1]
+    elif task == len(plan) and step == 0:
+        last = plan[-1][-1]
+    if last is None or step_point(last) != completed:
+        raise CheckpointError(
+            f"checkpoint position (task {task + 1}, step {step + 1}, after {completed!r}) does not fit "
+            "this run's plan of steps"
+        )
+
+
+def _run_step(exp: Experiment, instruction: Instruction, shares: list[ClientData], bar) -> dict[str, Any]:
+    """One broadcast → local work on every client → checked, summed replies → server merge."""
+    tally = fold_replies(exp.server, instruction, _client_replies(exp, instruction, shares, bar))
+    train = instruction.phase == "train"
+    return {
         "task": instruction.task,
-        "round": instruction.round if instruction.phase == "train" else cfg.train.rounds,
+        "round": instruction.round if train else exp.cfg.train.rounds,
         "phase": instruction.phase,
         "factor": instruction.factor,
-        "train_loss": round(loss_sum / examples, 6) if instruction.phase == "train" and examples else "",
+        "train_loss": round(tally.loss_sum / tally.examples, 6) if train and tally.examples else "",
         "seen_accuracy": "",
         "newest_task_fraction": "",
-        "merge_seconds": round(merge_seconds, 6),
-        "upload_bytes": upload,
-        "clients": len(shares),
-        "rejected": rejected,
+        "merge_seconds": round(tally.merge_seconds, 6),
+        "upload_bytes": tally.upload_bytes,
+        "clients": tally.clients,
+        "rejected": tally.rejected,
     }
-    return row, upload
+
+
+def _client_replies(
+    exp: Experiment, instruction: Instruction, shares: list[ClientData], bar
+) -> Iterator[tuple[int, ClientReply]]:
+    """Every client's reply in turn; each client's RNG stream is derived from (seed, task, round, k)."""
+    arrays = exp.server.arrays(instruction)
+    for k, data in enumerate(shares):
+        generator = torch_generator(exp.cfg.seed, "client", instruction.task, instruction.round, k)
+        reply = exp.client.update(arrays, instruction, data, generator)
+        bar.update(1)
+        yield k, reply
+        _kill_point(f"{step_point(instruction)}.client{k}")
+
+
+def _evaluate(exp: Experiment, task: int) -> Evaluation:
+    apply_arrays(exp.model, exp.layers, exp.server.deployed_arrays())
+    return evaluate(
+        exp.model, exp.test.images, exp.test.labels, exp.scenario, task, exp.cfg.train.eval_batch_size
+    )
+
+
+def _save(
+    out: Path, exp: Experiment, state: RunProgress, server_rng: torch.Generator, wall: float, point: str
+) -> None:
+    """Checkpoint the state after the step named ``point``."""
+    record = {
+        "config": config_to_dict(exp.cfg),
+        "completed_step": point,
+        "progress": {**state.to_record(), "elapsed": round(wall, 3)},
+    }
+    tensors: dict[str, Tensor] = {_SERVER + k: v for k, v in exp.server.state_dict().items()}
+    tensors.update(rng_tensors(server_rng))
+    save_checkpoint(out, record, tensors, hook=lambda stage: _kill_point(f"{point}.checkpoint.{stage}"))
+
+
+def _metrics_csv(out: Path, rows: list[dict[str, Any]]) -> MetricsCSV:
+    """The run's metrics.csv; a resumed run rewrites it from the checkpoint's rows first."""
+    path = out / "metrics.csv"
+    if rows:
+        path.unlink(missing_ok=True)
+    csv = MetricsCSV(path, METRICS_FIELDS)
+    for row in rows:
+        csv.append(row)
+    return csv
+
+
+def _kill_point(name: str) -> None:
+    """Test hook (see :data:`KILL_ENV`): SIGKILL this process if ``$FEDLORM_TEST_KILL_AT`` names ``name``."""
+    if os.environ.get(KILL_ENV) == name:
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def _payload_bytes(reply: ClientReply) -> int:
+    return sum(t.numel() * t.element_size() for t in reply.summands.values() if isinstance(t, Tensor))
+
+
+def _round_name(instruction: Instruction) -> str:
+    if instruction.phase == "task_stats":
+        return "statistics"
+    return f"round {instruction.round + 1} ({instruction.factor})"
+
+
+def _step_name(instruction: Instruction) -> str:
+    return f"task {instruction.task + 1} {_round_name(instruction)}"
+
+
+def _test_sizes(exp: Experiment) -> list[int]:
+    labels, scenario = exp.test.labels, exp.scenario
+    return [
+        int(((labels >= c.start) & (labels < c.stop)).sum())
+        for c in (scenario.task_classes(t) for t in range(scenario.num_tasks))
+    ]
 
 
 def _diagnostics(exp: Experiment, evaluation: Evaluation) -> dict[str, Any]:
@@ -191,7 +377,8 @@ def _diagnostics(exp: Experiment, evaluation: Evaluation) -> dict[str, Any]:
     }
 
 
-def _results(exp: Experiment, matrix, aware, test_sizes, diagnostics, rounds, upload_total, wall):
+def _results(exp: Experiment, state: RunProgress, test_sizes: list[int], wall: float) -> dict[str, Any]:
+    matrix = state.matrix
     summary = summarize(matrix, test_sizes[: len(matrix)])
     return {
         "config": config_to_dict(exp.cfg),
@@ -200,7 +387,7 @@ def _results(exp: Experiment, matrix, aware, test_sizes, diagnostics, rounds, up
         "versions": versions(),
         "scenario": exp.scenario.to_dict(),
         "accuracy_matrix": matrix,
-        "task_aware_accuracy_matrix": aware,
+        "task_aware_accuracy_matrix": state.aware,
         "task_test_sizes": test_sizes[: len(matrix)],
         "final_accuracy": summary["final_accuracy"],
         "final_accuracy_task_mean": summary["final_accuracy_task_mean"],
@@ -210,7 +397,7 @@ def _results(exp: Experiment, matrix, aware, test_sizes, diagnostics, rounds, up
         "bwt": summary["bwt"],
         "tasks_completed": len(matrix),
         "wall_seconds": round(wall, 3),
-        "upload_bytes": upload_total,
-        "diagnostics": diagnostics,
-        "rounds": rounds,
+        "upload_bytes": state.upload_bytes,
+        "diagnostics": state.diagnostics,
+        "rounds": state.rounds,
     }

@@ -1,0 +1,64 @@
+"""The client side of a Flower run: the experiment a SuperNode builds and what it computes per message.
+
+It calls exactly what the in-process simulator calls for client k (:meth:`Client.update` with the
+stream ``torch_generator(seed, "client", task, round, k)``), so a reply's summands are the same bits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from fedlorm.config import RunConfig, config_to_dict
+from fedlorm.methods import ClientReply, Instruction
+from fedlorm.methods.common import apply_arrays
+from fedlorm.runtime.evaluation import evaluate
+from fedlorm.runtime.experiment import Experiment, build_experiment
+from fedlorm.seeding import derive_seed, torch_generator
+
+__all__ = ["check_partition", "client_experiment", "local_accuracy", "local_update"]
+
+_CACHE: dict[str, Experiment] = {}
+
+
+def client_experiment(cfg: RunConfig) -> Experiment:
+    """The experiment for ``cfg``, built once per process (simulation workers serve many messages)."""
+    key = json.dumps(config_to_dict(cfg), sort_keys=True)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = build_experiment(cfg)
+        torch.manual_seed(derive_seed(cfg.seed, "torch"))
+    return _CACHE[key]
+
+
+def check_partition(exp: Experiment, partition: int, partitions: int) -> None:
+    """ValueError unless this SuperNode's partition fits the run's clients."""
+    clients = exp.cfg.scenario.num_clients
+    if partitions != clients:
+        raise ValueError(f"num-partitions = {partitions} but the run has {clients} clients")
+    if not 0 <= partition < clients:
+        raise ValueError(f"partition-id = {partition} is outside 0..{clients - 1}")
+
+
+def local_update(
+    exp: Experiment, partition: int, instruction: Instruction, arrays: Mapping[str, Tensor]
+) -> ClientReply:
+    """Client ``partition``'s reply to ``instruction``, exactly as the in-process simulator computes it."""
+    generator = torch_generator(exp.cfg.seed, "client", instruction.task, instruction.round, partition)
+    data = exp.client_data(instruction.task)[partition]
+    return exp.client.update(arrays, instruction, data, generator)
+
+
+def local_accuracy(
+    exp: Experiment, partition: int, task: int, arrays: Mapping[str, Tensor]
+) -> tuple[float, int]:
+    """Class-IL accuracy (%) of ``arrays``' model on this client's shares of tasks 0..task, and their size."""
+    apply_arrays(exp.model, exp.layers, arrays)
+    shares = [exp.client_data(t)[partition] for t in range(task + 1)]
+    images = torch.cat([share.images for share in shares])
+    labels = torch.cat([share.labels for share in shares])
+    result = evaluate(exp.model, images, labels, exp.scenario, task, exp.cfg.train.eval_batch_size)
+    return result.seen_accuracy, len(labels)

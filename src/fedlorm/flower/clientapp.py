@@ -1,0 +1,73 @@
+"""The Flower ClientApp: one fedlorm client per SuperNode, its data share named by ``node_config``.
+
+Every SuperNode sets ``partition-id`` (0-based) and ``num-partitions`` (= the run's clients).
+``query`` tells the server which client this node serves; ``train`` runs one protocol step with the
+in-process simulator's client code and replies with the summands; ``evaluate`` reports the broadcast
+model's class-IL accuracy on the client's own training shares of the tasks seen so far.
+
+In deployment each message runs in a fresh process, so torch and the experiment are loaded only by
+the handlers that need them (:mod:`fedlorm.flower.client`), not by the identity query.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedlorm.flower.identity import encode_identity, identity_of
+from fedlorm.flower.logs import use_flower_logging
+from fedlorm.flower.settings import settings_from_run_config
+
+if TYPE_CHECKING:
+    from fedlorm.runtime.experiment import Experiment
+
+__all__ = ["app"]
+
+app = ClientApp()
+
+
+@app.query()
+def identify(message: Message, context: Context) -> Message:
+    """Which client this SuperNode serves (from its node config)."""
+    return Message(encode_identity(identity_of(context.node_config)), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One protocol step: load the broadcast, train or collect statistics, reply with the summands."""
+    from fedlorm.flower import client
+    from fedlorm.flower.messages import ARRAYS, CONFIG, encode_train_reply, from_array_record
+    from fedlorm.methods import Instruction
+
+    exp, partition = _experiment(context)
+    instruction = Instruction.from_record(message.content.config_records[CONFIG])
+    arrays = from_array_record(message.content.array_records[ARRAYS])
+    reply = client.local_update(exp, partition, instruction, arrays)
+    return Message(encode_train_reply(partition, instruction, reply), reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Accuracy (class-IL, %) of the broadcast model on this client's shares of tasks 0..task."""
+    from fedlorm.flower import client
+    from fedlorm.flower.messages import ARRAYS, CONFIG, encode_evaluation_reply, from_array_record
+
+    exp, partition = _experiment(context)
+    task = int(message.content.config_records[CONFIG]["task"])
+    arrays = from_array_record(message.content.array_records[ARRAYS])
+    accuracy, examples = client.local_accuracy(exp, partition, task, arrays)
+    return Message(encode_evaluation_reply(partition, accuracy, examples), reply_to=message)
+
+
+def _experiment(context: Context) -> tuple[Experiment, int]:
+    from fedlorm.flower import client
+
+    use_flower_logging(logging.WARNING)
+    cfg, _ = settings_from_run_config(context.run_config)
+    exp = client.client_experiment(cfg)
+    identity = identity_of(context.node_config)
+    client.check_partition(exp, identity.partition, identity.partitions)
+    return exp, identity.partition

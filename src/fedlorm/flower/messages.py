@@ -1,0 +1,134 @@
+"""What travels in Flower messages: the protocol's tensors, instruction and replies as records.
+
+A train request holds the broadcast (``ArrayRecord`` "arrays") and the :class:`Instruction`
+(``ConfigRecord`` "config"); its reply holds exactly the client's summands (``ArrayRecord`` "summands"),
+``num-examples`` and local metrics (``MetricRecord`` "metrics"), and who answered what (``ConfigRecord``
+"client": partition id and the instruction it answers). Tensors cross as numpy arrays, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from torch import Tensor
+
+from fedlorm.methods import ClientReply, Instruction
+from fedlorm.methods.validation import InvalidReplyError
+
+__all__ = [
+    "ARRAYS",
+    "CLIENT",
+    "CONFIG",
+    "METRICS",
+    "NUM_EXAMPLES",
+    "SUMMANDS",
+    "EvaluationReply",
+    "TrainReply",
+    "decode_evaluation_reply",
+    "decode_train_reply",
+    "encode_evaluation_reply",
+    "encode_train_reply",
+    "from_array_record",
+    "to_array_record",
+]
+
+ARRAYS, CONFIG = "arrays", "config"
+SUMMANDS, METRICS, CLIENT = "summands", "metrics", "client"
+NUM_EXAMPLES = "num-examples"
+PARTITION = "partition-id"
+_ECHO = ("task", "round", "phase")
+
+
+def to_array_record(arrays: Mapping[str, Tensor]) -> ArrayRecord:
+    """Tensors → ``ArrayRecord`` (CPU numpy copies, dtype and shape kept)."""
+    return ArrayRecord({key: Array(value.detach().cpu().numpy()) for key, value in arrays.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, Tensor]:
+    """``ArrayRecord`` → CPU tensors; ValueError for arrays torch cannot hold."""
+    out: dict[str, Tensor] = {}
+    for key, array in record.items():
+        values = np.array(array.numpy(), copy=True)
+        out[key] = torch.from_numpy(values)
+    return out
+
+
+@dataclass
+class TrainReply:
+    """A decoded train reply: who sent it, which step it answers, and the protocol reply."""
+
+    partition: int
+    task: int
+    round: int
+    phase: str
+    reply: ClientReply
+
+
+@dataclass
+class EvaluationReply:
+    """A decoded evaluate reply: a client's accuracy on its own data of the tasks seen so far."""
+
+    partition: int
+    accuracy: float
+    num_examples: int
+
+
+def encode_train_reply(partition: int, instruction: Instruction, reply: ClientReply) -> RecordDict:
+    """Reply content for a train message."""
+    metrics: dict[str, int | float] = {NUM_EXAMPLES: int(reply.num_examples)}
+    metrics.update({key: float(value) for key, value in reply.metrics.items()})
+    client = ConfigRecord({PARTITION: int(partition), **{k: instruction.to_record()[k] for k in _ECHO}})
+    return RecordDict(
+        {SUMMANDS: to_array_record(reply.summands), METRICS: MetricRecord(metrics), CLIENT: client}
+    )
+
+
+def decode_train_reply(content: RecordDict) -> TrainReply:
+    """Inverse of :func:`encode_train_reply`; :class:`InvalidReplyError` for anything malformed."""
+    try:
+        summands = from_array_record(content.array_records[SUMMANDS])
+        metrics = dict(content.metric_records[METRICS])
+        client = content.config_records[CLIENT]
+        partition, task, rnd, phase = (client[PARTITION], client["task"], client["round"], client["phase"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise InvalidReplyError(f"malformed train reply: {type(err).__name__}: {err}") from None
+    num_examples = metrics.pop(NUM_EXAMPLES, None)
+    if not isinstance(num_examples, int) or isinstance(num_examples, bool):
+        raise InvalidReplyError(f"{NUM_EXAMPLES} = {num_examples!r}; expected an integer")
+    if not all(isinstance(v, int) for v in (partition, task, rnd)) or not isinstance(phase, str):
+        raise InvalidReplyError("malformed train reply: partition/task/round/phase have wrong types")
+    reply = ClientReply(
+        summands=summands,
+        num_examples=num_examples,
+        metrics={k: float(v) for k, v in metrics.items()},  # type: ignore[arg-type]
+    )
+    return TrainReply(partition=partition, task=task, round=rnd, phase=phase, reply=reply)
+
+
+def encode_evaluation_reply(partition: int, accuracy: float, num_examples: int) -> RecordDict:
+    """Reply content for an evaluate message."""
+    return RecordDict(
+        {
+            METRICS: MetricRecord({"accuracy": float(accuracy), NUM_EXAMPLES: int(num_examples)}),
+            CLIENT: ConfigRecord({PARTITION: int(partition)}),
+        }
+    )
+
+
+def decode_evaluation_reply(content: RecordDict) -> EvaluationReply:
+    """Inverse of :func:`encode_evaluation_reply`; :class:`InvalidReplyError` for anything malformed."""
+    try:
+        metrics = content.metric_records[METRICS]
+        partition = content.config_records[CLIENT][PARTITION]
+        accuracy, num_examples = metrics["accuracy"], metrics[NUM_EXAMPLES]
+    except (KeyError, TypeError) as err:
+        raise InvalidReplyError(f"malformed evaluate reply: {type(err).__name__}: {err}") from None
+    if not isinstance(partition, int) or not isinstance(num_examples, int):
+        raise InvalidReplyError("malformed evaluate reply: partition or num-examples is not an integer")
+    if not (isinstance(accuracy, int | float) and 0.0 <= float(accuracy) <= 100.0):
+        raise InvalidReplyError(f"evaluate reply: accuracy {accuracy!r} is not a percentage")
+    return EvaluationReply(partition=partition, accuracy=float(accuracy), num_examples=num_examples)

@@ -1,0 +1,57 @@
+"""The Flower ServerApp: builds the run from the run config, then runs :func:`run_federation`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlorm.config import RunConfig
+from fedlorm.flower.federation import SERVER_STATE, run_federation
+from fedlorm.flower.logs import use_flower_logging
+from fedlorm.flower.settings import FlowerSettings, settings_from_run_config
+from fedlorm.runtime.experiment import build_experiment
+
+__all__ = ["app", "output_dir"]
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILES = ("results.json", "metrics.csv", "accuracy.png", SERVER_STATE)
+
+app = ServerApp()
+
+
+def output_dir(cfg: RunConfig, settings: FlowerSettings) -> Path:
+    """``out`` or runs/flower-PRESET-METHOD-sSEED: absolute, created, earlier results removed."""
+    out = (
+        Path(settings.out)
+        if settings.out
+        else Path("runs") / f"flower-{settings.preset}-{cfg.method}-s{cfg.seed}"
+    )
+    out = out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stale = [out / name for name in RESULT_FILES if (out / name).exists()]
+    if stale:
+        logger.warning("replacing the results of an earlier run in %s", out)
+        for path in stale:
+            path.unlink()
+    return out
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federated class-incremental experiment the run config describes."""
+    use_flower_logging()
+    cfg, settings = settings_from_run_config(context.run_config)
+    exp = build_experiment(cfg)
+    out = output_dir(exp.cfg, settings)
+    logger.info("fedlorm %s on Flower; results in %s", exp.cfg.method, out)
+    results = run_federation(grid, exp, settings, out)
+    logger.info(
+        "fedlorm run finished: final accuracy %.2f%%, %d clients dropped over the run; results in %s",
+        results["final_accuracy"],
+        len(results["flower"]["dropped"]),
+        out,
+    )

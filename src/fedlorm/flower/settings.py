@@ -1,0 +1,183 @@
+"""Flower's run config ↔ fedlorm's config: flat scalar keys that mirror :class:`RunConfig`'s dotted keys.
+
+Flower run configs hold flat scalars only, and every key must be declared in the app's
+``[tool.flwr.app.config]``. So the app declares every fedlorm key (``train.rounds``, ``lorm.alpha_head``,
+...) with the value ``""``, which means "keep the preset's value", plus the runtime keys below. Lists are
+given comma-separated (``data.datasets = "mnist,fashion_mnist"``), None as ``"none"``.
+
+This module imports neither torch nor flwr: the command-line wrapper uses it before anything heavy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedlorm.config import ConfigError, RunConfig, config_from_dict, config_to_dict, validate_config
+from fedlorm.presets import preset_config
+
+__all__ = [
+    "RUNTIME_DEFAULTS",
+    "UNSET",
+    "FlowerSettings",
+    "config_keys",
+    "default_run_config",
+    "run_config_for",
+    "settings_from_run_config",
+    "to_toml",
+]
+
+UNSET = ""
+"""A mirrored fedlorm key with this value keeps the preset's value."""
+
+RUNTIME_DEFAULTS: dict[str, bool | float | int | str] = {
+    "preset": "default",
+    "out": "",
+    "min-clients": 1,
+    "reply-timeout": 600.0,
+    "node-wait": 120.0,
+    "federated-eval": True,
+}
+"""Run-config keys of the Flower runtime itself (not fedlorm config keys), with their defaults."""
+
+Scalar = bool | float | int | str
+
+
+@dataclass(frozen=True)
+class FlowerSettings:
+    """How the ServerApp runs the federation; everything else is the fedlorm config."""
+
+    preset: str = "default"
+    out: str = ""
+    """Results directory; "" means runs/flower-PRESET-METHOD-sSEED under the ServerApp's working dir."""
+    min_clients: int = 1
+    """A step merges only if at least this many clients sent a valid reply; else the state stays."""
+    reply_timeout: float = 600.0
+    """Seconds the server waits for a step's replies; later replies are dropped."""
+    node_wait: float = 120.0
+    """Seconds the server waits at start for one SuperNode per client (then goes on with min_clients)."""
+    federated_eval: bool = True
+    """After each task, clients also report the merged model's accuracy on their own training shares."""
+
+
+def config_keys() -> list[str]:
+    """Every fedlorm config key in dotted form (``method``, ``seed``, ``data.datasets``, ...)."""
+    return list(_flatten(config_to_dict(RunConfig())))
+
+
+def default_run_config() -> dict[str, Scalar]:
+    """The app's declared run config: runtime keys with defaults, every fedlorm key unset."""
+    return {**RUNTIME_DEFAULTS, **dict.fromkeys(config_keys(), UNSET)}
+
+
+def settings_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerSettings]:
+    """The fedlorm config (preset, then every key that is set) and the runtime settings."""
+    known = set(RUNTIME_DEFAULTS) | set(config_keys())
+    unknown = sorted(set(run_config) - known)
+    if unknown:
+        raise ConfigError(
+            f"run config keys {unknown[:3]} are neither fedlorm config keys nor {sorted(RUNTIME_DEFAULTS)}"
+        )
+    values = {**RUNTIME_DEFAULTS, **run_config}
+    preset = str(values["preset"])
+    cfg = preset_config(preset)
+    for key in config_keys():
+        value = values.get(key, UNSET)
+        if value != UNSET:
+            cfg = config_from_dict({key: value}, base=cfg)
+    validate_config(cfg)
+    settings = FlowerSettings(
+        preset=preset,
+        out=str(values["out"]),
+        min_clients=_integer(values["min-clients"], "min-clients"),
+        reply_timeout=float(values["reply-timeout"]),
+        node_wait=float(values["node-wait"]),
+        federated_eval=_boolean(values["federated-eval"], "federated-eval"),
+    )
+    if not 1 <= settings.min_clients <= cfg.scenario.num_clients:
+        raise ConfigError(
+            f"min-clients = {settings.min_clients} is not allowed; expected 1..scenario.num_clients "
+            f"({cfg.scenario.num_clients})"
+        )
+    for key, value in (("reply-timeout", settings.reply_timeout), ("node-wait", settings.node_wait)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{key} = {value!r} is not allowed; expected seconds > 0")
+    return cfg, settings
+
+
+def run_config_for(cfg: RunConfig, settings: FlowerSettings) -> dict[str, Scalar]:
+    """A run config that reproduces ``cfg`` exactly: the runtime keys, the preset, every key that differs.
+
+    Keys equal to the preset's value are left out, so the run config stays short and only keys a run
+    changes must be declared by the app.
+    """
+    preset = _flatten(config_to_dict(preset_config(settings.preset)))
+    out: dict[str, Scalar] = {
+        "preset": settings.preset,
+        "out": settings.out,
+        "min-clients": settings.min_clients,
+        "reply-timeout": float(settings.reply_timeout),
+        "node-wait": float(settings.node_wait),
+        "federated-eval": settings.federated_eval,
+    }
+    for key, value in _flatten(config_to_dict(cfg)).items():
+        if key not in preset or value != preset[key]:
+            out[key] = _scalar(value)
+    return out
+
+
+def to_toml(run_config: Mapping[str, Scalar]) -> str:
+    """Flat run config as TOML text (dotted keys), for ``flwr run --run-config FILE.toml``."""
+    lines = []
+    for key, value in run_config.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            text = json.dumps(str(value), ensure_ascii=False)
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _scalar(value: Any) -> Scalar:
+    if value is None:
+        return "none"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool | int | float | str):
+        return value
+    raise ConfigError(f"config value {value!r} cannot travel in a Flower run config")
+
+
+def _integer(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{key} = {value!r} is not an integer")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{key} = {value!r} is not an integer") from None
+    if not number.is_integer():
+        raise ConfigError(f"{key} = {value!r} is not an integer")
+    return int(number)
+
+
+def _boolean(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(f"{key} = {value!r} is not true or false")

@@ -1,0 +1,456 @@
+"""The Flower runtime: run-config mapping, records, fault handling and equivalence with the simulator.
+
+Fault tests drive the real ClientApp in this process through a loopback ``Grid`` that can corrupt,
+fail or withhold a reply, and compare the merged state with the protocol run over the surviving
+clients only. The equivalence test runs a real Flower simulation (``fedlorm flower simulate``: a
+private SuperLink, Ray, virtual SuperNodes) and compares it with the in-process simulator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+pytest.importorskip("flwr")
+
+from flwr.app import Array, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+
+from fedlorm.config import ConfigError, apply_overrides, config_to_dict
+from fedlorm.flower import client, clientapp
+from fedlorm.flower.federation import SERVER_STATE, run_federation
+from fedlorm.flower.launch import APP_COMPONENTS
+from fedlorm.flower.messages import SUMMANDS, from_array_record, to_array_record
+from fedlorm.flower.settings import (
+    FlowerSettings,
+    default_run_config,
+    run_config_for,
+    settings_from_run_config,
+)
+from fedlorm.flower.strategy import FedlormStrategy
+from fedlorm.methods import add_arrays
+from fedlorm.presets import preset_config
+from fedlorm.runtime.experiment import build_experiment
+from fedlorm.runtime.simulator import run_simulation
+from fedlorm.seeding import torch_generator
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE0 = 101
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Configs here pin train.threads=1, which build_experiment applies process-wide; undo it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_client_experiments():
+    """The in-process ClientApp caches its experiment; free it when this module is done."""
+    yield
+    client._CACHE.clear()
+
+
+@pytest.fixture(autouse=True)
+def _keep_fedlorm_logging():
+    """The ClientApp routes fedlorm's logger to Flower's handlers (fedlorm.flower.logs); undo it here."""
+    logger = logging.getLogger("fedlorm")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.fixture(autouse=True)
+def _message_identity():
+    """Messages built outside a Flower process need a run/node/task identity."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+class LoopbackGrid(Grid):
+    """SuperNodes NODE0.. serving ``partitions``; replies come from the real ClientApp in process.
+
+    ``fault(step, partition, request, reply)`` may return a changed train or evaluate reply, or None
+    to withhold it (a reply that did not come back within the timeout); ``step`` counts the calls
+    that carried train messages.
+    """
+
+    def __init__(self, run_config, partitions, fault=None, num_partitions=None):
+        partitions = list(partitions)
+        self.contexts = {
+            NODE0 + k: Context(
+                run_id=1,
+                node_id=NODE0 + k,
+                node_config={"partition-id": p, "num-partitions": num_partitions or len(partitions)},
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            for k, p in enumerate(partitions)
+        }
+        self.fault = fault
+        self.step = 0
+
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        raise NotImplementedError
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.step += any(m.metadata.message_type == MessageType.TRAIN for m in messages)
+        replies = []
+        for message in messages:
+            context = self.contexts[message.metadata.dst_node_id]
+            reply = clientapp.app(message, context)
+            if self.fault is not None and message.metadata.message_type != MessageType.QUERY:
+                reply = self.fault(self.step, context.node_config["partition-id"], message, reply)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+
+# -- run config ------------------------------------------------------------------------------------
+def test_pyproject_declares_the_apps_and_mirrors_every_config_key():
+    flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]
+    assert flwr["app"]["components"] == APP_COMPONENTS
+    declared = _flatten(flwr["app"]["config"])
+    assert declared == default_run_config(), "regenerate [tool.flwr.app.config] from default_run_config()"
+    # flwr 1.42 rewrites pyproject.toml (comments the table out) when it finds one.
+    assert "federations" not in flwr
+
+
+def test_run_config_carries_any_config_exactly():
+    cfg = apply_overrides(
+        preset_config("smoke"),
+        [
+            "scenario.tasks=[3,4,3]",
+            "data.datasets=mnist,fashion_mnist",
+            "train.lr_a=0.001",
+            "train.lr_b=none",
+            "train.threads=1",
+            "model.targets=none",
+            "lorm.alpha_head=0.25",
+            "seed=7",
+        ],
+    )
+    settings = FlowerSettings(
+        preset="smoke", out="/x", min_clients=2, reply_timeout=5.0, federated_eval=False
+    )
+    run_config = run_config_for(cfg, settings)
+    assert all(isinstance(v, bool | int | float | str) for v in run_config.values())
+    back, back_settings = settings_from_run_config(run_config)
+    assert config_to_dict(back) == config_to_dict(cfg)
+    assert back_settings == settings
+
+
+def test_unset_keys_keep_the_preset_and_bad_values_fail():
+    cfg, settings = settings_from_run_config(
+        {**default_run_config(), "preset": "smoke", "train.rounds": 1, "data.datasets": "mnist"}
+    )
+    expected = apply_overrides(preset_config("smoke"), ["train.rounds=1"])
+    assert config_to_dict(cfg) == config_to_dict(expected)
+    assert settings.min_clients == 1 and settings.federated_eval is True
+    with pytest.raises(ConfigError, match="neither fedlorm config keys"):
+        settings_from_run_config({"train.round": 3})
+    with pytest.raises(ConfigError, match=r"min-clients = 5 .* \(4\)"):
+        settings_from_run_config({"preset": "smoke", "min-clients": 5})
+    with pytest.raises(ConfigError, match="reply-timeout"):
+        settings_from_run_config({"reply-timeout": 0})
+    with pytest.raises(ConfigError, match=r"train\.rounds"):
+        settings_from_run_config({"train.rounds": "many"})
+
+
+def test_arrays_cross_bit_for_bit():
+    arrays = {
+        "w": torch.randn(3, 5, generator=torch.Generator().manual_seed(0)),
+        "g": torch.randn(7, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+        "n": torch.tensor(12.0, dtype=torch.float64),
+        "t": torch.randn(4, 6)[:, ::2],  # not contiguous
+    }
+    back = from_array_record(to_array_record(arrays))
+    assert back.keys() == arrays.keys()
+    for key, value in arrays.items():
+        assert back[key].dtype == value.dtype and back[key].shape == value.shape
+        assert torch.equal(back[key], value)
+
+
+def test_core_imports_no_flower():
+    code = (
+        "import sys, fedlorm.cli, fedlorm.runtime.simulator, fedlorm.flower, fedlorm.flower.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('flwr', 'ray')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_wrapper_rejects_bad_input_before_starting_flower(tmp_path):
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    command = [sys.executable, "-m", "fedlorm.flower"]
+    bad = subprocess.run(
+        [*command, "simulate", "--preset", "smoke", "--min-clients", "9", "--out", str(tmp_path / "o")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "fedlorm: error: --min-clients 9 is not in 1..4 (the run's clients)"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "flwr-home").exists()
+    table = subprocess.run([*command, "app-config"], env=env, capture_output=True, text=True, check=True)
+    declared = tomllib.loads(table.stdout)["tool"]["flwr"]["app"]["config"]
+    assert _flatten(declared) == default_run_config()
+
+
+# -- faults ----------------------------------------------------------------------------------------
+FAULT_CFG = ("train.threads=1", "scenario.num_clients=4", "train.rounds=1")
+
+
+@pytest.fixture(scope="module")
+def fault_setup():
+    """Config, run config and the first step's surviving-client reference pieces."""
+    cfg = tiny_config(*FAULT_CFG)
+    run_config = run_config_for(cfg, FlowerSettings(out="", federated_eval=False))
+    return cfg, run_config
+
+
+def _first_step(cfg):
+    """A fresh server at the first step of task 0, with its instruction and broadcast."""
+    exp = build_experiment(cfg)
+    classes = exp.scenario.task_classes(0)
+    exp.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
+    instruction = next(iter(exp.server.instructions(0, classes)))
+    return exp, instruction, exp.server.arrays(instruction)
+
+
+def _protocol_state(cfg, partitions):
+    """The server state after the first step merged exactly the given clients' summands (no Flower)."""
+    exp, instruction, arrays = _first_step(cfg)
+    client_exp = client.client_experiment(cfg)
+    sums, examples = None, 0
+    for k in partitions:
+        reply = client.local_update(client_exp, k, instruction, arrays)
+        sums = add_arrays(sums, reply.summands)
+        examples += reply.num_examples
+    exp.server.aggregate(instruction, sums, examples)
+    return exp.server.state_dict()
+
+
+def _flower_step(cfg, run_config, fault, min_clients=1):
+    exp, instruction, arrays = _first_step(cfg)
+    before = {k: v.clone() for k, v in exp.server.state_dict().items()}
+    grid = LoopbackGrid(run_config, range(cfg.scenario.num_clients), fault)
+    strategy = FedlormStrategy(exp.server, cfg.scenario.num_clients, min_clients, reply_timeout=30.0)
+    assert strategy.discover(grid) == list(range(cfg.scenario.num_clients))
+    messages = strategy.configure_train(
+        1, to_array_record(arrays), ConfigRecord(instruction.to_record()), grid
+    )
+    merged, metrics = strategy.aggregate_train(1, grid.send_and_receive(messages, timeout=30.0))
+    return exp.server.state_dict(), before, strategy.report, merged, metrics
+
+
+def _with_summand(reply, key_index, make):
+    record = reply.content.array_records[SUMMANDS]
+    key = sorted(record)[key_index]
+    record[key] = Array(make(record[key].numpy()))
+    return reply
+
+
+FAULTS = {
+    "nan": (lambda req, rep: _with_summand(rep, 0, lambda a: np.full_like(a, np.nan)), "NaN"),
+    "shape": (lambda req, rep: _with_summand(rep, 1, lambda a: np.zeros((*a.shape, 2), a.dtype)), "shape"),
+    "error": (
+        lambda req, rep: Message(Error(code=0, reason="client crashed"), reply_to=req),
+        "client crashed",
+    ),
+    "late": (lambda req, rep: None, "no reply within the 30 s"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FAULTS))
+def test_a_faulty_reply_is_dropped_and_the_survivors_merge_exactly(fault_setup, kind):
+    cfg, run_config = fault_setup
+    bad = 2
+    corrupt, reason = FAULTS[kind]
+
+    def fault(step, partition, request, reply):
+        return corrupt(request, reply) if partition == bad else reply
+
+    state, before, report, merged, metrics = _flower_step(cfg, run_config, fault)
+    assert [(d.partition, d.node_id) for d in report.dropped] == [(bad, NODE0 + bad)]
+    assert reason in report.dropped[0].reason
+    assert report.merged == [0, 1, 3] and merged is not None
+    assert metrics["merged"] == 3 and metrics["dropped"] == 1
+    survivors = _protocol_state(cfg, [0, 1, 3])
+    everyone = _protocol_state(cfg, [0, 1, 2, 3])
+    assert state.keys() == survivors.keys()
+    for key in state:
+        assert torch.equal(state[key], survivors[key]), key
+    changed = [k for k in state if not torch.equal(state[k], before[k])]
+    assert changed, "the merge changed nothing"
+    assert any(not torch.equal(state[k], everyone[k]) for k in changed), "the faulty client was merged"
+
+
+def test_a_stale_or_duplicate_reply_is_dropped(fault_setup):
+    cfg, run_config = fault_setup
+
+    def fault(step, partition, request, reply):
+        if partition == 1:
+            reply.content.config_records["client"]["round"] = 3
+        return reply
+
+    state, _, report, _, _ = _flower_step(cfg, run_config, fault)
+    assert [d.partition for d in report.dropped] == [1]
+    assert "answers step" in report.dropped[0].reason
+    survivors = _protocol_state(cfg, [0, 2, 3])
+    assert all(torch.equal(state[k], survivors[k]) for k in state)
+
+    exp, instruction, arrays = _first_step(cfg)
+    grid = LoopbackGrid(run_config, [0, 1, 1, 3, 4], num_partitions=4)
+    grid.contexts[NODE0 + 4].node_config["num-partitions"] = 5
+    strategy = FedlormStrategy(exp.server, 4, 1, reply_timeout=30.0)
+    assert strategy.discover(grid) == [0, 1, 3]
+    assert "already served by node 102" in strategy.ignored[NODE0 + 2]
+    assert "partition 4 of 5, but the run has 4 clients" in strategy.ignored[NODE0 + 4]
+    messages = strategy.configure_train(
+        1, to_array_record(arrays), ConfigRecord(instruction.to_record()), grid
+    )
+    assert sorted(m.metadata.dst_node_id for m in messages) == [NODE0, NODE0 + 1, NODE0 + 3]
+    strategy.aggregate_train(1, grid.send_and_receive(messages))
+    assert [(d.partition, d.node_id, d.reason) for d in strategy.report.dropped] == [
+        (2, -1, "no SuperNode serves it")
+    ]
+    assert strategy.report.merged == [0, 1, 3]
+
+
+def test_too_few_valid_replies_keep_the_previous_state(fault_setup):
+    cfg, run_config = fault_setup
+
+    def fault(step, partition, request, reply):
+        return None if partition in (0, 3) else reply
+
+    state, before, report, merged, metrics = _flower_step(cfg, run_config, fault, min_clients=3)
+    assert merged is None
+    assert report.tally is None and report.merged == []
+    assert sorted(d.partition for d in report.dropped) == [0, 3]
+    assert metrics["merged"] == 0
+    assert state.keys() == before.keys()
+    assert all(torch.equal(state[k], before[k]) for k in state)
+
+
+def test_a_run_with_a_vanished_client_completes_and_reports_it(fault_setup, tmp_path):
+    cfg, run_config = fault_setup
+
+    def fault(step, partition, request, reply):
+        return None if partition == 3 and step >= 2 else reply
+
+    exp = build_experiment(cfg)
+    settings = FlowerSettings(out=str(tmp_path), min_clients=2, reply_timeout=30.0, federated_eval=True)
+    results = run_federation(LoopbackGrid(run_config, range(4), fault), exp, settings, tmp_path)
+    assert results["tasks_completed"] == 2
+    dropped = results["flower"]["dropped"]
+    # Step 1 merged everyone; steps 2-4 (task 0 statistics, task 1 B-round and statistics) lost client 3.
+    assert [(d["task"], d["phase"], d["partition"]) for d in dropped] == [
+        (0, "task_stats", 3),
+        (1, "train", 3),
+        (1, "task_stats", 3),
+    ]
+    assert all(d["node_id"] == NODE0 + 3 and "no reply within" in d["reason"] for d in dropped)
+    assert [s["merged"] for s in results["flower"]["steps"]] == [
+        [0, 1, 2, 3],
+        [0, 1, 2],
+        [0, 1, 2],
+        [0, 1, 2],
+    ]
+    assert [r["rejected"] for r in results["rounds"]] == [0, 1, 1, 1]
+    # The vanished client answered no evaluation either; the others did.
+    assert [e["partitions"] for e in results["flower"]["federated_evaluation"]] == [[0, 1, 2], [0, 1, 2]]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["accuracy_matrix"] == results["accuracy_matrix"]
+    assert load_file(str(tmp_path / SERVER_STATE)).keys() == exp.server.state_dict().keys()
+
+
+# -- equivalence with the in-process simulator -----------------------------------------------------
+SMOKE = ["train.threads=1"]
+
+
+def test_flower_simulation_equals_the_in_process_run(tmp_path):
+    """``fedlorm flower simulate`` (SuperLink, Ray, 4 SuperNodes) vs ``run_simulation``; smoke, seed 0."""
+    out = tmp_path / "flower"
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "fedlorm.flower", "simulate", "--preset", "smoke", "--seed", "0"]
+    done = subprocess.run(
+        [*command, "--out", str(out), *SMOKE], env=env, capture_output=True, text=True, timeout=540
+    )
+    flower_seconds = time.perf_counter() - started
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    flower = json.loads((out / "results.json").read_text())
+
+    started = time.perf_counter()
+    cfg = apply_overrides(preset_config("smoke"), SMOKE)
+    exp = build_experiment(cfg)
+    local = run_simulation(cfg, experiment=exp)
+    local_seconds = time.perf_counter() - started
+    print(f"smoke wall time: flower simulation {flower_seconds:.1f} s, in process {local_seconds:.1f} s")
+
+    assert flower["flower"]["dropped"] == [] and flower["flower"]["clients_at_start"] == [0, 1, 2, 3]
+    assert flower["flower"]["ignored_nodes"] == {}
+    assert flower["config"] == local["config"]
+    assert (
+        [len(row) for row in flower["accuracy_matrix"]]
+        == [len(row) for row in local["accuracy_matrix"]]
+        == [1, 2]
+    )
+    flat = [[v for row in results["accuracy_matrix"] for v in row] for results in (flower, local)]
+    assert np.allclose(flat[0], flat[1], rtol=0, atol=1e-6)
+    # Same files and rows as the simulator (timings aside): losses, accuracies, bytes, clients, rejections.
+    assert set(flower) - set(local) == {"runtime", "flower"} and set(local) <= set(flower)
+
+    def rows(results):
+        return [{k: v for k, v in r.items() if k != "merge_seconds"} for r in results["rounds"]]
+
+    assert rows(flower) == rows(local)
+    assert flower["diagnostics"] == local["diagnostics"] and flower["upload_bytes"] == local["upload_bytes"]
+    merged = load_file(str(out / SERVER_STATE))
+    reference = exp.server.state_dict()
+    assert merged.keys() == reference.keys() and any(k.startswith("merged.") for k in merged)
+    for key, value in reference.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+    assert len(flower["flower"]["federated_evaluation"]) == 2
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

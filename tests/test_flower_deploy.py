@@ -1,0 +1,144 @@
+"""Flower deployment on loopback: one SuperLink and three SuperNode processes, ``flwr run`` of this repo.
+
+Each test starts its own processes on free ports with its own FLWR_HOME (insecure, loopback only,
+runtime dependency installation off) and stops them by pid in teardown. In deployment every message
+runs in a fresh ClientApp process, so the run is kept small: smoke preset, 3 clients, 1 round a task,
+no federated evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from safetensors.torch import load_file
+
+from fedlorm.config import apply_overrides
+from fedlorm.flower.federation import SERVER_STATE
+from fedlorm.flower.launch import (
+    flwr_run,
+    start_superlink,
+    start_supernode,
+    write_connection,
+)
+from fedlorm.flower.settings import FlowerSettings, run_config_for
+from fedlorm.presets import preset_config
+from fedlorm.runtime.experiment import build_experiment
+from fedlorm.runtime.simulator import run_simulation
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIENTS = 3
+OVERRIDES = ["train.threads=1", f"scenario.num_clients={CLIENTS}", "train.rounds=1"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Configs here pin train.threads=1, which build_experiment applies process-wide; undo it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def loopback(tmp_path):
+    """A SuperLink and one SuperNode per client on 127.0.0.1; every process stopped by pid afterwards."""
+    home = tmp_path / "flwr-home"
+    processes = []
+    try:
+        link, address = start_superlink(home)
+        processes.append(link)
+        nodes = [start_supernode(home, address, k, CLIENTS) for k in range(CLIENTS)]
+        processes += nodes
+        write_connection(home, "loopback", address)
+        yield home, nodes
+    finally:
+        for process in processes:
+            process.stop()
+        assert not any(p.alive() for p in processes)
+
+
+def _run(home: Path, out: Path, log: Path, reply_timeout: float) -> int:
+    cfg = apply_overrides(preset_config("smoke"), OVERRIDES)
+    settings = FlowerSettings(preset="smoke", out=str(out), reply_timeout=reply_timeout, federated_eval=False)
+    return flwr_run(ROOT, "loopback", run_config_for(cfg, settings), flwr_home=home, log=log, timeout=500)
+
+
+def test_deployed_two_task_run_completes_and_equals_the_in_process_run(loopback, tmp_path):
+    home, _ = loopback
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    started = time.perf_counter()
+    code = _run(home, out, log, reply_timeout=300.0)
+    print(f"deployed (3 SuperNodes, loopback) wall time: {time.perf_counter() - started:.1f} s")
+    assert code == 0, log.read_text()[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks_completed"] == 2, log.read_text()[-3000:]
+    assert results["flower"]["dropped"] == [] and results["flower"]["ignored_nodes"] == {}
+    assert [s["merged"] for s in results["flower"]["steps"]] == [[0, 1, 2]] * 4
+
+    cfg = apply_overrides(preset_config("smoke"), OVERRIDES)
+    exp = build_experiment(cfg)
+    local = run_simulation(cfg, experiment=exp)
+    flat = [[v for row in r["accuracy_matrix"] for v in row] for r in (results, local)]
+    assert len(flat[0]) == len(flat[1]) == 3
+    assert np.allclose(flat[0], flat[1], rtol=0, atol=1e-6)
+    strip = [
+        [{k: v for k, v in r.items() if k != "merge_seconds"} for r in x["rounds"]] for x in (results, local)
+    ]
+    assert strip[0] == strip[1]
+    merged = load_file(str(out / SERVER_STATE))
+    assert merged.keys() == exp.server.state_dict().keys()
+    for key, value in exp.server.state_dict().items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_supernode_killed_mid_run_is_dropped_and_the_run_completes(loopback, tmp_path):
+    home, nodes = loopback
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    victim = nodes[2]
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(_run(home, out, log, reply_timeout=90.0)))
+    started = time.perf_counter()
+    runner.start()
+    deadline = time.monotonic() + 300
+    while _completed_steps(out / "metrics.csv") < 1:
+        assert runner.is_alive() and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    victim.kill()
+    assert not victim.alive()
+    runner.join(timeout=500)
+    print(f"deployed run with a SuperNode killed: {time.perf_counter() - started:.1f} s")
+    assert codes == [0], log.read_text()[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks_completed"] == 2, log.read_text()[-3000:]
+    steps = results["flower"]["steps"]
+    assert steps[0]["merged"] == [0, 1, 2]
+    lost = [i for i, step in enumerate(steps) if step["dropped"]]
+    # From the step after the kill (or the one after, if client 2 had already answered it) to the end,
+    # client 2 is dropped and the other two are merged.
+    assert lost == list(range(lost[0], 4)) and lost[0] in (1, 2)
+    for i in lost:
+        assert steps[i]["merged"] == [0, 1] and not steps[i]["state_kept"]
+        assert [d["partition"] for d in steps[i]["dropped"]] == [2] and steps[i]["dropped"][0]["reason"]
+    assert {d["partition"] for d in results["flower"]["dropped"]} == {2}
+    assert [r["rejected"] for r in results["rounds"]] == [0 if i not in lost else 1 for i in range(4)]
+    assert "client 2" in log.read_text() and "dropped" in log.read_text()
+    assert all(0.0 <= v <= 100.0 for row in results["accuracy_matrix"] for v in row)
+
+
+def _completed_steps(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with path.open() as handle:
+        return len(list(csv.DictReader(handle)))
