@@ -38,7 +38,7 @@ def _loadmat(path: Path) -> dict[str, Any]:
     try:
         from scipy.io import loadmat
     except ImportError:
-        raise ImportError(f"reading {path.name} needs scipy: pip install scipy") from None
+        raise ValueError(f"reading {path.name} needs scipy: pip install 'fedlorm[paper]'") from None
     return loadmat(str(path), squeeze_me=True)
 
 

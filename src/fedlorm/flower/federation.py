@@ -19,18 +19,22 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from fedlorm.config import config_to_dict
-from fedlorm.fcl import summarize
 from fedlorm.flower.messages import to_array_record
 from fedlorm.flower.settings import FlowerSettings
 from fedlorm.flower.strategy import FedlormStrategy, StepReport
 from fedlorm.methods import Instruction
-from fedlorm.methods.common import HEAD, apply_arrays
-from fedlorm.results import MetricsCSV, plot_run, versions, write_json_atomic
-from fedlorm.runtime.evaluation import Evaluation, evaluate
+from fedlorm.results import MetricsCSV, plot_run, write_json_atomic
 from fedlorm.runtime.experiment import Experiment
 from fedlorm.runtime.progress import RunProgress
-from fedlorm.runtime.simulator import METRICS_FIELDS
+from fedlorm.runtime.report import (
+    METRICS_FIELDS,
+    evaluate_step,
+    metrics_row,
+    run_results,
+    task_diagnostics,
+    task_test_sizes,
+)
+from fedlorm.runtime.simulator import step_plan
 from fedlorm.seeding import derive_seed, torch_generator
 
 __all__ = ["SERVER_STATE", "run_federation"]
@@ -50,7 +54,7 @@ def run_federation(grid: Grid, exp: Experiment, settings: FlowerSettings, out: P
     strategy.summary()
     served = strategy.discover(grid, wait=settings.node_wait)
     logger.info("%d of %d clients have a SuperNode", len(served), cfg.scenario.num_clients)
-    plan = [list(server.instructions(t, scenario.task_classes(t))) for t in range(scenario.num_tasks)]
+    plan = step_plan(exp)
     csv = MetricsCSV(out / "metrics.csv", METRICS_FIELDS) if out is not None else None
     state = RunProgress()
     flower: dict[str, Any] = {
@@ -62,7 +66,8 @@ def run_federation(grid: Grid, exp: Experiment, settings: FlowerSettings, out: P
         "federated_evaluation": [],
         "ignored_nodes": strategy.ignored,
     }
-    test_sizes = _test_sizes(exp)
+    extra = {"runtime": "flower", "flower": flower}  # results.json's Flower-only keys
+    test_sizes = task_test_sizes(exp)
     step_index = 0
     for task, steps in enumerate(plan):
         server.start_task(task, scenario.task_classes(task), server_rng)
@@ -73,22 +78,20 @@ def run_federation(grid: Grid, exp: Experiment, settings: FlowerSettings, out: P
             row = _row(exp, instruction, report)
             _record_report(flower, instruction, report)
             if cfg.train.eval_every_round or last:
-                evaluation = _evaluate(exp, task)
-                row["seen_accuracy"] = round(evaluation.seen_accuracy, 4)
-                row["newest_task_fraction"] = round(evaluation.newest_task_fraction, 4)
+                evaluation = evaluate_step(exp, task, row)
             state.step_done(row)
             if csv is not None:
                 csv.append(row)
-        state.task_done(evaluation.class_il, evaluation.task_aware, _diagnostics(exp, evaluation))
+        state.task_done(evaluation.class_il, evaluation.task_aware, task_diagnostics(exp, evaluation))
         logger.info("task %d: accuracy on seen classes %.2f%%", task + 1, evaluation.seen_accuracy)
         if settings.federated_eval:
             flower["federated_evaluation"].append(
                 _federated_evaluation(grid, strategy, step_index, task, settings.reply_timeout)
             )
         if out is not None:
-            results = _results(exp, state, test_sizes, time.perf_counter() - started, flower)
+            results = run_results(exp, state, test_sizes, time.perf_counter() - started, extra)
             write_json_atomic(out / "results.json", results)
-    results = _results(exp, state, test_sizes, time.perf_counter() - started, flower)
+    results = run_results(exp, state, test_sizes, time.perf_counter() - started, extra)
     if out is not None:
         write_json_atomic(out / "results.json", results)
         save_file(
@@ -137,22 +140,16 @@ def _federated_evaluation(
 
 
 def _row(exp: Experiment, instruction: Instruction, report: StepReport) -> dict[str, Any]:
-    """The step's metrics.csv row, with the simulator's fields and meanings."""
-    tally, train = report.tally, instruction.phase == "train"
-    examples = tally.examples if tally is not None else 0
-    return {
-        "task": instruction.task,
-        "round": instruction.round if train else exp.cfg.train.rounds,
-        "phase": instruction.phase,
-        "factor": instruction.factor,
-        "train_loss": round(tally.loss_sum / examples, 6) if tally is not None and train and examples else "",
-        "seen_accuracy": "",
-        "newest_task_fraction": "",
-        "merge_seconds": round(tally.merge_seconds, 6) if tally is not None else 0.0,
-        "upload_bytes": report.upload_bytes,
-        "clients": exp.cfg.scenario.num_clients,
-        "rejected": exp.cfg.scenario.num_clients - len(report.merged),
-    }
+    """The step's metrics.csv row: every client counts, each one not merged as rejected."""
+    clients = exp.cfg.scenario.num_clients
+    return metrics_row(
+        exp,
+        instruction,
+        report.tally,
+        upload_bytes=report.upload_bytes,
+        clients=clients,
+        rejected=clients - len(report.merged),
+    )
 
 
 def _record_report(flower: dict[str, Any], instruction: Instruction, report: StepReport) -> None:
@@ -168,64 +165,3 @@ def _record_report(flower: dict[str, Any], instruction: Instruction, report: Ste
                 "reason": dropped.reason,
             }
         )
-
-
-def _evaluate(exp: Experiment, task: int) -> Evaluation:
-    apply_arrays(exp.model, exp.layers, exp.server.deployed_arrays())
-    return evaluate(
-        exp.model, exp.test.images, exp.test.labels, exp.scenario, task, exp.cfg.train.eval_batch_size
-    )
-
-
-def _test_sizes(exp: Experiment) -> list[int]:
-    labels, scenario = exp.test.labels, exp.scenario
-    return [
-        int(((labels >= c.start) & (labels < c.stop)).sum())
-        for c in (scenario.task_classes(t) for t in range(scenario.num_tasks))
-    ]
-
-
-def _diagnostics(exp: Experiment, evaluation: Evaluation) -> dict[str, Any]:
-    head = exp.server.deployed_arrays()[f"{HEAD}.weight"].float()
-    task = len(evaluation.class_il) - 1
-    row_norms = [
-        float(head[c.start : c.stop].norm(dim=1).mean())
-        for c in (exp.scenario.task_classes(j) for j in range(task + 1))
-    ]
-    return {
-        "task": task,
-        "newest_task_prediction_percent": evaluation.newest_task_fraction,
-        "mean_logit_norm_per_task": evaluation.logit_norm_per_task,
-        "mean_head_row_norm_per_task": row_norms,
-    }
-
-
-def _results(
-    exp: Experiment, state: RunProgress, test_sizes: list[int], wall: float, flower: dict[str, Any]
-) -> dict[str, Any]:
-    """The simulator's results dict plus ``flower``: the runtime's settings and every dropped client."""
-    matrix = state.matrix
-    summary = summarize(matrix, test_sizes[: len(matrix)])
-    return {
-        "config": config_to_dict(exp.cfg),
-        "seed": exp.cfg.seed,
-        "method": exp.cfg.method,
-        "versions": versions(),
-        "scenario": exp.scenario.to_dict(),
-        "accuracy_matrix": matrix,
-        "task_aware_accuracy_matrix": state.aware,
-        "task_test_sizes": test_sizes[: len(matrix)],
-        "final_accuracy": summary["final_accuracy"],
-        "final_accuracy_task_mean": summary["final_accuracy_task_mean"],
-        "average_incremental_accuracy": summary["average_incremental_accuracy"],
-        "accuracy_per_task": summary["accuracy_per_task"],
-        "forgetting": summary["forgetting"],
-        "bwt": summary["bwt"],
-        "tasks_completed": len(matrix),
-        "wall_seconds": round(wall, 3),
-        "upload_bytes": state.upload_bytes,
-        "diagnostics": state.diagnostics,
-        "rounds": state.rounds,
-        "runtime": "flower",
-        "flower": flower,
-    }

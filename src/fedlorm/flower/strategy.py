@@ -33,7 +33,8 @@ from fedlorm.flower.messages import (
 )
 from fedlorm.methods import ClientReply, Instruction, Server
 from fedlorm.methods.validation import InvalidReplyError, check_reply, reply_spec
-from fedlorm.runtime.simulator import StepTally, fold_replies
+from fedlorm.runtime.report import StepTally, step_name
+from fedlorm.runtime.simulator import fold_replies
 
 __all__ = ["Dropped", "FedlormStrategy", "StepReport"]
 
@@ -171,7 +172,7 @@ class FedlormStrategy(Strategy):
         instruction = Instruction.from_record(config)
         nodes = self._connected(grid)
         self._instruction = instruction
-        self.report = StepReport(step=_step_name(instruction), nodes=nodes)
+        self.report = StepReport(step=step_name(instruction), nodes=nodes)
         return self._messages(
             nodes, RecordDict({ARRAYS: arrays, CONFIG: config}), MessageType.TRAIN, server_round
         )
@@ -211,7 +212,7 @@ class FedlormStrategy(Strategy):
                 if message.has_error():
                     raise InvalidReplyError(f"error reply: {message.error.reason}")
                 reply = decode_train_reply(message.content)
-                report.upload_bytes += _payload_bytes(reply.reply)
+                report.upload_bytes += reply.reply.upload_bytes
                 _check_identity(instruction, partition, reply)
                 check_reply(reply.reply, expected)
             except InvalidReplyError as err:
@@ -299,13 +300,3 @@ def _check_identity(instruction: Instruction, partition: int, reply: TrainReply)
     sent = (instruction.task, instruction.round, instruction.phase)
     if (reply.task, reply.round, reply.phase) != sent:
         raise InvalidReplyError(f"reply answers step {(reply.task, reply.round, reply.phase)}, not {sent}")
-
-
-def _payload_bytes(reply: ClientReply) -> int:
-    return sum(t.numel() * t.element_size() for t in reply.summands.values())
-
-
-def _step_name(instruction: Instruction) -> str:
-    if instruction.phase == "task_stats":
-        return f"task {instruction.task + 1} statistics"
-    return f"task {instruction.task + 1} round {instruction.round + 1} ({instruction.factor})"

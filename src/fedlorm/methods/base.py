@@ -94,7 +94,7 @@ class ClientReply:
     @property
     def upload_bytes(self) -> int:
         """Bytes on the wire for the summands (tensor payload only)."""
-        return sum(t.numel() * t.element_size() for t in self.summands.values())
+        return sum(t.numel() * t.element_size() for t in self.summands.values() if isinstance(t, Tensor))
 
 
 def add_arrays(total: Arrays | None, update: Mapping[str, Tensor]) -> Arrays:

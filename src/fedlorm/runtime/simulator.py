@@ -17,7 +17,6 @@ import os
 import signal
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fedlorm.config import RunConfig, config_from_plain, config_to_dict
-from fedlorm.fcl import summarize
 from fedlorm.methods import ClientData, ClientReply, Instruction, Server, add_arrays
-from fedlorm.methods.common import HEAD, apply_arrays
 from fedlorm.methods.validation import InvalidReplyError, check_reply, reply_spec
-from fedlorm.results import MetricsCSV, plot_run, versions, write_json_atomic
+from fedlorm.results import MetricsCSV, plot_run, write_json_atomic
 from fedlorm.runtime.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -39,9 +36,19 @@ from fedlorm.runtime.checkpoint import (
     rng_tensors,
     save_checkpoint,
 )
-from fedlorm.runtime.evaluation import Evaluation, evaluate
 from fedlorm.runtime.experiment import Experiment, build_experiment
 from fedlorm.runtime.progress import RunProgress
+from fedlorm.runtime.report import (
+    METRICS_FIELDS,
+    StepTally,
+    evaluate_step,
+    metrics_row,
+    round_name,
+    run_results,
+    step_name,
+    task_diagnostics,
+    task_test_sizes,
+)
 from fedlorm.seeding import derive_seed, torch_generator
 
 __all__ = [
@@ -51,24 +58,11 @@ __all__ = [
     "fold_replies",
     "resume_simulation",
     "run_simulation",
+    "step_plan",
     "step_point",
 ]
 
 logger = logging.getLogger(__name__)
-
-METRICS_FIELDS = [
-    "task",
-    "round",
-    "phase",
-    "factor",
-    "train_loss",
-    "seen_accuracy",
-    "newest_task_fraction",
-    "merge_seconds",
-    "upload_bytes",
-    "clients",
-    "rejected",
-]
 
 KILL_ENV = "FEDLORM_TEST_KILL_AT"
 """Test hook for the crash-and-resume tests; unset in normal use.
@@ -117,7 +111,7 @@ def resume_simulation(
     exp = experiment or build_experiment(cfg)
     if config_to_dict(exp.cfg) != ckpt.record["config"]:
         raise CheckpointError(f"the experiment was built from another config than the checkpoint in {out}")
-    _check_position(state, _plan(exp), ckpt.record.get("completed_step"))
+    _check_position(state, step_plan(exp), ckpt.record.get("completed_step"))
     server_state = {k[len(_SERVER) :]: v for k, v in ckpt.tensors.items() if k.startswith(_SERVER)}
     try:
         exp.server.load_state_dict(server_state)
@@ -141,18 +135,6 @@ def step_point(instruction: Instruction) -> str:
     return f"task{instruction.task}.round{instruction.round}"
 
 
-@dataclass
-class StepTally:
-    """What the server folded in one step."""
-
-    clients: int = 0
-    rejected: int = 0
-    examples: int = 0
-    loss_sum: float = 0.0
-    upload_bytes: int = 0
-    merge_seconds: float = 0.0
-
-
 def fold_replies(
     server: Server, instruction: Instruction, replies: Iterable[tuple[int, ClientReply]]
 ) -> StepTally:
@@ -167,12 +149,12 @@ def fold_replies(
     sums = None
     for k, reply in replies:
         tally.clients += 1
-        tally.upload_bytes += _payload_bytes(reply)
+        tally.upload_bytes += reply.upload_bytes
         try:
             check_reply(reply, expected)
         except InvalidReplyError as err:
             tally.rejected += 1
-            logger.warning("%s: client %d rejected: %s", _step_name(instruction), k, err)
+            logger.warning("%s: client %d rejected: %s", step_name(instruction), k, err)
             continue
         if expected is None:
             expected = reply_spec(reply.summands)
@@ -182,7 +164,7 @@ def fold_replies(
     started = time.perf_counter()
     if sums is None:
         logger.warning(
-            "%s: every client was rejected; the previous global state stays", _step_name(instruction)
+            "%s: every client was rejected; the previous global state stays", step_name(instruction)
         )
     else:
         server.aggregate(instruction, sums, tally.examples)
@@ -196,7 +178,7 @@ def _simulate(
     """The task/step loop from ``state`` on: steps, evaluation, checkpoints, results files."""
     started = time.perf_counter()
     cfg, scenario, server = exp.cfg, exp.scenario, exp.server
-    plan = _plan(exp)
+    plan = step_plan(exp)
     csv = _metrics_csv(out, state.rounds) if out is not None else None
     clients = cfg.scenario.num_clients
     bar = tqdm(
@@ -206,7 +188,7 @@ def _simulate(
         unit="client",
         dynamic_ncols=True,
     )
-    test_sizes = _test_sizes(exp)
+    test_sizes = task_test_sizes(exp)
 
     def wall() -> float:
         return state.elapsed + time.perf_counter() - started
@@ -219,25 +201,23 @@ def _simulate(
             server.start_task(task, classes, server_rng)
         for step in range(state.step, len(steps)):
             instruction, last = steps[step], step == len(steps) - 1
-            bar.set_description(f"task {task + 1}/{scenario.num_tasks} {_round_name(instruction)}")
+            bar.set_description(f"task {task + 1}/{scenario.num_tasks} {round_name(instruction)}")
             row = _run_step(exp, instruction, shares, bar)
             if cfg.train.eval_every_round or last:
-                evaluation = _evaluate(exp, task)
-                row["seen_accuracy"] = round(evaluation.seen_accuracy, 4)
-                row["newest_task_fraction"] = round(evaluation.newest_task_fraction, 4)
+                evaluation = evaluate_step(exp, task, row)
             state.step_done(row)
             if last:
-                state.task_done(evaluation.class_il, evaluation.task_aware, _diagnostics(exp, evaluation))
+                state.task_done(evaluation.class_il, evaluation.task_aware, task_diagnostics(exp, evaluation))
                 logger.info("task %d: accuracy on seen classes %.2f%%", task + 1, evaluation.seen_accuracy)
             if out is not None:
                 if last:
-                    write_json_atomic(out / "results.json", _results(exp, state, test_sizes, wall()))
+                    write_json_atomic(out / "results.json", run_results(exp, state, test_sizes, wall()))
                 _save(out, exp, state, server_rng, wall(), step_point(instruction))
                 assert csv is not None
                 csv.append(row)
             _kill_point(f"{step_point(instruction)}.done")
     bar.close()
-    results = _results(exp, state, test_sizes, wall())
+    results = run_results(exp, state, test_sizes, wall())
     if out is not None:
         write_json_atomic(out / "results.json", results)
         plot_run(results, out / "accuracy.png")
@@ -245,8 +225,8 @@ def _simulate(
     return results
 
 
-def _plan(exp: Experiment) -> list[list[Instruction]]:
-    """Every task's steps in order."""
+def step_plan(exp: Experiment) -> list[list[Instruction]]:
+    """Every task's steps in order (both runtimes run this plan)."""
     scenario = exp.scenario
     return [list(exp.server.instructions(t, scenario.task_classes(t))) for t in range(scenario.num_tasks)]
 
@@ -272,20 +252,14 @@ def _check_position(state: RunProgress, plan: list[list[Instruction]], completed
 def _run_step(exp: Experiment, instruction: Instruction, shares: list[ClientData], bar) -> dict[str, Any]:
     """One broadcast → local work on every client → checked, summed replies → server merge."""
     tally = fold_replies(exp.server, instruction, _client_replies(exp, instruction, shares, bar))
-    train = instruction.phase == "train"
-    return {
-        "task": instruction.task,
-        "round": instruction.round if train else exp.cfg.train.rounds,
-        "phase": instruction.phase,
-        "factor": instruction.factor,
-        "train_loss": round(tally.loss_sum / tally.examples, 6) if train and tally.examples else "",
-        "seen_accuracy": "",
-        "newest_task_fraction": "",
-        "merge_seconds": round(tally.merge_seconds, 6),
-        "upload_bytes": tally.upload_bytes,
-        "clients": tally.clients,
-        "rejected": tally.rejected,
-    }
+    return metrics_row(
+        exp,
+        instruction,
+        tally,
+        upload_bytes=tally.upload_bytes,
+        clients=tally.clients,
+        rejected=tally.rejected,
+    )
 
 
 def _client_replies(
@@ -299,13 +273,6 @@ def _client_replies(
         bar.update(1)
         yield k, reply
         _kill_point(f"{step_point(instruction)}.client{k}")
-
-
-def _evaluate(exp: Experiment, task: int) -> Evaluation:
-    apply_arrays(exp.model, exp.layers, exp.server.deployed_arrays())
-    return evaluate(
-        exp.model, exp.test.images, exp.test.labels, exp.scenario, task, exp.cfg.train.eval_batch_size
-    )
 
 
 def _save(
@@ -337,67 +304,3 @@ def _kill_point(name: str) -> None:
     """Test hook (see :data:`KILL_ENV`): SIGKILL this process if ``$FEDLORM_TEST_KILL_AT`` names ``name``."""
     if os.environ.get(KILL_ENV) == name:
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
-
-
-def _payload_bytes(reply: ClientReply) -> int:
-    return sum(t.numel() * t.element_size() for t in reply.summands.values() if isinstance(t, Tensor))
-
-
-def _round_name(instruction: Instruction) -> str:
-    if instruction.phase == "task_stats":
-        return "statistics"
-    return f"round {instruction.round + 1} ({instruction.factor})"
-
-
-def _step_name(instruction: Instruction) -> str:
-    return f"task {instruction.task + 1} {_round_name(instruction)}"
-
-
-def _test_sizes(exp: Experiment) -> list[int]:
-    labels, scenario = exp.test.labels, exp.scenario
-    return [
-        int(((labels >= c.start) & (labels < c.stop)).sum())
-        for c in (scenario.task_classes(t) for t in range(scenario.num_tasks))
-    ]
-
-
-def _diagnostics(exp: Experiment, evaluation: Evaluation) -> dict[str, Any]:
-    """Where class-IL accuracy goes: predictions in the newest task, logit and head-row norms."""
-    head = exp.server.deployed_arrays()[f"{HEAD}.weight"].float()
-    task = len(evaluation.class_il) - 1
-    row_norms = [
-        float(head[c.start : c.stop].norm(dim=1).mean())
-        for c in (exp.scenario.task_classes(j) for j in range(task + 1))
-    ]
-    return {
-        "task": task,
-        "newest_task_prediction_percent": evaluation.newest_task_fraction,
-        "mean_logit_norm_per_task": evaluation.logit_norm_per_task,
-        "mean_head_row_norm_per_task": row_norms,
-    }
-
-
-def _results(exp: Experiment, state: RunProgress, test_sizes: list[int], wall: float) -> dict[str, Any]:
-    matrix = state.matrix
-    summary = summarize(matrix, test_sizes[: len(matrix)])
-    return {
-        "config": config_to_dict(exp.cfg),
-        "seed": exp.cfg.seed,
-        "method": exp.cfg.method,
-        "versions": versions(),
-        "scenario": exp.scenario.to_dict(),
-        "accuracy_matrix": matrix,
-        "task_aware_accuracy_matrix": state.aware,
-        "task_test_sizes": test_sizes[: len(matrix)],
-        "final_accuracy": summary["final_accuracy"],
-        "final_accuracy_task_mean": summary["final_accuracy_task_mean"],
-        "average_incremental_accuracy": summary["average_incremental_accuracy"],
-        "accuracy_per_task": summary["accuracy_per_task"],
-        "forgetting": summary["forgetting"],
-        "bwt": summary["bwt"],
-        "tasks_completed": len(matrix),
-        "wall_seconds": round(wall, 3),
-        "upload_bytes": state.upload_bytes,
-        "diagnostics": state.diagnostics,
-        "rounds": state.rounds,
-    }

@@ -1,0 +1,168 @@
+"""What a run reports: step names, metrics.csv rows, the evaluation after a step, results.json.
+
+Both runtimes (the in-process simulator and the Flower ServerApp) build their outputs here, so that
+for the same config and seed they write the same files with the same fields and meanings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedlorm.config import config_to_dict
+from fedlorm.fcl import summarize
+from fedlorm.methods import Instruction
+from fedlorm.methods.common import HEAD, apply_arrays
+from fedlorm.results import versions
+from fedlorm.runtime.evaluation import Evaluation, evaluate
+from fedlorm.runtime.experiment import Experiment
+from fedlorm.runtime.progress import RunProgress
+
+__all__ = [
+    "METRICS_FIELDS",
+    "StepTally",
+    "evaluate_step",
+    "metrics_row",
+    "round_name",
+    "run_results",
+    "step_name",
+    "task_diagnostics",
+    "task_test_sizes",
+]
+
+METRICS_FIELDS = [
+    "task",
+    "round",
+    "phase",
+    "factor",
+    "train_loss",
+    "seen_accuracy",
+    "newest_task_fraction",
+    "merge_seconds",
+    "upload_bytes",
+    "clients",
+    "rejected",
+]
+"""The columns of metrics.csv, one row per step (:func:`metrics_row`)."""
+
+
+@dataclass
+class StepTally:
+    """What the server folded in one step."""
+
+    clients: int = 0
+    rejected: int = 0
+    examples: int = 0
+    loss_sum: float = 0.0
+    upload_bytes: int = 0
+    merge_seconds: float = 0.0
+
+
+def round_name(instruction: Instruction) -> str:
+    """A step's name within its task, e.g. ``round 2 (A)`` or ``statistics`` (progress bar, logs)."""
+    if instruction.phase == "task_stats":
+        return "statistics"
+    return f"round {instruction.round + 1} ({instruction.factor})"
+
+
+def step_name(instruction: Instruction) -> str:
+    """A step's readable name, e.g. ``task 1 round 2 (A)`` (1-based; logs, Flower's step reports)."""
+    return f"task {instruction.task + 1} {round_name(instruction)}"
+
+
+def metrics_row(
+    exp: Experiment,
+    instruction: Instruction,
+    tally: StepTally | None,
+    *,
+    upload_bytes: int,
+    clients: int,
+    rejected: int,
+) -> dict[str, Any]:
+    """A step's metrics.csv row before evaluation; ``tally`` None: nothing was merged (state kept)."""
+    train = instruction.phase == "train"
+    examples = tally.examples if tally is not None else 0
+    return {
+        "task": instruction.task,
+        "round": instruction.round if train else exp.cfg.train.rounds,
+        "phase": instruction.phase,
+        "factor": instruction.factor,
+        "train_loss": round(tally.loss_sum / examples, 6) if tally is not None and train and examples else "",
+        "seen_accuracy": "",
+        "newest_task_fraction": "",
+        "merge_seconds": round(tally.merge_seconds, 6) if tally is not None else 0.0,
+        "upload_bytes": upload_bytes,
+        "clients": clients,
+        "rejected": rejected,
+    }
+
+
+def evaluate_step(exp: Experiment, task: int, row: dict[str, Any]) -> Evaluation:
+    """Evaluate the deployed model after a step of ``task``; its accuracies go into the step's ``row``."""
+    apply_arrays(exp.model, exp.layers, exp.server.deployed_arrays())
+    evaluation = evaluate(
+        exp.model, exp.test.images, exp.test.labels, exp.scenario, task, exp.cfg.train.eval_batch_size
+    )
+    row["seen_accuracy"] = round(evaluation.seen_accuracy, 4)
+    row["newest_task_fraction"] = round(evaluation.newest_task_fraction, 4)
+    return evaluation
+
+
+def task_test_sizes(exp: Experiment) -> list[int]:
+    """Test images per task (the weights of the summary accuracies)."""
+    labels, scenario = exp.test.labels, exp.scenario
+    return [
+        int(((labels >= c.start) & (labels < c.stop)).sum())
+        for c in (scenario.task_classes(t) for t in range(scenario.num_tasks))
+    ]
+
+
+def task_diagnostics(exp: Experiment, evaluation: Evaluation) -> dict[str, Any]:
+    """Where class-IL accuracy goes: predictions in the newest task, logit and head-row norms."""
+    head = exp.server.deployed_arrays()[f"{HEAD}.weight"].float()
+    task = len(evaluation.class_il) - 1
+    row_norms = [
+        float(head[c.start : c.stop].norm(dim=1).mean())
+        for c in (exp.scenario.task_classes(j) for j in range(task + 1))
+    ]
+    return {
+        "task": task,
+        "newest_task_prediction_percent": evaluation.newest_task_fraction,
+        "mean_logit_norm_per_task": evaluation.logit_norm_per_task,
+        "mean_head_row_norm_per_task": row_norms,
+    }
+
+
+def run_results(
+    exp: Experiment,
+    state: RunProgress,
+    test_sizes: list[int],
+    wall: float,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The results.json dict of the tasks completed so far; ``extra`` (runtime-only keys) goes last."""
+    matrix = state.matrix
+    summary = summarize(matrix, test_sizes[: len(matrix)])
+    return {
+        "config": config_to_dict(exp.cfg),
+        "seed": exp.cfg.seed,
+        "method": exp.cfg.method,
+        "versions": versions(),
+        "scenario": exp.scenario.to_dict(),
+        "accuracy_matrix": matrix,
+        "task_aware_accuracy_matrix": state.aware,
+        "task_test_sizes": test_sizes[: len(matrix)],
+        "final_accuracy": summary["final_accuracy"],
+        "final_accuracy_task_mean": summary["final_accuracy_task_mean"],
+        "average_incremental_accuracy": summary["average_incremental_accuracy"],
+        "accuracy_per_task": summary["accuracy_per_task"],
+        "forgetting": summary["forgetting"],
+        "bwt": summary["bwt"],
+        "tasks_completed": len(matrix),
+        "wall_seconds": round(wall, 3),
+        "upload_bytes": state.upload_bytes,
+        "diagnostics": state.diagnostics,
+        "rounds": state.rounds,
+        **(extra or {}),
+    }
