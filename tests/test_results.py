@@ -132,3 +132,11 @@ def test_summary_table():
         assert cell in lines[2]
     assert "baseline" in lines[3] and "90.00" in lines[3] and lines[3].count("n/a") == 3
     assert summary_table(a).splitlines()[2] == lines[2]
+
+
+def test_plot_run_skips_steps_that_were_not_evaluated(tmp_path):
+    results = _results(3)
+    for row in results["rounds"][::2]:
+        row["seen_accuracy"] = ""  # what the simulator writes with train.eval_every_round=false
+    out = plot_run(results, tmp_path / "accuracy.png")
+    assert out.read_bytes().startswith(PNG_MAGIC)

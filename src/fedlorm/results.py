@@ -186,7 +186,8 @@ def plot_run(
 
     rounds = [
         r for r in results.get("rounds") or []
-        if r.get("seen_accuracy") is not None and r.get("task") is not None
+        # Rows of steps that were not evaluated (train.eval_every_round=false) hold "" or None.
+        if r.get("seen_accuracy") not in (None, "") and r.get("task") is not None
     ]
     if rounds:
         by_task: dict[int, list[Mapping[str, Any]]] = {}
