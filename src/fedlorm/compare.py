@@ -141,9 +141,11 @@ def summarize_method(method: str, runs: Sequence[dict[str, Any]]) -> MethodSumma
     )
 
 
-def _pm(value: tuple[float, float]) -> str:
+def _pm(value: tuple[float, float], seeds: int) -> str:
     mean, std = value
-    return "–" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.2f}" if seeds == 1 else f"{mean:.2f} ± {std:.2f}"
 
 
 COLUMNS = [
@@ -161,9 +163,9 @@ def comparison_table(rows: Sequence[MethodSummary]) -> str:
     cells = [COLUMNS] + [
         [
             r.method,
-            _pm(r.final_accuracy),
-            _pm(r.average_incremental_accuracy),
-            _pm(r.forgetting),
+            _pm(r.final_accuracy, len(r.seeds)),
+            _pm(r.average_incremental_accuracy, len(r.seeds)),
+            _pm(r.forgetting, len(r.seeds)),
             f"{r.wall_seconds:.0f}",
             f"{r.upload_mb_per_client_round:.2f}",
         ]
