@@ -57,7 +57,8 @@ def _mode(alpha: float) -> str:
 
 
 class LoRMClient(Client):
-    """Trains the round's factor and head rows; replies with LoRM's additive summands."""
+    """Trains the round's factor(s) and head rows; replies with the method's additive summands
+    (:mod:`fedlorm.methods.client_merge`), or with feature sums for the analytic head."""
 
     def update(
         self,
