@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedlorm import __version__
-from fedlorm.config import ConfigError, RunConfig, apply_overrides, load_toml, validate_config
-from fedlorm.presets import PRESETS, preset_config
+from fedlorm.config import ConfigError, RunConfig
+from fedlorm.presets import PRESETS, resolve_config
 
 __all__ = ["main"]
 
@@ -84,16 +84,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
-    cfg = preset_config(args.preset or "default")
-    if args.config is not None:
-        cfg = load_toml(args.config, base=cfg)
-    cfg = apply_overrides(cfg, args.overrides)
-    if args.method is not None:
-        cfg.method = args.method
-    if args.seed is not None:
-        cfg.seed = args.seed
-    validate_config(cfg)
-    return cfg
+    return resolve_config(
+        args.preset or "default", args.config, args.overrides, method=args.method, seed=args.seed
+    )
 
 
 def _output_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
@@ -195,11 +188,7 @@ def _command_compare(args: argparse.Namespace) -> int:
 
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     seeds = _int_list("--seeds", args.seeds)
-    cfg = preset_config(args.preset)
-    if args.config is not None:
-        cfg = load_toml(args.config, base=cfg)
-    cfg = apply_overrides(cfg, args.overrides)
-    validate_config(cfg)
+    cfg = resolve_config(args.preset, args.config, args.overrides)
     out = args.out or Path("runs") / f"compare-{args.preset}"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} exists and is not a directory")

@@ -7,13 +7,22 @@ plain, inspectable dict and a results file's ``config`` shows exactly what ran.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from fedlorm.config import ConfigError, RunConfig, config_from_dict
+from fedlorm.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    load_toml,
+    validate_config,
+)
 
 __all__ = ["PAPER_BACKBONE", "PAPER_PRESETS", "PAPER_SETTINGS", "PRESETS", "PaperSetting", "Preset",
-           "preset_config"]
+           "preset_config", "resolve_config"]
 
 
 @dataclass(frozen=True)
@@ -164,3 +173,25 @@ def preset_config(name: str) -> RunConfig:
             f"preset {name!r} is unknown; choose one of: {', '.join(sorted(PRESETS))}"
         )
     return config_from_dict(PRESETS[name].overrides)
+
+
+def resolve_config(
+    preset: str,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    method: str | None = None,
+    seed: int | None = None,
+) -> RunConfig:
+    """The command line's config: preset, then a TOML file, then ``key=value`` overrides, then
+    ``--method``/``--seed``; validated. Shared by ``run``, ``compare`` and ``flower``."""
+    cfg = preset_config(preset)
+    if config_file is not None:
+        cfg = load_toml(config_file, base=cfg)
+    cfg = apply_overrides(cfg, overrides)
+    if method is not None:
+        cfg.method = method
+    if seed is not None:
+        cfg.seed = seed
+    validate_config(cfg)
+    return cfg

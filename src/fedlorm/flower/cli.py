@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlorm.config import ConfigError, RunConfig, apply_overrides, load_toml, validate_config
+from fedlorm.config import ConfigError, RunConfig
 from fedlorm.flower.settings import (
     RUNTIME_DEFAULTS,
     FlowerSettings,
@@ -31,7 +31,7 @@ from fedlorm.flower.settings import (
     run_config_for,
     to_toml,
 )
-from fedlorm.presets import preset_config
+from fedlorm.presets import resolve_config
 
 __all__ = ["add_parser", "main", "run"]
 
@@ -101,16 +101,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    cfg = preset_config(args.preset)
-    if args.config is not None:
-        cfg = load_toml(args.config, base=cfg)
-    cfg = apply_overrides(cfg, args.overrides)
-    if args.method is not None:
-        cfg.method = args.method
-    if args.seed is not None:
-        cfg.seed = args.seed
-    validate_config(cfg)
-    return cfg
+    return resolve_config(args.preset, args.config, args.overrides, method=args.method, seed=args.seed)
 
 
 def _output_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
