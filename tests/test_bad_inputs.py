@@ -138,6 +138,15 @@ CLI_CASES: dict[str, Case] = {
     "unknown-method": Case(run_args("--method", "nope"), "'nope'"),
     "impossible-partition": Case(run_args("scenario.num_clients=30"), "30"),
     "device-not-a-device": Case(run_args("train.device=tpu9"), "'tpu9'"),
+    "precision-unknown": Case(run_args("train.precision=fp8"), "'fp8'"),
+    "precision-the-device-cannot-run": Case(
+        run_args("train.precision=16-mixed", "train.device=cpu"), "needs a CUDA device"
+    ),
+    "augment-unknown": Case(run_args("data.augment=mixup"), "'mixup'"),
+    "augment-scale-out-of-range": Case(run_args("data.augment_scale=0"), "data.augment_scale = 0.0"),
+    "crop-pct-out-of-range": Case(run_args("data.crop_pct=1.5"), "data.crop_pct = 1.5"),
+    "normalize-unknown": Case(run_args("data.normalize=clip"), "'clip'"),
+    "head-init-unknown": Case(run_args("model.head_init=xavier"), "'xavier'"),
     # output directory
     "out-is-a-file": Case(lambda f, out: ["run", "--out", f["file"], *TINY], lambda f: f["file"]),
     "out-holds-results": Case(run_args(), "already holds results", out="results"),

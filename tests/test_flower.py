@@ -41,7 +41,7 @@ from fedlorm.flower.settings import (
     settings_from_run_config,
 )
 from fedlorm.flower.strategy import FedlormStrategy
-from fedlorm.methods import add_arrays
+from fedlorm.methods import add_arrays, payload_bytes
 from fedlorm.presets import preset_config
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.simulator import run_simulation
@@ -342,6 +342,7 @@ def test_a_stale_or_duplicate_reply_is_dropped(fault_setup):
         1, to_array_record(arrays), ConfigRecord(instruction.to_record()), grid
     )
     assert sorted(m.metadata.dst_node_id for m in messages) == [NODE0, NODE0 + 1, NODE0 + 3]
+    assert strategy.report.download_bytes == 3 * payload_bytes(arrays) > 0  # sent to three nodes
     strategy.aggregate_train(1, grid.send_and_receive(messages))
     assert [(d.partition, d.node_id, d.reason) for d in strategy.report.dropped] == [
         (2, -1, "no SuperNode serves it")
@@ -438,6 +439,7 @@ def test_flower_simulation_equals_the_in_process_run(tmp_path):
 
     assert rows(flower) == rows(local)
     assert flower["diagnostics"] == local["diagnostics"] and flower["upload_bytes"] == local["upload_bytes"]
+    assert flower["download_bytes"] == local["download_bytes"] > 0
     merged = load_file(str(out / SERVER_STATE))
     reference = exp.server.state_dict()
     assert merged.keys() == reference.keys() and any(k.startswith("merged.") for k in merged)

@@ -57,6 +57,27 @@ def test_the_18_presets_exist_and_match_the_table() -> None:
             0.0, alpha_head, "regmean", "reference")
         assert cfg.method == "lorm" and config_to_dict(cfg)["scenario"]["tasks"] == sc.tasks
     assert "86.95" in PRESETS["cifar100-b0.5"].description
+
+
+# The reference's input pipeline per dataset, written out again: train augmentation (RandomResizedCrop
+# minimum area or the policy), normalisation, test-time crop, interpolation.
+PIPELINE = {
+    "cifar100": ("random-resized-crop", 0.08, "half", "center-crop", "bicubic"),
+    "imagenet_r": ("random-resized-crop", 0.08, "half", "center-crop", "bilinear"),
+    "imagenet_a": ("random-resized-crop", 0.05, "imagenet", "center-crop", "bilinear"),
+    "cub200": ("resize-random-crop", 0.08, "imagenet", "center-crop", "bilinear"),
+    "cars196": ("flip", 0.08, "none", "resize", "bilinear"),
+    "eurosat": ("none", 0.08, "none", "center-crop", "bilinear"),
+}
+
+
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_paper_presets_use_the_references_pipeline(name: str) -> None:
+    cfg = preset_config(name)
+    d = cfg.data
+    assert (d.augment, d.augment_scale, d.normalize, d.test_crop, d.interpolation) == PIPELINE[d.datasets[0]]
+    assert d.crop_pct == 0.875 and d.augment_flip and d.augment_statistics  # Resize 256 → crop 224
+    assert (cfg.train.precision, cfg.model.head_init) == ("16-mixed", "trunc-normal")
     assert "82.76" in PRESETS["cifar100-b0.05"].description
 
 
@@ -76,7 +97,7 @@ def test_preset_builds_on_its_dataset(name: str, paper_root: Path, monkeypatch: 
     cfg.data.root = str(paper_root)
     cfg.data.image_size = 32  # stored and fed at 32 px: the layout and the scenario are what is tested
     cfg.model.backbone, cfg.model.weights = "test_vit", "random"
-    cfg.train.device = "cpu"
+    cfg.train.device, cfg.train.precision = "cpu", "32"  # the preset's 16-mixed needs CUDA
     exp = build_experiment(cfg)
 
     assert list(exp.scenario.task_sizes) == tasks

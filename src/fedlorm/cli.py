@@ -64,12 +64,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     compare.add_argument(
-        "--preset", default="default", help="named configuration (see `fedlorm presets`)"
+        "--preset",
+        default="default",
+        help="named configuration, or a comma-separated list of them, each compared in OUT/PRESET "
+        "(see `fedlorm presets`)",
     )
-    compare.add_argument("--config", type=Path, help="TOML file applied on top of the preset")
+    compare.add_argument("--config", type=Path, help="TOML file applied on top of every preset")
     compare.add_argument(
-        "--out", type=Path, help="output directory (default: runs/compare-PRESET); finished runs "
-        "in it are reused"
+        "--out", type=Path, help="output directory (default: runs/compare-PRESET, or "
+        "runs/compare-FIRST-and-N-more for several presets); finished runs in it are reused and "
+        "interrupted ones resumed from their checkpoints"
     )
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
     compare.add_argument(
@@ -176,33 +180,65 @@ def _int_list(option: str, text: str) -> list[int]:
     return values
 
 
-def _command_compare(args: argparse.Namespace) -> int:
-    from fedlorm.compare import (
-        check_methods,
-        comparison_table,
-        run_comparison,
-        summarize_method,
-        write_comparison,
-    )
-    from fedlorm.runtime.simulator import run_simulation
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
-    methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
-    seeds = _int_list("--seeds", args.seeds)
-    cfg = resolve_config(args.preset, args.config, args.overrides)
-    out = args.out or Path("runs") / f"compare-{args.preset}"
+
+def _compare_out(args: argparse.Namespace, presets: Sequence[str]) -> Path:
+    """``--out``, or runs/compare-PRESET (one preset), runs/compare-FIRST-and-N-more (several)."""
+    name = presets[0] if len(presets) == 1 else f"{presets[0]}-and-{len(presets) - 1}-more"
+    out = args.out or Path("runs") / f"compare-{name}"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
+    return out
+
+
+def _command_compare(args: argparse.Namespace) -> int:
+    from fedlorm.compare import check_methods, check_presets, run_comparisons
+    from fedlorm.runtime.simulator import resume_simulation, run_simulation
+
+    methods = check_methods(_names(args.methods))
+    seeds = _int_list("--seeds", args.seeds)
+    presets = check_presets(_names(args.preset))
+    bases = {name: resolve_config(name, args.config, args.overrides) for name in presets}
+    out = _compare_out(args, presets)
 
     def run(run_cfg: RunConfig, run_dir: Path) -> dict:
         print(f"{run_cfg.method}, seed {run_cfg.seed} → {run_dir}", flush=True)
         return run_simulation(run_cfg, run_dir, progress=not args.quiet)
 
-    by_method = run_comparison(cfg, methods, seeds, out, run=run)
-    rows = [summarize_method(m, runs) for m, runs in by_method.items()]
-    paths = write_comparison(rows, out, title=f"{args.preset}, seeds {args.seeds}")
-    print(comparison_table(rows))
-    print(f"table: {paths['md']}  csv: {paths['csv']}  plot: {paths['png']}")
+    def resume(run_cfg: RunConfig, run_dir: Path) -> dict:
+        print(f"{run_cfg.method}, seed {run_cfg.seed} → {run_dir} (resuming its checkpoint)", flush=True)
+        return resume_simulation(run_dir, progress=not args.quiet)
+
+    results = run_comparisons(bases, methods, seeds, out, run=run, resume=resume)
+    _report_comparison(results, out, args.seeds)
     return 0
+
+
+def _report_comparison(results: dict[str, dict[str, list[dict]]], out: Path, seeds: str) -> None:
+    """Each preset's table, CSV and plot in its directory, with several presets a combined table and
+    CSV (preset column) in ``out``; print the table."""
+    from fedlorm.compare import (
+        comparison_dirs,
+        comparison_table,
+        summarize_method,
+        write_comparison,
+        write_table,
+    )
+
+    dirs, rows = comparison_dirs(list(results), out), []
+    for preset, by_method in results.items():
+        preset_rows = [summarize_method(m, runs, preset=preset) for m, runs in by_method.items()]
+        paths = write_comparison(preset_rows, dirs[preset], title=f"{preset}, seeds {seeds}")
+        rows.extend(preset_rows)
+    if len(results) == 1:
+        print(comparison_table(rows))
+        print(f"table: {paths['md']}  csv: {paths['csv']}  plot: {paths['png']}")
+        return
+    paths = write_table(rows, out, preset_column=True)
+    print(comparison_table(rows, preset_column=True))
+    print(f"table: {paths['md']}  csv: {paths['csv']}  (each preset's table and plot: {out}/PRESET)")
 
 
 def _command_presets() -> int:

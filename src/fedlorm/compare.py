@@ -2,30 +2,54 @@
 order), summarised as mean ± std over seeds in a markdown table, a CSV file and a plot.
 
 Each run keeps its own directory ``OUT/METHOD/sSEED`` with the usual results files, so an interrupted
-comparison resumes: finished runs of the same config are read back, not repeated.
+comparison resumes: finished runs of the same config are read back, not repeated, and a run that was
+interrupted continues from its checkpoint. Several presets are compared in one go under
+``OUT/PRESET/METHOD/sSEED``, each with its own table, plus a combined table with a preset column.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedlorm.config import ConfigError, RunConfig, config_from_plain, config_to_dict, validate_config
 from fedlorm.methods import JOINT, METHODS, joint_config
+from fedlorm.presets import PRESETS, published_accuracy
 from fedlorm.results import plot_comparison
+from fedlorm.runtime.checkpoint import CheckpointError, find_checkpoint, load_record, remove_checkpoint
 
-__all__ = ["MethodSummary", "comparison_table", "run_comparison", "summarize_method", "write_comparison"]
+__all__ = [
+    "MethodSummary",
+    "PlannedRun",
+    "check_methods",
+    "check_presets",
+    "comparison_dirs",
+    "comparison_table",
+    "execute_comparison",
+    "plan_comparison",
+    "run_comparison",
+    "run_comparisons",
+    "summarize_method",
+    "write_comparison",
+    "write_table",
+]
 
 logger = logging.getLogger(__name__)
 
 RUN_FILES = ("results.json", "metrics.csv", "accuracy.png")
+PUBLISHED_METHOD = "lorm"
+"""The method whose rows show the paper's published accuracy (the paper reports LoRM's)."""
+
+Runner = Callable[[RunConfig, Path], dict[str, Any]]
+"""``runner(cfg, run_dir)``: run (or resume) one run in ``run_dir`` and return its results dict."""
 
 
 @dataclass
@@ -40,6 +64,19 @@ class MethodSummary:
     wall_seconds: float
     upload_mb_per_client_round: float
     seen_accuracy: tuple[list[float], list[float]]
+    download_mb_per_client_round: float | None = None
+    paper_final_accuracy: float | None = None
+    preset: str | None = None
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a comparison: its method, seed, config and directory."""
+
+    method: str
+    seed: int
+    cfg: RunConfig
+    run_dir: Path
 
 
 def method_config(base: RunConfig, method: str, seed: int) -> RunConfig:
@@ -61,6 +98,37 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return list(methods)
 
 
+def check_presets(presets: Sequence[str]) -> list[str]:
+    """The preset names, each known and listed once; a one-line error otherwise."""
+    if not presets:
+        raise ConfigError("--preset is empty; give a preset or a comma-separated list of presets")
+    for name in presets:
+        if name not in PRESETS:
+            raise ConfigError(f"preset {name!r} is unknown; choose from: {', '.join(sorted(PRESETS))}")
+    if len(set(presets)) != len(presets):
+        raise ConfigError(f"--preset lists a preset twice: {','.join(presets)}")
+    return list(presets)
+
+
+def comparison_dirs(presets: Sequence[str], out: Path) -> dict[str, Path]:
+    """Each preset's comparison directory: ``out`` itself for one preset (the single-preset layout,
+    so earlier comparisons still resume), ``out/PRESET`` for several."""
+    if len(presets) == 1:
+        return {presets[0]: out}
+    return {name: out / name for name in presets}
+
+
+def _plain(cfg: RunConfig) -> dict[str, Any]:
+    """``cfg`` as it reads back from a JSON file (tuples become lists), for comparing stored configs."""
+    return json.loads(json.dumps(config_to_dict(cfg)))
+
+
+def _other_config(run_dir: Path) -> ConfigError:
+    return ConfigError(
+        f"{str(run_dir)!r} holds a run of another config; choose another --out or remove it"
+    )
+
+
 def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The stored results of ``run_dir`` if it holds a finished run of exactly ``cfg``."""
     path = run_dir / "results.json"
@@ -70,13 +138,94 @@ def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    wanted = json.loads(json.dumps(config_to_dict(cfg)))
-    if results.get("config") != wanted:
-        raise ConfigError(
-            f"{str(run_dir)!r} holds a run of another config; choose another --out or remove it"
-        )
+    if results.get("config") != _plain(cfg):
+        raise _other_config(run_dir)
     sizes = results.get("scenario", {}).get("task_sizes", [])
     return results if results.get("tasks_completed") == len(sizes) else None
+
+
+def _resumable(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether ``run_dir`` holds a checkpoint of exactly ``cfg`` (an interrupted run to continue).
+
+    A checkpoint of another config is an error, as is an unreadable one: it is never deleted here.
+    """
+    if find_checkpoint(run_dir) is None:
+        return False
+    try:
+        record = load_record(run_dir)
+    except CheckpointError as err:
+        raise ConfigError(f"{err}; remove {str(run_dir)!r} or choose another --out") from None
+    if record.get("config") != _plain(cfg):
+        raise _other_config(run_dir)
+    return True
+
+
+def plan_comparison(
+    base: RunConfig, methods: Sequence[str], seeds: Sequence[int], out: Path
+) -> list[PlannedRun]:
+    """Every method × seed under ``out``, each config validated and each directory checked, so that
+    bad input (or a run of another config in the way) fails before any training."""
+    plan = [
+        PlannedRun(m, s, method_config(base, m, s), out / m / f"s{s}")
+        for s in seeds
+        for m in check_methods(methods)
+    ]
+    for planned in plan:
+        validate_config(planned.cfg)
+    for planned in plan:
+        _finished(planned.run_dir, planned.cfg)
+        _resumable(planned.run_dir, planned.cfg)
+    return plan
+
+
+def _run_one(planned: PlannedRun, run: Runner, resume: Runner | None) -> dict[str, Any]:
+    """Read back a finished run, continue an interrupted one from its checkpoint, or start afresh."""
+    method, seed, cfg, run_dir = planned.method, planned.seed, planned.cfg, planned.run_dir
+    # Looked up just before the run, so a second compare on other methods can share ``out``.
+    results = _finished(run_dir, cfg)
+    if results is not None:
+        logger.info("%s, seed %d: finished run found in %s", method, seed, run_dir)
+        return results
+    if resume is not None and _resumable(run_dir, cfg):
+        logger.info("resuming %s, seed %d from the checkpoint in %s", method, seed, run_dir)
+        return resume(cfg, run_dir)
+    logger.info("running %s, seed %d → %s", method, seed, run_dir)
+    created = _make_dirs(run_dir)
+    remove_checkpoint(run_dir)
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    try:
+        return run(cfg, run_dir)
+    except BaseException:
+        for folder in created:  # a run that failed before writing anything (bad data, device) leaves nothing
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only ever removes an empty directory
+        raise
+
+
+def _make_dirs(run_dir: Path) -> list[Path]:
+    """Create ``run_dir`` and its missing parents; return the created ones, deepest first."""
+    created, folder = [], run_dir
+    while not folder.exists():
+        created.append(folder)
+        folder = folder.parent
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def execute_comparison(
+    plan: Sequence[PlannedRun], *, run: Runner, resume: Runner | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Do every planned run in order; return results by method (plan order), in seed order.
+
+    ``run(cfg, run_dir)`` starts a run and ``resume(cfg, run_dir)`` continues the checkpointed one
+    in ``run_dir`` (the CLI passes the simulator's); without ``resume`` an interrupted run starts over.
+    A run that raises stops the comparison; the runs finished before it stay on disk for the rerun.
+    """
+    by_method: dict[str, list[dict[str, Any]]] = {p.method: [] for p in plan}
+    for planned in plan:
+        by_method[planned.method].append(_run_one(planned, run, resume))
+    return by_method
 
 
 def run_comparison(
@@ -85,33 +234,30 @@ def run_comparison(
     seeds: Sequence[int],
     out: Path,
     *,
-    run: Callable[[RunConfig, Path], dict[str, Any]],
+    run: Runner,
+    resume: Runner | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Run (or read back) every method × seed under ``out``; return results by method, seed order.
+    """Run (or read back, or resume) every method × seed under ``out``; results by method, seed order.
 
-    ``run(cfg, run_dir)`` does one run and writes its files (the CLI passes the simulator). Every
-    config is validated before the first run starts.
+    Every config is validated before the first run starts (:func:`plan_comparison`).
     """
-    plan = [(m, s, method_config(base, m, s)) for s in seeds for m in check_methods(methods)]
-    for _, _, cfg in plan:
-        validate_config(cfg)
-    for method, seed, cfg in plan:  # a run of another config fails here, before any training
-        _finished(out / method / f"s{seed}", cfg)
-    by_method: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    for method, seed, cfg in plan:
-        run_dir = out / method / f"s{seed}"
-        # Looked up just before the run, so a second compare on other methods can share ``out``.
-        results = _finished(run_dir, cfg)
-        if results is None:
-            logger.info("running %s, seed %d → %s", method, seed, run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            for name in RUN_FILES:
-                (run_dir / name).unlink(missing_ok=True)
-            results = run(cfg, run_dir)
-        else:
-            logger.info("%s, seed %d: finished run found in %s", method, seed, run_dir)
-        by_method[method].append(results)
-    return by_method
+    return execute_comparison(plan_comparison(base, methods, seeds, out), run=run, resume=resume)
+
+
+def run_comparisons(
+    bases: Mapping[str, RunConfig],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out: Path,
+    *,
+    run: Runner,
+    resume: Runner | None = None,
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """:func:`run_comparison` for every preset (``bases``: preset name → config) in its own directory
+    (:func:`comparison_dirs`); every preset × method × seed is planned before the first run starts."""
+    dirs = comparison_dirs(list(bases), out)
+    plans = {name: plan_comparison(cfg, methods, seeds, dirs[name]) for name, cfg in bases.items()}
+    return {name: execute_comparison(plan, run=run, resume=resume) for name, plan in plans.items()}
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
@@ -121,14 +267,27 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
     return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
 
 
-def summarize_method(method: str, runs: Sequence[dict[str, Any]]) -> MethodSummary:
-    """Mean ± std over seeds of one method's final accuracy, AIA, forgetting; mean cost."""
+def _mb_per_client_round(results: dict[str, Any], key: str) -> float | None:
+    """``results[key]`` (bytes over the whole run) in MB per client and protocol step; None if absent."""
+    total = results.get(key)
+    if total is None:
+        return None
+    return total / (results["config"]["scenario"]["num_clients"] * len(results["rounds"])) / 1e6
+
+
+def summarize_method(
+    method: str, runs: Sequence[dict[str, Any]], *, preset: str | None = None
+) -> MethodSummary:
+    """Mean ± std over seeds of one method's final accuracy, AIA, forgetting; mean cost.
+
+    Download is averaged over the runs that record it (results files from before it was recorded
+    lack it). ``preset`` names the setting, so that LoRM's row carries the paper's accuracy for it.
+    """
     per_task = [r["accuracy_per_task"] for r in runs]
     curves = list(zip(*per_task, strict=True))
-    upload = [
-        r["upload_bytes"] / (r["config"]["scenario"]["num_clients"] * len(r["rounds"])) / 1e6
-        for r in runs
-    ]
+    upload = [_mb_per_client_round(r, "upload_bytes") for r in runs]
+    download = [mb for mb in (_mb_per_client_round(r, "download_bytes") for r in runs) if mb is not None]
+    published = published_accuracy(preset) if preset is not None and method == PUBLISHED_METHOD else None
     return MethodSummary(
         method=method,
         seeds=[int(r["seed"]) for r in runs],
@@ -138,6 +297,9 @@ def summarize_method(method: str, runs: Sequence[dict[str, Any]]) -> MethodSumma
         wall_seconds=statistics.fmean(r["wall_seconds"] for r in runs),
         upload_mb_per_client_round=statistics.fmean(upload),
         seen_accuracy=([_mean_std(c)[0] for c in curves], [_mean_std(c)[1] for c in curves]),
+        download_mb_per_client_round=statistics.fmean(download) if download else None,
+        paper_final_accuracy=published,
+        preset=preset,
     )
 
 
@@ -151,49 +313,91 @@ def _pm(value: tuple[float, float], seeds: int) -> str:
 COLUMNS = [
     "method",
     "final acc (%)",
+    "paper (%)",
     "avg inc acc (%)",
     "forgetting",
     "wall (s)",
     "upload / client / round (MB)",
+    "download / client / round (MB)",
 ]
+CSV_FIELDS = [
+    "method",
+    "seeds",
+    "final_mean",
+    "final_std",
+    "paper_final",
+    "aia_mean",
+    "aia_std",
+    "forgetting_mean",
+    "forgetting_std",
+    "wall_seconds_mean",
+    "upload_mb_per_client_round",
+    "download_mb_per_client_round",
+]
+PRESET_COLUMN = "preset"
+"""First column of the combined table and CSV of a comparison over several presets."""
 
 
-def comparison_table(rows: Sequence[MethodSummary]) -> str:
-    """Markdown table, one row per method (mean ± std over seeds)."""
-    cells = [COLUMNS] + [
-        [
-            r.method,
-            _pm(r.final_accuracy, len(r.seeds)),
-            _pm(r.average_incremental_accuracy, len(r.seeds)),
-            _pm(r.forgetting, len(r.seeds)),
-            f"{r.wall_seconds:.0f}",
-            f"{r.upload_mb_per_client_round:.2f}",
-        ]
-        for r in rows
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _table_cells(r: MethodSummary) -> list[str]:
+    """One markdown row's cells, in :data:`COLUMNS` order."""
+    seeds = len(r.seeds)
+    return [
+        r.method,
+        _pm(r.final_accuracy, seeds),
+        _number(r.paper_final_accuracy),
+        _pm(r.average_incremental_accuracy, seeds),
+        _pm(r.forgetting, seeds),
+        f"{r.wall_seconds:.0f}",
+        _number(r.upload_mb_per_client_round),
+        _number(r.download_mb_per_client_round),
     ]
-    widths = [max(len(row[c]) for row in cells) for c in range(len(COLUMNS))]
+
+
+def _csv_cells(r: MethodSummary) -> list[Any]:
+    """One CSV row, in :data:`CSV_FIELDS` order; a value that is not known is an empty cell."""
+    return [
+        r.method, " ".join(map(str, r.seeds)), *r.final_accuracy,
+        "" if r.paper_final_accuracy is None else r.paper_final_accuracy,
+        *r.average_incremental_accuracy, *r.forgetting, r.wall_seconds, r.upload_mb_per_client_round,
+        "" if r.download_mb_per_client_round is None else r.download_mb_per_client_round,
+    ]
+
+
+def comparison_table(rows: Sequence[MethodSummary], *, preset_column: bool = False) -> str:
+    """Markdown table, one row per method (mean ± std over seeds); ``preset_column`` puts each row's
+    preset first, for the combined table of several presets."""
+    lead = [PRESET_COLUMN] if preset_column else []
+    cells = [lead + COLUMNS] + [([r.preset or ""] if preset_column else []) + _table_cells(r) for r in rows]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(cells[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
-    rule = "|" + "|".join("-" * (w + 1) + (":" if k else "-") for k, w in enumerate(widths)) + "|"
+    texts = len(lead) + 1  # the name columns are left-aligned, the numbers right-aligned
+    rule = "|" + "|".join("-" * (w + 1) + ("-" if k < texts else ":") for k, w in enumerate(widths)) + "|"
     return "\n".join([lines[0], rule, *lines[1:]])
+
+
+def write_table(
+    rows: Sequence[MethodSummary], out: Path, *, preset_column: bool = False
+) -> dict[str, Path]:
+    """``comparison.md`` and ``comparison.csv`` in ``out`` (with a preset column if asked)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "comparison.md", "csv": out / "comparison.csv"}
+    paths["md"].write_text(comparison_table(rows, preset_column=preset_column) + "\n")
+    with paths["csv"].open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(([PRESET_COLUMN] if preset_column else []) + CSV_FIELDS)
+        for r in rows:
+            writer.writerow(([r.preset or ""] if preset_column else []) + _csv_cells(r))
+    return paths
 
 
 def write_comparison(rows: Sequence[MethodSummary], out: Path, title: str = "") -> dict[str, Path]:
     """``comparison.md``, ``comparison.csv`` and ``comparison.png`` in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out / "comparison.md", "csv": out / "comparison.csv", "png": out / "comparison.png"}
-    paths["md"].write_text(comparison_table(rows) + "\n")
-    with paths["csv"].open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            ["method", "seeds", "final_mean", "final_std", "aia_mean", "aia_std", "forgetting_mean",
-             "forgetting_std", "wall_seconds_mean", "upload_mb_per_client_round"]
-        )
-        for r in rows:
-            writer.writerow(
-                [r.method, " ".join(map(str, r.seeds)), *r.final_accuracy,
-                 *r.average_incremental_accuracy, *r.forgetting, r.wall_seconds,
-                 r.upload_mb_per_client_round]
-            )
+    paths = write_table(rows, out)
+    paths["png"] = out / "comparison.png"
     curves = {r.method: r.seen_accuracy for r in rows if len(r.seen_accuracy[0]) > 1}
     levels = {r.method: r.final_accuracy[0] for r in rows if len(r.seen_accuracy[0]) == 1}
     plot_comparison(curves, paths["png"], title=title, levels=levels)

@@ -37,7 +37,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Which images, how many, at what size."""
+    """Which images, how many, at what size; how they are preprocessed and augmented.
+
+    ``test_crop``: ``resize`` to image_size, or ``center-crop`` (shorter side to
+    image_size / crop_pct, then the centre crop; photo datasets are then stored at that size).
+    ``augment``: the training augmentation (``flip``, ``random-resized-crop`` with minimum area
+    ``augment_scale``, ``resize-random-crop``; ``augment_flip`` adds a horizontal flip to the
+    crops), also applied in the statistics passes unless ``augment_statistics`` is false.
+    ``normalize``: ``model`` (the backbone's own mean/std), ``half`` (0.5/0.5), ``imagenet``, ``none``.
+    """
 
     datasets: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist"])
     root: str | None = None
@@ -46,6 +54,14 @@ class DataConfig:
     train_per_class: int | None = 200
     test_per_class: int | None = 100
     validation_per_class: int | None = None
+    normalize: Literal["model", "half", "imagenet", "none"] = "model"
+    test_crop: Literal["resize", "center-crop"] = "resize"
+    crop_pct: float = 0.875
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    augment: Literal["none", "flip", "random-resized-crop", "resize-random-crop"] = "none"
+    augment_scale: float = 0.08
+    augment_flip: bool = True
+    augment_statistics: bool = True
 
 
 @dataclass
@@ -68,11 +84,16 @@ class ModelConfig:
     rank: int = 4
     scaling: float = 1.0
     targets: str | None = None
+    head_init: Literal["zeros", "trunc-normal"] = "zeros"
 
 
 @dataclass
 class TrainConfig:
-    """Rounds per task and the clients' local optimisation (AdamW, masked cross-entropy)."""
+    """Rounds per task and the clients' local optimisation (AdamW, masked cross-entropy).
+
+    ``precision``: ``32``, ``bf16-mixed`` (autocast to bfloat16) or ``16-mixed`` (autocast to
+    float16 with a gradient scaler, CUDA only); statistics always accumulate in float64.
+    """
 
     rounds: int = 4
     local_epochs: int = 2
@@ -86,6 +107,7 @@ class TrainConfig:
     eval_every_round: bool = True
     device: str = "auto"
     threads: int | None = None
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
 
 
 @dataclass
@@ -221,6 +243,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(errors[0] if errors else f"config key {key!r} got {value!r}")
     if origin is Literal:
         allowed = get_args(hint)
+        if isinstance(value, int) and not isinstance(value, bool) and str(value) in allowed:
+            value = str(value)  # train.precision=32 parses as the integer 32
         if value not in allowed:
             raise ConfigError(
                 f"config key {key!r} got {value!r}; allowed: {', '.join(map(str, allowed))}"
@@ -347,6 +371,19 @@ def validate_config(cfg: RunConfig) -> None:
         ),
         ("lorm.ridge", cfg.lorm.ridge, cfg.lorm.ridge >= 0, "a number >= 0"),
         ("lorm.head_ridge", cfg.lorm.head_ridge, cfg.lorm.head_ridge > 0, "a number > 0"),
+        ("data.crop_pct", cfg.data.crop_pct, 0 < cfg.data.crop_pct <= 1, "a number in (0, 1]"),
+        (
+            "data.augment_scale",
+            cfg.data.augment_scale,
+            0 < cfg.data.augment_scale <= 1,
+            "a number in (0, 1]",
+        ),
+        (
+            "data.augment_flip",
+            cfg.data.augment_flip,
+            cfg.data.augment_flip or cfg.data.augment != "flip",
+            "true when data.augment = 'flip' (false would leave nothing to augment)",
+        ),
     ]
     for name in ("lr", "lr_a", "lr_b", "lr_head"):
         value = getattr(cfg.train, name)

@@ -1,11 +1,11 @@
 """LoRA layers that wrap a frozen ``nn.Linear`` or 1×1 ``nn.Conv2d``.
 
 Why not peft's ``LoraLayer``: LoRM trains one factor per round (B, then A, ...), writes closed-form
-server solutions straight into the factors, adds a frozen dense update (the merged update of earlier
-tasks) next to the trainable one, and hooks the layer's input for statistics. peft's layer is built
-around named adapters, dropout, merging and variants, not around per-round factor switching and
-in-place closed-form writes, so we keep a small layer of our own and speak peft's format on disk
-(see :mod:`fedlorm.adapters.peft_io`).
+server solutions straight into the factors, adds a frozen update, dense or as a factor pair (the
+merged update of earlier tasks), next to the trainable one, and hooks the layer's input for
+statistics. peft's layer is built around named adapters, dropout, merging and variants, not around
+per-round factor switching and in-place closed-form writes, so we keep a small layer of our own and
+speak peft's format on disk (see :mod:`fedlorm.adapters.peft_io`).
 
 Conventions (the paper's): ``ΔW = scaling · B A`` with ``B ∈ R^{d_out×r}``, ``A ∈ R^{r×d_in}``,
 ``scaling = 1.0`` by default (no α/r), ``B = 0`` and ``A`` kaiming-uniform at reset.
@@ -45,13 +45,14 @@ def check_pointwise_conv(conv: nn.Conv2d) -> None:
 
 
 class LoRALayer(nn.Module):
-    """Base of the LoRA wrappers: ``y = base(x) + x·fixed_deltaᵀ + scaling·(x Aᵀ) Bᵀ``.
+    """Base of the LoRA wrappers: ``y = base(x) + x·Fᵀ + scaling·(x Aᵀ) Bᵀ`` with F a frozen update.
 
     ``base`` is the wrapped module; the wrapper freezes its parameters. ``lora_A`` (r × d_in) and
     ``lora_B`` (d_out × r) are plain 2-D parameters in the base weight's dtype and device.
-    ``scaling`` is a plain float the caller may change. ``fixed_delta`` (d_out × d_in, or None) is
-    a frozen dense update added to the base weight: fedlorm keeps the merged update of earlier
-    tasks there. Subclasses say how a d_out × d_in matrix acts on their input.
+    ``scaling`` is a plain float the caller may change. The frozen update F (fedlorm keeps the
+    merged update of earlier tasks there) is None, dense (``fixed_delta``, d_out × d_in), or in
+    factor form F = ``fixed_B`` (d_out × k) · ``fixed_A`` (k × d_in), applied as two thin products
+    like the trainable pair. Subclasses say how a d_out × d_in matrix acts on their input.
     """
 
     fixed_delta: Tensor | None
@@ -81,6 +82,8 @@ class LoRALayer(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **kw))
         self.register_buffer("fixed_delta", None)
+        self.register_buffer("fixed_A", None)
+        self.register_buffer("fixed_B", None)
         self.reset_parameters()
 
     # How a (d_out' × d_in') matrix acts on this layer's input (A, fixed_delta) or on the rank-r
@@ -95,6 +98,8 @@ class LoRALayer(nn.Module):
         out = self.base(x)
         if self.fixed_delta is not None:
             out = out + self._apply_to_input(x, self.fixed_delta)
+        if self.fixed_A is not None and self.fixed_B is not None:
+            out = out + self._apply_to_hidden(self._apply_to_input(x, self.fixed_A), self.fixed_B)
         # Always computed: with B = 0 the branch is an exact (signed) zero, and adding ±0.0 leaves
         # every finite output bit-identical.
         lora = self._apply_to_hidden(self._apply_to_input(x, self.lora_A), self.lora_B)
@@ -103,8 +108,14 @@ class LoRALayer(nn.Module):
         return out + lora
 
     def delta_weight(self) -> Tensor:
-        """The trainable update ``scaling · B A`` (d_out × d_in); ``fixed_delta`` not included."""
+        """The trainable update ``scaling · B A`` (d_out × d_in); the frozen update not included."""
         return self.scaling * (self.lora_B @ self.lora_A)
+
+    def frozen_delta(self) -> Tensor | None:
+        """The frozen update as a dense d_out × d_in matrix, whatever its form (None if unset)."""
+        if self.fixed_A is not None and self.fixed_B is not None:
+            return self.fixed_B @ self.fixed_A
+        return self.fixed_delta
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -117,28 +128,54 @@ class LoRALayer(nn.Module):
             draw = torch.empty(A.shape, dtype=A.dtype, device=generator.device)
             A.copy_(nn.init.kaiming_uniform_(draw, a=math.sqrt(5), generator=generator))
 
-    def set_fixed_delta(self, delta: Tensor | None) -> None:
-        """Set (a detached copy, in the base's dtype/device) or clear the frozen dense update."""
+    def set_fixed_delta(self, delta: Tensor | tuple[Tensor, Tensor] | None) -> None:
+        """Set (detached copies, in the base's dtype/device) or clear the frozen update.
+
+        ``delta`` is a dense (d_out, d_in) matrix, a factor pair ``(B, A)`` with B (d_out, k) and
+        A (k, d_in) (cheaper to send and to apply when k·(d_out + d_in) < d_out·d_in), or None.
+        Setting one form clears the other.
+        """
+        self.fixed_delta = self.fixed_A = self.fixed_B = None
         if delta is None:
-            self.fixed_delta = None
+            return
+        if isinstance(delta, tuple):
+            B, A = delta
+            if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0] or (
+                (B.shape[0], A.shape[1]) != (self.out_features, self.in_features)
+            ):
+                raise ValueError(
+                    f"fixed factors must have shapes ({self.out_features}, k) and "
+                    f"(k, {self.in_features}), got {tuple(B.shape)} and {tuple(A.shape)}"
+                )
+            self.fixed_B, self.fixed_A = self._frozen_copy(B), self._frozen_copy(A)
             return
         shape = (self.out_features, self.in_features)
         if tuple(delta.shape) != shape:
             raise ValueError(
                 f"fixed_delta must have shape {shape} (d_out, d_in), got {tuple(delta.shape)}"
             )
+        self.fixed_delta = self._frozen_copy(delta)
+
+    def _frozen_copy(self, x: Tensor) -> Tensor:
         weight = self.base.weight
-        self.fixed_delta = delta.detach().to(dtype=weight.dtype, device=weight.device).clone()
+        return x.detach().to(dtype=weight.dtype, device=weight.device).clone()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # A None buffer is not an expected key: make room so that a checkpoint taken with a
-        # fixed_delta loads into a fresh layer (values are copied in by the base class).
-        if self.fixed_delta is None and prefix + "fixed_delta" in state_dict:
+        # A None buffer is not an expected key: make room (in the checkpoint's form and factor
+        # width) so that a checkpoint taken with a frozen update loads into a fresh layer (values
+        # are copied in by the base class).
+        B, A = state_dict.get(prefix + "fixed_B"), state_dict.get(prefix + "fixed_A")
+        if B is not None and A is not None:
+            if self.fixed_B is None or self.fixed_B.shape != B.shape:
+                self.set_fixed_delta((torch.zeros(B.shape), torch.zeros(A.shape)))
+        elif self.fixed_delta is None and prefix + "fixed_delta" in state_dict:
             self.set_fixed_delta(torch.zeros(self.out_features, self.in_features))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         fixed = "set" if self.fixed_delta is not None else "None"
+        if self.fixed_B is not None:
+            fixed = f"factors of width {self.fixed_B.shape[1]}"
         return f"rank={self.rank}, scaling={self.scaling}, fixed_delta={fixed}"
 
 
@@ -160,8 +197,9 @@ class LoRALinear(LoRALayer):
 class LoRAConv2d(LoRALayer):
     """LoRA around a 1×1 ``nn.Conv2d`` (groups=1, padding 0, any stride).
 
-    Per (strided) spatial position this is LoRALinear on the channel vector: A and fixed_delta are
-    applied with the base's stride, B at stride 1 (as peft does for convolutions).
+    Per (strided) spatial position this is LoRALinear on the channel vector: A, ``fixed_A`` and
+    ``fixed_delta`` are applied with the base's stride, B and ``fixed_B`` at stride 1 (as peft does
+    for convolutions).
     """
 
     def __init__(self, base: nn.Conv2d, rank: int, scaling: float = 1.0) -> None:

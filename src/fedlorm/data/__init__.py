@@ -26,14 +26,17 @@ from .loaders import (
     load_mnist,
     takes_size,
 )
+from .transforms import AUGMENTATIONS, Preprocessing
 
 __all__ = [
+    "AUGMENTATIONS",
     "DATASETS",
     "DEBIAN_FASHION_MNIST",
     "DEFAULT_STORAGE_SIZE",
     "MNIST5K_TEST_EVERY",
     "DatasetNotFoundError",
     "LabeledImages",
+    "Preprocessing",
     "class_incremental_union",
     "data_cache_dir",
     "decode_images",

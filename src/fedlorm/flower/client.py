@@ -60,5 +60,6 @@ def local_accuracy(
     shares = [exp.client_data(t)[partition] for t in range(task + 1)]
     images = torch.cat([share.images for share in shares])
     labels = torch.cat([share.labels for share in shares])
-    result = evaluate(exp.model, images, labels, exp.scenario, task, exp.cfg.train.eval_batch_size)
+    train = exp.cfg.train
+    result = evaluate(exp.model, images, labels, exp.scenario, task, train.eval_batch_size, train.precision)
     return result.seen_accuracy, len(labels)

@@ -147,6 +147,7 @@ def _row(exp: Experiment, instruction: Instruction, report: StepReport) -> dict[
         instruction,
         report.tally,
         upload_bytes=report.upload_bytes,
+        download_bytes=report.download_bytes,
         clients=clients,
         rejected=clients - len(report.merged),
     )

@@ -8,6 +8,7 @@ A train request holds the broadcast (``ArrayRecord`` "arrays") and the :class:`I
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ __all__ = [
     "encode_evaluation_reply",
     "encode_train_reply",
     "from_array_record",
+    "payload_bytes",
     "to_array_record",
 ]
 
@@ -46,6 +48,15 @@ _ECHO = ("task", "round", "phase")
 def to_array_record(arrays: Mapping[str, Tensor]) -> ArrayRecord:
     """Tensors → ``ArrayRecord`` (CPU numpy copies, dtype and shape kept)."""
     return ArrayRecord({key: Array(value.detach().cpu().numpy()) for key, value in arrays.items()})
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Tensor payload of a record, Σ numel·itemsize: the simulator's byte count of the same arrays.
+
+    ``ArrayRecord.count_bytes`` also counts each array's serialisation header and the keys, so it
+    is not used here.
+    """
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in record.values())
 
 
 def from_array_record(record: ArrayRecord) -> dict[str, Tensor]:

@@ -29,6 +29,7 @@ from fedlorm.flower.messages import (
     TrainReply,
     decode_evaluation_reply,
     decode_train_reply,
+    payload_bytes,
     to_array_record,
 )
 from fedlorm.methods import ClientReply, Instruction, Server
@@ -64,6 +65,8 @@ class StepReport:
     dropped: list[Dropped] = field(default_factory=list)
     tally: StepTally | None = None
     upload_bytes: int = 0
+    download_bytes: int = 0
+    """The broadcast's tensor payload times the SuperNodes it was sent to."""
 
     def to_record(self) -> dict[str, Any]:
         """Plain form for results.json."""
@@ -172,7 +175,9 @@ class FedlormStrategy(Strategy):
         instruction = Instruction.from_record(config)
         nodes = self._connected(grid)
         self._instruction = instruction
-        self.report = StepReport(step=step_name(instruction), nodes=nodes)
+        self.report = StepReport(
+            step=step_name(instruction), nodes=nodes, download_bytes=payload_bytes(arrays) * len(nodes)
+        )
         return self._messages(
             nodes, RecordDict({ARRAYS: arrays, CONFIG: config}), MessageType.TRAIN, server_round
         )
@@ -240,6 +245,7 @@ class FedlormStrategy(Strategy):
             "merged": len(report.merged),
             "dropped": len(report.dropped),
             "upload-bytes": report.upload_bytes,
+            "download-bytes": report.download_bytes,
         }
         tally = report.tally
         if tally is not None and instruction.phase == "train" and tally.examples:

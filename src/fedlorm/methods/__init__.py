@@ -8,6 +8,7 @@ from fedlorm.methods.base import (
     Instruction,
     Server,
     add_arrays,
+    payload_bytes,
 )
 from fedlorm.methods.client_merge import CLIENT_MERGES
 from fedlorm.methods.finetune import FinetuneClient, FinetuneServer
@@ -32,4 +33,5 @@ __all__ = [
     "Server",
     "add_arrays",
     "joint_config",
+    "payload_bytes",
 ]

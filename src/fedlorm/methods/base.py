@@ -36,6 +36,7 @@ __all__ = [
     "ReplySpec",
     "Server",
     "add_arrays",
+    "payload_bytes",
 ]
 
 
@@ -94,7 +95,12 @@ class ClientReply:
     @property
     def upload_bytes(self) -> int:
         """Bytes on the wire for the summands (tensor payload only)."""
-        return sum(t.numel() * t.element_size() for t in self.summands.values() if isinstance(t, Tensor))
+        return payload_bytes(self.summands)
+
+
+def payload_bytes(arrays: Mapping[str, Tensor]) -> int:
+    """Tensor payload of a set of arrays, Σ numel·element_size (what up- and download counts)."""
+    return sum(t.numel() * t.element_size() for t in arrays.values() if isinstance(t, Tensor))
 
 
 def add_arrays(total: Arrays | None, update: Mapping[str, Tensor]) -> Arrays:

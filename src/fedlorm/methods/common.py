@@ -12,6 +12,7 @@ from fedlorm.adapters import InputStatistics, LoRALayer, set_trainable_factor
 from fedlorm.backbones import Backbone
 from fedlorm.config import TrainConfig
 from fedlorm.methods.base import ClientData, Factor
+from fedlorm.precision import autocast, grad_scaler
 
 __all__ = [
     "HEAD",
@@ -32,15 +33,23 @@ def factor_key(layer: str, factor: str) -> str:
 
 
 def apply_arrays(model: Backbone, layers: Mapping[str, LoRALayer], arrays: Mapping[str, Tensor]) -> None:
-    """Copy the named arrays into the model in place; layers without a ``fixed_delta`` get none."""
+    """Copy the named arrays into the model in place.
+
+    A layer's frozen update comes as factors (``{layer}.fixed_B``, ``{layer}.fixed_A``) or dense
+    (``{layer}.fixed_delta``); a layer with neither gets none.
+    """
     with torch.no_grad():
         for name, layer in layers.items():
             for factor in ("A", "B"):
                 key = factor_key(name, factor)
                 if key in arrays:
                     getattr(layer, f"lora_{factor}").copy_(arrays[key])
+            fixed_b, fixed_a = arrays.get(f"{name}.fixed_B"), arrays.get(f"{name}.fixed_A")
             delta = arrays.get(f"{name}.fixed_delta")
-            layer.set_fixed_delta(None if delta is None else delta.to(layer.lora_A.dtype))
+            if fixed_b is not None and fixed_a is not None:
+                layer.set_fixed_delta((fixed_b, fixed_a))
+            else:
+                layer.set_fixed_delta(None if delta is None else delta.to(layer.lora_A.dtype))
         if f"{HEAD}.weight" in arrays:
             model.head.weight.copy_(arrays[f"{HEAD}.weight"])
             model.head.bias.copy_(arrays[f"{HEAD}.bias"])
@@ -72,13 +81,15 @@ def train_locally(
     weight_decay: float,
     generator: torch.Generator,
     train_head: bool = True,
+    precision: str = "32",
 ) -> float:
     """Train the chosen LoRA factor(s) and the current task's head rows; return the mean loss.
 
-    The loss sees only the current task's logits (class-incremental local training). The backbone
-    stays in eval mode: its normalisation statistics are pretrained and frozen, and every client must
-    see the same function. Head rows of other tasks are restored after training, so AdamW's decoupled
-    weight decay cannot shrink them.
+    The loss sees only the current task's logits (class-incremental local training). Batches go
+    through the model's training augmentation (seeded by ``generator``) and run at ``precision``.
+    The backbone stays in eval mode: its normalisation statistics are pretrained and frozen, and
+    every client must see the same function. Head rows of other tasks are restored after training,
+    so AdamW's decoupled weight decay cannot shrink them.
     """
     model.eval()
     model.requires_grad_(False)
@@ -97,17 +108,24 @@ def train_locally(
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     start, stop = classes.start, classes.stop
     device = model.head.weight.device
+    scaler = grad_scaler(device, precision)
     total, count = 0.0, 0
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=generator)
         for batch in order.split(batch_size):
-            images = data.images[batch].to(device, non_blocking=True)
+            images = model.training_input(data.images[batch].to(device, non_blocking=True), generator)
             targets = data.labels[batch].to(device) - start
-            logits = model(images)[:, start:stop]
-            loss = F.cross_entropy(logits, targets)
+            with autocast(device, precision):
+                logits = model(images)[:, start:stop]
+            loss = F.cross_entropy(logits.float(), targets)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             total += float(loss.detach()) * len(batch)
             count += len(batch)
     model.requires_grad_(False)
@@ -139,6 +157,7 @@ def train_with_config(
         lr_head=train.lr_head or train.lr,
         weight_decay=train.weight_decay,
         generator=generator,
+        precision=train.precision,
     )
 
 
@@ -158,11 +177,19 @@ def collect_statistics(
     *,
     modes: Mapping[str, str],
     batch_size: int,
+    precision: str = "32",
+    generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    """Input Grams (float64, full or diagonal per module) over every token of the client's data."""
+    """Input Grams (float64, full or diagonal per module) over every token of the client's data.
+
+    With ``generator`` the batches go through the training augmentation (as the LoRM reference
+    computes its statistics); without it, through the test-time transform. The network is in
+    eval mode either way.
+    """
     model.eval()
     device = model.head.weight.device
-    with InputStatistics(modules, mode=dict(modes)) as stats:
+    with InputStatistics(modules, mode=dict(modes)) as stats, autocast(device, precision):
         for batch in torch.arange(len(data)).split(batch_size):
-            model(data.images[batch].to(device, non_blocking=True))
+            images = data.images[batch].to(device, non_blocking=True)
+            model(images if generator is None else model.training_input(images, generator))
     return stats.grams()

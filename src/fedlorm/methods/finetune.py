@@ -26,7 +26,6 @@ from fedlorm.methods.base import (
     Server,
 )
 from fedlorm.methods.common import (
-    HEAD,
     apply_arrays,
     factor_key,
     shared_model_arrays,
@@ -72,9 +71,7 @@ class FinetuneServer(Server):
     def __init__(self, cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer]) -> None:
         super().__init__(cfg, model, layers)
         self.dtype = model.head.weight.dtype
-        self.state: Arrays = shared_model_arrays(model, layers)
-        self.state[f"{HEAD}.weight"].zero_()
-        self.state[f"{HEAD}.bias"].zero_()
+        self.state: Arrays = shared_model_arrays(model, layers)  # head as model.head_init made it
         self.started = False
 
     def start_task(self, task: int, classes: range, generator: torch.Generator) -> None:

@@ -48,12 +48,26 @@ from fedlorm.methods.common import (
     factor_key,
     train_with_config,
 )
+from fedlorm.precision import autocast
 
 __all__ = ["LoRMClient", "LoRMServer"]
+
+_FIXED_KEYS = (".fixed_delta", ".fixed_B", ".fixed_A")
+_DENSE = {"fixed": "fixed_delta", "earlier": "earlier_sum"}
+"""Broadcast key of a low-rank update's dense form, by the prefix of its factor keys."""
 
 
 def _mode(alpha: float) -> str:
     return "diag" if alpha == 0 else "full"
+
+
+def _earlier_update(arrays: Mapping[str, Tensor], name: str, t: int) -> tuple[Tensor, Tensor] | Tensor | None:
+    """(Σ_{j<t} ΔW_j)/(t + 1) for layer ``name`` from the broadcast: factors, dense, or none."""
+    factor_b, factor_a = arrays.get(f"{name}.earlier_B"), arrays.get(f"{name}.earlier_A")
+    if factor_b is not None and factor_a is not None:
+        return factor_b / (t + 1), factor_a
+    dense = arrays.get(f"{name}.earlier_sum")
+    return None if dense is None else dense / (t + 1)
 
 
 class LoRMClient(Client):
@@ -84,7 +98,8 @@ class LoRMClient(Client):
                 generator=generator,
             )
         layer_grams = instruction.phase == "task_stats" or merge.needs_grams
-        grams = self._statistics(arrays, instruction, data, layer_grams)
+        stats_rng = generator if self.cfg.data.augment_statistics else None
+        grams = self._statistics(arrays, instruction, data, layer_grams, stats_rng)
         summands: Arrays = {}
         for name, layer in self.layers.items():
             gram = merging.shrink_gram(grams[name], cfg.alpha_backbone) if layer_grams else None
@@ -97,9 +112,15 @@ class LoRMClient(Client):
         return ClientReply(summands=summands, num_examples=len(data), metrics=metrics)
 
     def _statistics(
-        self, arrays: Mapping[str, Tensor], instruction: Instruction, data: ClientData, layer_grams: bool
+        self,
+        arrays: Mapping[str, Tensor],
+        instruction: Instruction,
+        data: ClientData,
+        layer_grams: bool,
+        generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
-        """Grams through the statistics model: the trained one, or the authors' averaged one."""
+        """Grams through the statistics model: the trained one, or the authors' averaged one; on
+        augmented batches when ``generator`` is given (the reference's statistics pass)."""
         cfg = self.cfg.lorm
         modules: dict[str, nn.Module] = dict(self.layers) if layer_grams else {}
         modes = {name: _mode(cfg.alpha_backbone) for name in modules}
@@ -112,12 +133,17 @@ class LoRMClient(Client):
             # fed-mammoth: inputs through W0 + (Σ_{j<t} ΔW_j + current ΔW) / (t + 1).
             t = instruction.task
             for name, layer in self.layers.items():
-                earlier = arrays.get(f"{name}.earlier_sum")
-                layer.set_fixed_delta(None if earlier is None else earlier / (t + 1))
+                layer.set_fixed_delta(_earlier_update(arrays, name, t))
                 layer.scaling = self.cfg.model.scaling / (t + 1)
         try:
             return collect_statistics(
-                self.model, modules, data, modes=modes, batch_size=self.cfg.train.eval_batch_size
+                self.model,
+                modules,
+                data,
+                modes=modes,
+                batch_size=self.cfg.train.eval_batch_size,
+                precision=self.cfg.train.precision,
+                generator=generator,
             )
         finally:
             if cfg.stats_model == "reference":
@@ -126,20 +152,25 @@ class LoRMClient(Client):
                 apply_arrays(
                     self.model,
                     self.layers,
-                    {k: v for k, v in arrays.items() if k.endswith(".fixed_delta")},
+                    {k: v for k, v in arrays.items() if k.endswith(_FIXED_KEYS)},
                 )
 
     @torch.no_grad()
     def _analytic_summands(self, data: ClientData, instruction: Instruction) -> Arrays:
-        """F̂ᵀF̂ and F̂ᵀY of the deployed model's pooled features (Y: one-hot over the task's classes)."""
+        """F̂ᵀF̂ and F̂ᵀY of the deployed model's pooled features (Y: one-hot over the task's classes).
+
+        The images take the test-time transform: the head is fitted to features as they are at test
+        time, not to augmented ones.
+        """
         self.model.eval()
         device = self.model.head.weight.device
         width = instruction.class_stop - instruction.class_start
         gram, cross = None, None
         for batch in torch.arange(len(data)).split(self.cfg.train.eval_batch_size):
-            features = self.model.features(data.images[batch].to(device, non_blocking=True))
+            with autocast(device, self.cfg.train.precision):
+                features = self.model.features(data.images[batch].to(device, non_blocking=True))
             targets = nn.functional.one_hot(data.labels[batch] - instruction.class_start, width)
-            g, c = merging.analytic_head_summands(features.cpu(), targets.double())
+            g, c = merging.analytic_head_summands(features.float().cpu(), targets.double())
             gram, cross = (g, c) if gram is None else (gram + g, cross + c)
         return {f"{HEAD}.features.G": gram, f"{HEAD}.features.Y": cross}
 
@@ -159,7 +190,16 @@ class LoRMClient(Client):
 
 
 class LoRMServer(Server):
-    """Holds the current task's factors, the head and the cross-task sums P = Σ ΔW_t G_t, Q = Σ G_t."""
+    """Holds the current task's factors, the head and the cross-task sums P = Σ ΔW_t G_t, Q = Σ G_t.
+
+    The broadcast sends low-rank updates as factor pairs wherever that is exact and smaller than
+    the dense matrix: the earlier tasks' sum of the reference statistics model, Σ_t scaling·B_t A_t
+    (``{layer}.earlier_B``/``_A``, dense ``{layer}.earlier_sum``), and the deployed
+    ΔW = Σ_t scaling·B_t A_t diag(w_t) (``{layer}.fixed_B``/``_A``, dense ``{layer}.fixed_delta``),
+    which holds for diagonal statistics (w_t = p_t/Q, P = Σ_t scaling·B_t A_t diag(p_t)),
+    ``simple_mean`` and ``task_arithmetic``, from either task start. With full statistics the
+    deployed ΔW mixes input features and is always sent dense.
+    """
 
     def __init__(self, cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer]) -> None:
         super().__init__(cfg, model, layers)
@@ -175,12 +215,17 @@ class LoRMServer(Server):
         self.shapes = {name: (lay.out_features, lay.in_features, lay.rank) for name, lay in layers.items()}
         self.A = {name: lay.lora_A.detach().clone() for name, lay in layers.items()}
         self.B = {name: torch.zeros_like(lay.lora_B) for name, lay in layers.items()}
-        self.head_weight = torch.zeros_like(model.head.weight)
-        self.head_bias = torch.zeros_like(model.head.bias)
+        self.head_weight = model.head.weight.detach().clone()  # model.head_init decides
+        self.head_bias = model.head.bias.detach().clone()
         self.P: dict[str, Tensor] = {}
         self.Q: dict[str, Tensor] = {}
         self.merged: dict[str, Tensor] = {}
-        self.earlier_sum: dict[str, Tensor] = {}
+        # Per layer, every folded task's scaling·B_t side by side and A_t stacked (float64), and
+        # where the deployed ΔW has factor form, each task's coefficient row p_t (T × d_in).
+        self.task_B: dict[str, Tensor] = {}
+        self.task_A: dict[str, Tensor] = {}
+        self.task_P: dict[str, Tensor] = {}
+        self.factored = self._rule() != "closed_form" or cfg.lorm.alpha_backbone == 0
         self.task = -1
         self.task_finished = False
         self.tasks_folded = 0
@@ -212,8 +257,9 @@ class LoRMServer(Server):
             return self.deployed_arrays()
         out = self._training_arrays()
         if self.cfg.lorm.stats_model == "reference":
-            for name, total in self.earlier_sum.items():
-                out[f"{name}.earlier_sum"] = total
+            # The reference statistics model implies task_start="pretrained": ΔW_j = scaling·B_j A_j.
+            for name in self.shapes:
+                out.update(self._stack_arrays(name, "earlier", None))
         return out
 
     def aggregate(self, instruction: Instruction, sums: Arrays, num_examples: int) -> None:
@@ -272,8 +318,7 @@ class LoRMServer(Server):
         for name in self.shapes:
             out[factor_key(name, "A")] = self.A[name]
             out[factor_key(name, "B")] = torch.zeros_like(self.B[name])
-            if name in self.merged:
-                out[f"{name}.fixed_delta"] = self.merged[name]
+            out.update(self._merged_arrays(name))
         return out
 
     def state_dict(self) -> Arrays:
@@ -282,7 +327,9 @@ class LoRMServer(Server):
             ("P", self.P),
             ("Q", self.Q),
             ("merged", self.merged),
-            ("earlier_sum", self.earlier_sum),
+            ("task_B", self.task_B),
+            ("task_A", self.task_A),
+            ("task_P", self.task_P),
         ):
             out.update({f"{prefix}.{name}": value for name, value in table.items()})
         out["task"] = torch.tensor(self.task)
@@ -303,7 +350,9 @@ class LoRMServer(Server):
             ("P", self.P),
             ("Q", self.Q),
             ("merged", self.merged),
-            ("earlier_sum", self.earlier_sum),
+            ("task_B", self.task_B),
+            ("task_A", self.task_A),
+            ("task_P", self.task_P),
         ):
             table.clear()
             for name in self.shapes:
@@ -327,9 +376,76 @@ class LoRMServer(Server):
         for name in self.shapes:
             out[factor_key(name, "A")] = self.A[name]
             out[factor_key(name, "B")] = self.B[name]
-            if self.cfg.lorm.task_start == "merged" and name in self.merged:
-                out[f"{name}.fixed_delta"] = self.merged[name]
+            if self.cfg.lorm.task_start == "merged":
+                out.update(self._merged_arrays(name))
         return out
+
+    def _merged_arrays(self, name: str) -> Arrays:
+        """Layer ``name``'s deployed ΔW as broadcast: a factor pair where exact, else dense."""
+        if name not in self.merged:
+            return {}
+        if not self.factored:  # full statistics: (Σ ΔW_t G_t)(Σ G_t)⁻¹ has no factor form
+            return {f"{name}.fixed_delta": self.merged[name]}
+        return self._stack_arrays(name, "fixed", self._column_weights(name))
+
+    def _stack_arrays(self, name: str, prefix: str, weights: Tensor | None) -> Arrays:
+        """Σ_t scaling·B_t A_t diag(w_t) (w_t = 1 if None) in its cheaper exact form.
+
+        Factors ``{name}.{prefix}_B``, ``_A`` unless they hold at least as many numbers as the dense
+        matrix, which then goes as ``{name}.{_DENSE[prefix]}``. Rank-one terms that are zero (a zero
+        column of B_t, a zero row of A_t·diag(w_t)) are left out; with none left nothing is sent,
+        which the client reads as no update.
+        """
+        if name not in self.task_B:
+            return {}
+        B, A = self.task_B[name], self.task_A[name]
+        if weights is not None:
+            A = A * weights.repeat_interleave(self.shapes[name][2], dim=0)
+        keep = (B != 0).any(dim=0) & (A != 0).any(dim=1)
+        width, (d_out, d_in, _) = int(keep.sum()), self.shapes[name]
+        if width == 0:
+            return {}
+        if width * (d_out + d_in) >= d_out * d_in:
+            dense = self.merged[name] if prefix == "fixed" else (B @ A).to(self.dtype)
+            return {f"{name}.{_DENSE[prefix]}": dense}
+        return {f"{name}.{prefix}_B": B[:, keep].to(self.dtype), f"{name}.{prefix}_A": A[keep].to(self.dtype)}
+
+    def _column_weights(self, name: str) -> Tensor:
+        """The rows w_t (T × d_in) with deployed ΔW = Σ_t scaling·B_t A_t diag(w_t); 0 where Q = 0."""
+        p = self.task_P[name]
+        rule = self._rule()
+        if rule == "closed_form":  # diagonal statistics: ΔW = P diag(Q)⁻¹, merging._solve_right's rule
+            q = self.Q[name].to(p.device)
+            seen = q > 0
+            return torch.where(seen, p / torch.where(seen, q, torch.ones_like(q)), torch.zeros_like(p))
+        return p / self.tasks_folded if rule == "simple_mean" else p
+
+    def _stack_task(self, name: str, sums: Arrays | None) -> None:
+        """Append the current task's factors (and, where factored, its row p_t) to ``name``'s stacks.
+
+        Called before the fold updates Q and the task count, so that the deployed weights w_u of the
+        earlier tasks are still those the task trained on.
+        """
+        B = self.scaling * self.B[name].to(torch.float64)
+        A = self.A[name].to(torch.float64)
+        if self.factored:
+            rule, d_in = self._rule(), self.shapes[name][1]
+            g = torch.ones(d_in, dtype=torch.float64, device=B.device)
+            if rule == "closed_form":
+                assert sums is not None
+                g = sums[f"{name}.G"].to(B.device, torch.float64)
+            p = self.task_P.get(name)
+            if p is not None and self.cfg.lorm.task_start == "merged":
+                # ΔW_t includes the deployed Σ_{u<t} scaling·B_u A_u diag(w_u), so P gains w_u·g_t.
+                p = p + self._column_weights(name) * g
+            self.task_P[name] = g[None] if p is None else torch.cat([p, g[None]])
+        if name in self.task_B:
+            B, A = torch.cat([self.task_B[name], B], 1), torch.cat([self.task_A[name], A], 0)
+        self.task_B[name], self.task_A[name] = B, A
+
+    def _rule(self) -> str:
+        """The cross-task rule in effect (head-only trains no adapter: its task deltas are zero)."""
+        return self.cfg.lorm.cross_task if self.merge.schedule != "none" else "task_arithmetic"
 
     def _merge_head(self, sums: Arrays) -> None:
         n = sums[f"{HEAD}.n"]
@@ -370,9 +486,11 @@ class LoRMServer(Server):
 
         ``closed_form``: P += ΔW_t G_t, Q += G_t, ΔW = P Q⁻¹ (earlier value kept where Q = 0);
         ``simple_mean``: ΔW = (1/t) Σ ΔW_t; ``task_arithmetic``: ΔW = Σ ΔW_t (no statistics).
+        The task's factors also go onto the stacks the broadcast's factor pairs are built from.
         """
-        # head-only trains no adapter: its task deltas are zero and need no statistics.
-        rule = self.cfg.lorm.cross_task if self.merge.schedule != "none" else "task_arithmetic"
+        rule = self._rule()
+        for name in self.shapes:
+            self._stack_task(name, sums)
         self.tasks_folded += 1
         for name in self.shapes:
             delta = self._task_delta(name)
@@ -394,8 +512,4 @@ class LoRMServer(Server):
             else:
                 divisor = self.tasks_folded if rule == "simple_mean" else 1
                 self.merged[name] = (self.P[name] / divisor).to(self.dtype)
-            if self.cfg.lorm.stats_model == "reference":
-                # The reference statistics model implies task_start="pretrained", so ΔW_t = B_t A_t.
-                previous = self.earlier_sum.get(name)
-                self.earlier_sum[name] = (delta if previous is None else previous + delta).to(self.dtype)
         self.task_finished = True

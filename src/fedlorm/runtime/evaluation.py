@@ -9,6 +9,7 @@ from torch import Tensor
 
 from fedlorm.backbones import Backbone
 from fedlorm.fcl import Scenario
+from fedlorm.precision import autocast
 
 __all__ = ["Evaluation", "evaluate", "predict_logits"]
 
@@ -25,24 +26,31 @@ class Evaluation:
 
 
 @torch.no_grad()
-def predict_logits(model: Backbone, images: Tensor, batch_size: int) -> Tensor:
-    """Logits for ``images`` in batches (eval mode, CPU float32 result)."""
+def predict_logits(model: Backbone, images: Tensor, batch_size: int, precision: str = "32") -> Tensor:
+    """Logits for ``images`` in batches (eval mode, forward at ``precision``, CPU float32 result)."""
     model.eval()
     device = model.head.weight.device
-    outputs = [
-        model(batch.to(device, non_blocking=True)).float().cpu()
-        for batch in images.split(batch_size)
-    ]
+    with autocast(device, precision):
+        outputs = [
+            model(batch.to(device, non_blocking=True)).float().cpu()
+            for batch in images.split(batch_size)
+        ]
     return torch.cat(outputs) if outputs else torch.empty(0, model.num_classes)
 
 
 def evaluate(
-    model: Backbone, images: Tensor, labels: Tensor, scenario: Scenario, task: int, batch_size: int
+    model: Backbone,
+    images: Tensor,
+    labels: Tensor,
+    scenario: Scenario,
+    task: int,
+    batch_size: int,
+    precision: str = "32",
 ) -> Evaluation:
     """Evaluate after ``task`` on the test samples of tasks 0..task (labels are class positions)."""
     seen = scenario.seen_classes(task)
     mask = labels < seen.stop
-    logits = predict_logits(model, images[mask], batch_size)
+    logits = predict_logits(model, images[mask], batch_size, precision)
     targets = labels[mask]
     seen_logits = logits[:, : seen.stop]
     predictions = seen_logits.argmax(dim=1)

@@ -18,6 +18,7 @@ from fedlorm.backbones import Backbone, create_backbone
 from fedlorm.config import ConfigError, RunConfig, validate_config
 from fedlorm.data import (
     LabeledImages,
+    Preprocessing,
     class_incremental_union,
     load_dataset,
     per_class_split,
@@ -25,9 +26,10 @@ from fedlorm.data import (
 )
 from fedlorm.fcl import Scenario, dirichlet_partition, make_scenario
 from fedlorm.methods import JOINT, METHODS, Client, ClientData, Server, joint_config
+from fedlorm.precision import check_precision
 from fedlorm.seeding import derive_seed
 
-__all__ = ["Experiment", "build_experiment", "resolve_device"]
+__all__ = ["Experiment", "build_experiment", "build_model", "preprocessing", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +98,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def preprocessing(cfg: RunConfig) -> Preprocessing:
+    """The run's test-time transform and training augmentation (``data.*``)."""
+    data = cfg.data
+    return Preprocessing(
+        size=data.image_size,
+        test_crop=data.test_crop,
+        crop_pct=data.crop_pct,
+        interpolation=data.interpolation,
+        augmentation=data.augment,
+        augment_scale=data.augment_scale,
+        flip=data.augment_flip,
+    )
+
+
 def _load_split(cfg: RunConfig, split: str, per_class: int | None) -> LabeledImages:
     """The configured datasets' ``split`` (united class-incrementally), subsampled per class.
 
-    Photo datasets are stored at ``data.image_size`` (uint8), so the model needs no resize later.
+    Photo datasets are stored (uint8) at the size the test-time crop is taken from, so the model
+    needs at most a crop later.
     """
+    size = preprocessing(cfg).storage_size
     parts = [
-        load_dataset(
-            name, split, root=cfg.data.root, download=cfg.data.download, size=cfg.data.image_size
-        )
+        load_dataset(name, split, root=cfg.data.root, download=cfg.data.download, size=size)
         for name in cfg.data.datasets
     ]
     data = parts[0] if len(parts) == 1 else class_incremental_union(parts)
@@ -138,6 +154,27 @@ def _pretrained(weights: str) -> bool | Path:
     return Path(weights)
 
 
+def build_model(
+    cfg: RunConfig, num_classes: int, device: torch.device
+) -> tuple[Backbone, dict[str, LoRALayer]]:
+    """The run's frozen backbone with its head and LoRA layers on ``device`` (seeded by ``cfg.seed``)."""
+    torch.manual_seed(derive_seed(cfg.seed, "model"))
+    model = create_backbone(
+        cfg.model.backbone,
+        num_classes,
+        pretrained=_pretrained(cfg.model.weights),
+        img_size=cfg.data.image_size,
+        normalization=cfg.data.normalize,
+        head_init=cfg.model.head_init,
+        preprocessing=preprocessing(cfg),
+    )
+    model.requires_grad_(False)
+    layers = inject_lora(
+        model, cfg.model.targets or model.lora_targets, cfg.model.rank, cfg.model.scaling
+    )
+    return model.to(device), layers
+
+
 def build_experiment(cfg: RunConfig) -> Experiment:
     """Validate the config, then load data and build model and method (no training)."""
     validate_config(cfg)
@@ -148,6 +185,10 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     if cfg.method == JOINT:
         cfg = joint_config(cfg)
     device = resolve_device(cfg.train.device)
+    try:
+        check_precision(cfg.train.precision, device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     train_raw, test_raw = _train_and_evaluation_data(cfg)
@@ -161,18 +202,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     partitions = _partition(cfg, scenario, scenario.to_positions(train_raw.labels))
     train = _to_client_data(train_raw, scenario, cfg.data.image_size)
     test = _to_client_data(test_raw, scenario, cfg.data.image_size)
-    torch.manual_seed(derive_seed(cfg.seed, "model"))
-    model = create_backbone(
-        cfg.model.backbone,
-        num_classes,
-        pretrained=_pretrained(cfg.model.weights),
-        img_size=cfg.data.image_size,
-    )
-    model.requires_grad_(False)
-    layers = inject_lora(
-        model, cfg.model.targets or model.lora_targets, cfg.model.rank, cfg.model.scaling
-    )
-    model.to(device)
+    model, layers = build_model(cfg, num_classes, device)
     server_cls, client_cls = METHODS[cfg.method]
     logger.info(
         "built %s: %d classes in %d tasks, %d train / %d test images, %d LoRA layers",

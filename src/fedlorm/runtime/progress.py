@@ -26,12 +26,14 @@ class RunProgress:
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     upload_bytes: int = 0
+    download_bytes: int = 0
     elapsed: float = 0.0
 
     def step_done(self, row: Mapping[str, Any]) -> None:
         """Record one completed step's metrics row and move to the next step."""
         self.rounds.append(dict(row))
         self.upload_bytes += int(row.get("upload_bytes") or 0)
+        self.download_bytes += int(row.get("download_bytes") or 0)
         self.step += 1
 
     def task_done(

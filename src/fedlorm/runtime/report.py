@@ -41,6 +41,7 @@ METRICS_FIELDS = [
     "newest_task_fraction",
     "merge_seconds",
     "upload_bytes",
+    "download_bytes",
     "clients",
     "rejected",
 ]
@@ -77,10 +78,15 @@ def metrics_row(
     tally: StepTally | None,
     *,
     upload_bytes: int,
+    download_bytes: int,
     clients: int,
     rejected: int,
 ) -> dict[str, Any]:
-    """A step's metrics.csv row before evaluation; ``tally`` None: nothing was merged (state kept)."""
+    """A step's metrics.csv row before evaluation; ``tally`` None: nothing was merged (state kept).
+
+    ``upload_bytes``: the replies' tensor payload; ``download_bytes``: the broadcast's, summed over
+    the clients it was sent to.
+    """
     train = instruction.phase == "train"
     examples = tally.examples if tally is not None else 0
     return {
@@ -93,6 +99,7 @@ def metrics_row(
         "newest_task_fraction": "",
         "merge_seconds": round(tally.merge_seconds, 6) if tally is not None else 0.0,
         "upload_bytes": upload_bytes,
+        "download_bytes": download_bytes,
         "clients": clients,
         "rejected": rejected,
     }
@@ -102,7 +109,13 @@ def evaluate_step(exp: Experiment, task: int, row: dict[str, Any]) -> Evaluation
     """Evaluate the deployed model after a step of ``task``; its accuracies go into the step's ``row``."""
     apply_arrays(exp.model, exp.layers, exp.server.deployed_arrays())
     evaluation = evaluate(
-        exp.model, exp.test.images, exp.test.labels, exp.scenario, task, exp.cfg.train.eval_batch_size
+        exp.model,
+        exp.test.images,
+        exp.test.labels,
+        exp.scenario,
+        task,
+        exp.cfg.train.eval_batch_size,
+        exp.cfg.train.precision,
     )
     row["seen_accuracy"] = round(evaluation.seen_accuracy, 4)
     row["newest_task_fraction"] = round(evaluation.newest_task_fraction, 4)
@@ -162,6 +175,7 @@ def run_results(
         "tasks_completed": len(matrix),
         "wall_seconds": round(wall, 3),
         "upload_bytes": state.upload_bytes,
+        "download_bytes": state.download_bytes,
         "diagnostics": state.diagnostics,
         "rounds": state.rounds,
         **(extra or {}),

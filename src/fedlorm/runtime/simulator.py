@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fedlorm.config import RunConfig, config_from_plain, config_to_dict
-from fedlorm.methods import ClientData, ClientReply, Instruction, Server, add_arrays
+from fedlorm.methods import ClientData, ClientReply, Instruction, Server, add_arrays, payload_bytes
 from fedlorm.methods.validation import InvalidReplyError, check_reply, reply_spec
 from fedlorm.results import MetricsCSV, plot_run, write_json_atomic
 from fedlorm.runtime.checkpoint import (
@@ -251,22 +251,31 @@ def _check_position(state: RunProgress, plan: list[list[Instruction]], completed
 
 def _run_step(exp: Experiment, instruction: Instruction, shares: list[ClientData], bar) -> dict[str, Any]:
     """One broadcast → local work on every client → checked, summed replies → server merge."""
-    tally = fold_replies(exp.server, instruction, _client_replies(exp, instruction, shares, bar))
+    arrays = exp.server.arrays(instruction)
+    tally = fold_replies(exp.server, instruction, _client_replies(exp, instruction, shares, bar, arrays))
     return metrics_row(
         exp,
         instruction,
         tally,
         upload_bytes=tally.upload_bytes,
+        download_bytes=payload_bytes(arrays) * len(shares),
         clients=tally.clients,
         rejected=tally.rejected,
     )
 
 
 def _client_replies(
-    exp: Experiment, instruction: Instruction, shares: list[ClientData], bar
+    exp: Experiment,
+    instruction: Instruction,
+    shares: list[ClientData],
+    bar,
+    arrays: dict[str, Tensor] | None = None,
 ) -> Iterator[tuple[int, ClientReply]]:
-    """Every client's reply in turn; each client's RNG stream is derived from (seed, task, round, k)."""
-    arrays = exp.server.arrays(instruction)
+    """Every client's reply in turn; each client's RNG stream is derived from (seed, task, round, k).
+
+    ``arrays``: the step's broadcast, if the caller already has it (else asked of the server).
+    """
+    arrays = exp.server.arrays(instruction) if arrays is None else arrays
     for k, data in enumerate(shares):
         generator = torch_generator(exp.cfg.seed, "client", instruction.task, instruction.round, k)
         reply = exp.client.update(arrays, instruction, data, generator)
