@@ -86,28 +86,30 @@ def method_config(base: RunConfig, method: str, seed: int) -> RunConfig:
     return joint_config(cfg) if method == JOINT else cfg
 
 
+def _check_names(
+    names: Sequence[str], known: Mapping[str, Any], kind: str, option: str, empty: str
+) -> list[str]:
+    """``names``, each a key of ``known`` and listed once; a one-line error naming the bad one otherwise."""
+    if not names:
+        raise ConfigError(f"{option} is empty; {empty}")
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"{kind} {name!r} is unknown; choose from: {', '.join(sorted(known))}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{option} lists a {kind} twice: {','.join(names)}")
+    return list(names)
+
+
 def check_methods(methods: Sequence[str]) -> list[str]:
     """The method names, each known and listed once; a one-line error otherwise."""
-    if not methods:
-        raise ConfigError("--methods is empty; give a comma-separated list, e.g. lorm,fedavg")
-    for name in methods:
-        if name not in METHODS:
-            raise ConfigError(f"method {name!r} is unknown; choose from: {', '.join(sorted(METHODS))}")
-    if len(set(methods)) != len(methods):
-        raise ConfigError(f"--methods lists a method twice: {','.join(methods)}")
-    return list(methods)
+    return _check_names(methods, METHODS, "method", "--methods",
+                        "give a comma-separated list, e.g. lorm,fedavg")
 
 
 def check_presets(presets: Sequence[str]) -> list[str]:
     """The preset names, each known and listed once; a one-line error otherwise."""
-    if not presets:
-        raise ConfigError("--preset is empty; give a preset or a comma-separated list of presets")
-    for name in presets:
-        if name not in PRESETS:
-            raise ConfigError(f"preset {name!r} is unknown; choose from: {', '.join(sorted(PRESETS))}")
-    if len(set(presets)) != len(presets):
-        raise ConfigError(f"--preset lists a preset twice: {','.join(presets)}")
-    return list(presets)
+    return _check_names(presets, PRESETS, "preset", "--preset",
+                        "give a preset or a comma-separated list of presets")
 
 
 def comparison_dirs(presets: Sequence[str], out: Path) -> dict[str, Path]:
