@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +12,8 @@ import sys
 import pytest
 from conftest import TINY
 
-from fedlorm.cli import main
+from fedlorm.cli import _build_parser, main
+from fedlorm.logs import log_level
 from fedlorm.presets import PRESETS
 
 
@@ -83,3 +86,64 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
         proc.stderr.strip()
         == "fedlorm: error: scenario.beta = -1.0 is not allowed; expected a number > 0"
     )
+
+
+# -- log level --------------------------------------------------------------------------------------
+COMMANDS = [
+    ["run"],
+    ["compare", "--methods", "lorm"],
+    ["presets"],
+    ["flower", "simulate"],
+    ["flower", "deploy-local"],
+    ["flower", "submit", "--superlink", "link"],
+    ["flower", "app-config"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))
+@pytest.mark.parametrize(
+    ("options", "level"),
+    [
+        ([], logging.WARNING),
+        (["-v"], logging.INFO),
+        (["-vv"], logging.DEBUG),
+        (["--log-level", "ERROR"], logging.ERROR),
+        (["-vv", "--log-level", "warning"], logging.WARNING),
+    ],
+)
+def test_every_command_takes_the_log_options(command, options, level):
+    assert log_level(_build_parser().parse_args([*command, *options])) == level
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_a_bad_log_level_is_one_line_exit_2(capsys, command):
+    code, out, err = _run(capsys, *command, "--log-level", "loud")
+    assert (code, out) == (2, "")
+    assert err == (
+        "fedlorm: error: argument --log-level: 'loud' is not a log level; use debug, info, warning or error\n"
+    )
+
+
+def test_verbose_shows_the_engine_info_lines_and_leaves_logging_as_it_was(capsys, tmp_path):
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level, logging.getLogger("fedlorm").level)
+    code, _, err = _run(capsys, "run", "--quiet", "-v", "--out", str(tmp_path / "run"), *TINY)
+    assert code == 0, err
+    assert "INFO fedlorm.runtime.simulator: task 1: accuracy on seen classes" in err
+    assert "task 2: accuracy on seen classes" in err and "diverged" not in err
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["diverged"] is None
+    assert (list(root.handlers), root.level, logging.getLogger("fedlorm").level) == before
+
+
+def test_divergence_is_one_warning_at_the_default_level_and_in_results(capsys, tmp_path):
+    code, _, err = _run(capsys, "run", "--quiet", "--out", str(tmp_path / "run"), *TINY, "train.lr=1e6")
+    assert code == 0, err
+    assert "accuracy on seen classes" not in err  # info lines stay hidden by default
+    warnings = [line for line in err.splitlines() if "diverged" in line]
+    assert len(warnings) == 1, err
+    assert warnings[0].startswith("WARNING fedlorm.runtime.report: task 1 round 1 (B): training diverged")
+    assert "lower train.lr (now 1e+06)" in warnings[0]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    first = results["rounds"][0]
+    assert results["diverged"] == {"task": 0, "round": 0, "loss": first["train_loss"]}
+    assert first["train_loss"] > 10 * math.log(5) * 1000  # far above a uniform guess over 5 classes

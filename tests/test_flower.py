@@ -439,6 +439,7 @@ def test_flower_simulation_equals_the_in_process_run(tmp_path):
 
     assert rows(flower) == rows(local)
     assert flower["diagnostics"] == local["diagnostics"] and flower["upload_bytes"] == local["upload_bytes"]
+    assert flower["diverged"] is None and local["diverged"] is None
     assert flower["download_bytes"] == local["download_bytes"] > 0
     merged = load_file(str(out / SERVER_STATE))
     reference = exp.server.state_dict()

@@ -1,4 +1,7 @@
-"""FCIL metrics on hand-made accuracy matrices, checked against hand arithmetic (DESIGN.md §4)."""
+"""FCIL metrics on hand-made accuracy matrices, checked against hand arithmetic.
+
+The definitions are those of docs/design.md, "Metrics".
+"""
 
 import math
 

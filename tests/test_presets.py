@@ -1,7 +1,7 @@
-"""The paper's 18 presets: each carries DESIGN.md §3's settings, is a valid config, and builds (data,
-scenario, LoRA model, method; no training) on a tiny copy of its dataset in the real layout (every real
-class, a few images each) with timm's random-weight ``test_vit`` (a 6-block ViT) standing in for
-ViT-B/16."""
+"""The paper's 18 presets: each carries the settings of docs/paper-settings.md, is a valid config,
+and builds (data, scenario, LoRA model, method; no training) on a tiny copy of its dataset in the
+real layout (every real class, a few images each) with timm's random-weight ``test_vit`` (a 6-block
+ViT) standing in for ViT-B/16."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fedlorm.config import config_to_dict, validate_config
 from fedlorm.presets import PAPER_BACKBONE, PAPER_PRESETS, PRESETS, preset_config
 from fedlorm.runtime.experiment import build_experiment
 
-# DESIGN.md §3, written out again (not read from presets.py) so a transcription slip shows up:
+# docs/paper-settings.md's table, written out again (not read from presets.py) so a slip shows up:
 # dataset prefix → registry name, task sizes, betas, rounds, ranks, lrs, lr_a, lr_b, alpha_head.
 TABLE = {
     "cifar100": ("cifar100", [10] * 10, ["0.5", "0.1", "0.05"], 5, [1, 16, 16],

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import math
 import sys
 
@@ -140,3 +141,66 @@ def test_plot_run_skips_steps_that_were_not_evaluated(tmp_path):
         row["seen_accuracy"] = ""  # what the simulator writes with train.eval_every_round=false
     out = plot_run(results, tmp_path / "accuracy.png")
     assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+# -- divergence (imports inside: the versions test above checks that nothing heavy is loaded) -------
+def _divergence_parts():
+    from types import SimpleNamespace
+
+    from fedlorm.config import RunConfig
+    from fedlorm.methods import Instruction
+    from fedlorm.runtime.progress import RunProgress
+
+    exp = SimpleNamespace(cfg=RunConfig())
+
+    def step(task, round_, phase="train", classes=4):
+        return Instruction(task, round_, phase, "B", 10, 10 + classes)
+
+    return exp, RunProgress(), step
+
+
+def test_divergence_limit_is_ten_uniform_guesses():
+    from fedlorm.runtime.report import divergence_limit
+
+    assert divergence_limit(4) == pytest.approx(10 * math.log(4))
+    assert divergence_limit(1) == divergence_limit(2) == pytest.approx(10 * math.log(2))
+
+
+def test_only_the_first_diverged_training_step_is_recorded(caplog):
+    from fedlorm.runtime.report import note_divergence
+
+    exp, state, step = _divergence_parts()
+    limit = 10 * math.log(4)
+    with caplog.at_level(logging.WARNING, logger="fedlorm"):
+        note_divergence(exp, state, step(0, 0), {"train_loss": limit})  # at the limit: fine
+        note_divergence(exp, state, step(0, 1), {"train_loss": ""})  # nothing merged
+        note_divergence(exp, state, step(0, -1, "task_stats"), {"train_loss": 1e9})
+        assert state.diverged is None and not caplog.records
+        note_divergence(exp, state, step(1, 2), {"train_loss": limit * 1.001})
+        note_divergence(exp, state, step(1, 3), {"train_loss": "nan"})
+    assert state.diverged == {"task": 1, "round": 2, "loss": limit * 1.001}
+    assert len(caplog.records) == 1 and "task 2 round 3 (B)" in caplog.records[0].getMessage()
+
+
+def test_a_loss_that_is_not_finite_diverged_and_stays_strict_json(tmp_path):
+    from fedlorm.runtime.report import StepTally, metrics_row, note_divergence
+
+    exp, state, step = _divergence_parts()
+    row = metrics_row(
+        exp, step(0, 0), StepTally(examples=3, loss_sum=math.inf), upload_bytes=0, download_bytes=0,
+        clients=3, rejected=0,
+    )
+    assert row["train_loss"] == "inf"
+    note_divergence(exp, state, step(0, 0), row)
+    assert state.diverged == {"task": 0, "round": 0, "loss": "inf"}
+    write_json_atomic(tmp_path / "r.json", {"rounds": [row], "diverged": state.diverged})
+
+
+def test_checkpoints_from_before_the_divergence_record_still_load():
+    from fedlorm.runtime.progress import RunProgress
+
+    record = RunProgress(task=1, matrix=[[50.0]]).to_record()
+    del record["diverged"]
+    assert RunProgress.from_record(record).diverged is None
+    with pytest.raises(ValueError, match="lacks elapsed"):
+        RunProgress.from_record({k: v for k, v in record.items() if k != "elapsed"})

@@ -7,7 +7,6 @@ results) ends with one line on stderr and exit code 2, before anything is writte
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from fedlorm import __version__
 from fedlorm.config import ConfigError, RunConfig
+from fedlorm.logs import add_logging_arguments, command_logging, log_level
 from fedlorm.presets import PRESETS, resolve_config
 
 __all__ = ["main"]
@@ -53,6 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="continue the interrupted run in DIR from its last completed round (config from DIR)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_logging_arguments(run)
     run.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5"
     )
@@ -76,10 +77,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "interrupted ones resumed from their checkpoints"
     )
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_logging_arguments(compare)
     compare.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5"
     )
-    sub.add_parser("presets", help="list the presets")
+    add_logging_arguments(sub.add_parser("presets", help="list the presets"))
     # The Flower commands; importing their parser pulls in neither flwr nor torch.
     from fedlorm.flower.cli import add_parser as add_flower_parser
 
@@ -248,24 +250,29 @@ def _command_presets() -> int:
     return 0
 
 
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the chosen command; without one, print the help (exit 2)."""
+    if args.command == "run":
+        return _command_run(args)
+    if args.command == "compare":
+        return _command_compare(args)
+    if args.command == "flower":
+        from fedlorm.flower.cli import run as run_flower
+
+        return run_flower(args)
+    if args.command == "presets":
+        return _command_presets()
+    parser.print_help()
+    return EXIT_USAGE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedlorm`` console script; returns the exit code."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
-        if args.command == "run":
-            return _command_run(args)
-        if args.command == "compare":
-            return _command_compare(args)
-        if args.command == "flower":
-            from fedlorm.flower.cli import run as run_flower
-
-            return run_flower(args)
-        if args.command == "presets":
-            return _command_presets()
-        parser.print_help()
-        return EXIT_USAGE
+        with command_logging(log_level(args)):
+            return _dispatch(parser, args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         # Every bad-input error of fedlorm is a ValueError with a one-line message for the user.
         if os.environ.get("FEDLORM_DEBUG"):

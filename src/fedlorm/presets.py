@@ -1,5 +1,5 @@
 """Named configurations: the built-in offline benchmark, a fast smoke test, classic splits, and the
-LoRM paper's 18 settings (6 datasets × 3 Dirichlet β, DESIGN.md §3).
+LoRM paper's 18 settings (6 datasets × 3 Dirichlet β, listed in docs/paper-settings.md).
 
 A preset is a set of overrides on :class:`fedlorm.config.RunConfig`'s defaults, so every preset is a
 plain, inspectable dict and a results file's ``config`` shows exactly what ran.
@@ -84,7 +84,7 @@ Triple = tuple[Any, Any, Any]
 class PaperSetting:
     """One dataset row of the paper's settings; tuples hold one value per β (in ``betas`` order).
 
-    ``published``: the paper's LoRM final average accuracy per β, where DESIGN.md gives it.
+    ``published``: the paper's LoRM final average accuracy per β, where the paper reports it.
     """
 
     prefix: str

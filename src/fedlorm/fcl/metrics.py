@@ -2,7 +2,8 @@
 
 Hand-written on purpose: each metric is a few lines over R, and papers differ subtly (sample- vs
 task-weighted averages, which rows the forgetting max runs over, 0- vs 1-based tasks). We follow
-DESIGN.md §4 exactly and store R and the test sizes n so any other variant can be recomputed.
+docs/design.md ("Metrics") exactly and store R and the test sizes n so any other variant can be
+recomputed.
 Tasks are 0-based here: row t is "after task t", and the last row is T-1.
 """
 
@@ -91,7 +92,7 @@ def average_accuracy(
 
 
 def summarize(R: Matrix, n: Sequence[int]) -> dict[str, Any]:
-    """Headline FCIL numbers from R and test sizes n (DESIGN.md §4).
+    """Headline FCIL numbers from R and test sizes n (docs/design.md, "Metrics").
 
     Forgetting and BWT are None when T = 1 (no earlier task to forget).
     """

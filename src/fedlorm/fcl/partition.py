@@ -49,7 +49,8 @@ def dirichlet_partition(
     """Non-IID split: per class c, p_c ~ Dir(beta·1_K); each sample of c goes to a client ~ p_c.
 
     The whole assignment is redrawn until every client holds >= ``min_samples`` samples
-    (DESIGN.md §1); smaller ``beta`` means more skew. Returns sorted int64 indices per client.
+    (docs/design.md, "The job"); smaller ``beta`` means more skew. Returns sorted int64 indices per
+    client.
     """
     y = _labels_array(labels)
     K = _check_clients(num_clients)

@@ -31,6 +31,7 @@ from fedlorm.flower.settings import (
     run_config_for,
     to_toml,
 )
+from fedlorm.logs import add_logging_arguments
 from fedlorm.presets import resolve_config
 
 __all__ = ["add_parser", "main", "run"]
@@ -61,9 +62,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="run on a deployed SuperLink (a connection in FLWR_HOME)")
     _common_arguments(submit)
     submit.add_argument("--superlink", required=True, help="connection name in $FLWR_HOME/config.toml")
-    commands.add_parser(
+    app_config = commands.add_parser(
         "app-config", help="print the [tool.flwr.app.config] table a Flower app's pyproject.toml declares"
     )
+    add_logging_arguments(app_config)
     return flower
 
 
@@ -95,6 +97,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to wait at start for one SuperNode per client (default: %(default)s)",
     )
     parser.add_argument("--no-federated-eval", action="store_true", help="skip the clients' local evaluation")
+    add_logging_arguments(parser)
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5"
     )
@@ -221,15 +224,7 @@ def _report(out: Path, code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedlorm.flower ...`` (the same as ``fedlorm flower ...``)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="fedlorm")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    try:
-        return run(parser.parse_args(["flower", *(sys.argv[1:] if argv is None else argv)]))
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        if os.environ.get("FEDLORM_DEBUG"):
-            raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"fedlorm: error: {message}", file=sys.stderr)
-        return 2
+    """``python -m fedlorm.flower ...``: exactly ``fedlorm flower ...`` (same options, errors, exit codes)."""
+    from fedlorm.cli import main as fedlorm_main
+
+    return fedlorm_main(["flower", *(sys.argv[1:] if argv is None else argv)])

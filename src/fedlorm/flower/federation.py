@@ -30,6 +30,7 @@ from fedlorm.runtime.report import (
     METRICS_FIELDS,
     evaluate_step,
     metrics_row,
+    note_divergence,
     run_results,
     task_diagnostics,
     task_test_sizes,
@@ -76,6 +77,7 @@ def run_federation(grid: Grid, exp: Experiment, settings: FlowerSettings, out: P
             last = step == len(steps) - 1
             report = _run_step(grid, strategy, step_index, instruction, settings.reply_timeout)
             row = _row(exp, instruction, report)
+            note_divergence(exp, state, instruction, row)
             _record_report(flower, instruction, report)
             if cfg.train.eval_every_round or last:
                 evaluation = evaluate_step(exp, task, row)

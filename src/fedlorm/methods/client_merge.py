@@ -7,7 +7,7 @@ rule runs unchanged in both runtimes and under secure aggregation:
 =================  ===========  ====================================================================
 method             trains       client sends (per layer)              server computes
 =================  ===========  ====================================================================
-``lorm``           B, A, B, …   B: B_iH_i, H_i; A: A_iG̃_i, G̃_i       closed form (DESIGN.md §2)
+``lorm``           B, A, B, …   B: B_iH_i, H_i; A: A_iG̃_i, G̃_i       closed form (docs/design.md)
 ``lorm-avg``       B, A, B, …   n_i·B_i or n_i·A_i                    sample-weighted mean
 ``fedavg``         A and B      n_i·A_i, n_i·B_i                      means of A and B (FedIT)
 ``ffa``            B only       n_i·B_i (A frozen at its init)        mean of B (FFA-LoRA)

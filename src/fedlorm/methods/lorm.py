@@ -2,10 +2,10 @@
 
 Per task, rounds alternate B, A, B, ... (B first: with B = 0 at a task's start, A has zero gradient).
 Clients train the round's factor and the current task's head rows, then send additive summands
-(DESIGN.md §2): B-round ``M_i = B_i H_i, H_i = A G̃_i Aᵀ``; A-round ``N_i = A_i G̃_i, G̃_i``; head
-``W_i G̃_i, G̃_i`` (RegMean) plus ``n_i b_i, n_i``. At a task's end the clients send the Grams of
-every adapted layer's inputs through the merged task model and the server folds the task's update
-``ΔW_t`` into ``ΔW = (Σ_t ΔW_t G_t)(Σ_t G_t)⁻¹``.
+(docs/design.md, "Closed forms"): B-round ``M_i = B_i H_i, H_i = A G̃_i Aᵀ``; A-round
+``N_i = A_i G̃_i, G̃_i``; head ``W_i G̃_i, G̃_i`` (RegMean) plus ``n_i b_i, n_i``. At a task's end
+the clients send the Grams of every adapted layer's inputs through the merged task model and the
+server folds the task's update ``ΔW_t`` into ``ΔW = (Σ_t ΔW_t G_t)(Σ_t G_t)⁻¹``.
 
 The same task structure serves the baselines that differ from LoRM in one place only: the
 within-task client merge (``fedavg``, ``ffa``, ``fedavg-product``, ``regmean``, ``lorm-avg``; see

@@ -58,7 +58,7 @@ class Experiment:
 
 
 def _partition(cfg: RunConfig, scenario: Scenario, labels: Tensor) -> list[list[Tensor]]:
-    """Per task, the seeded Dirichlet split of its training samples across clients (DESIGN.md §1).
+    """Per task, the seeded Dirichlet split of its training samples across clients.
 
     Drawn for every task before training starts, so an impossible split fails before any output.
     """

@@ -9,6 +9,9 @@ from typing import Any
 
 __all__ = ["RunProgress"]
 
+_ADDED_LATER: dict[str, Any] = {"diverged": None}
+"""Fields newer than some checkpoints, with the value a record without them stands for."""
+
 
 @dataclass
 class RunProgress:
@@ -16,7 +19,8 @@ class RunProgress:
 
     ``matrix[t][j]`` and ``aware[t][j]`` are class-IL and task-aware accuracies after task t;
     ``rounds`` holds one metrics row per completed step; ``elapsed`` is the wall time of earlier
-    sessions of a resumed run.
+    sessions of a resumed run; ``diverged`` is the first training step whose loss showed that it
+    diverged (:func:`fedlorm.runtime.report.note_divergence`), or None.
     """
 
     task: int = 0
@@ -28,6 +32,7 @@ class RunProgress:
     upload_bytes: int = 0
     download_bytes: int = 0
     elapsed: float = 0.0
+    diverged: dict[str, Any] | None = None
 
     def step_done(self, row: Mapping[str, Any]) -> None:
         """Record one completed step's metrics row and move to the next step."""
@@ -54,10 +59,10 @@ class RunProgress:
     def from_record(cls, record: Mapping[str, Any]) -> RunProgress:
         """Inverse of :meth:`to_record`; ValueError on a record that is not one."""
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(record))
+        missing = sorted(names - set(record) - set(_ADDED_LATER))
         if missing:
             raise ValueError(f"run progress record lacks {', '.join(missing)}")
-        progress = cls(**{name: record[name] for name in names})
+        progress = cls(**{name: record.get(name, _ADDED_LATER.get(name)) for name in names})
         if not (isinstance(progress.task, int) and isinstance(progress.step, int)):
             raise ValueError(f"run progress position {progress.task!r}/{progress.step!r} is not integer")
         if len(progress.matrix) != progress.task:

@@ -6,6 +6,8 @@ for the same config and seed they write the same files with the same fields and 
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,14 +24,21 @@ from fedlorm.runtime.progress import RunProgress
 __all__ = [
     "METRICS_FIELDS",
     "StepTally",
+    "divergence_limit",
     "evaluate_step",
     "metrics_row",
+    "note_divergence",
     "round_name",
     "run_results",
     "step_name",
     "task_diagnostics",
     "task_test_sizes",
 ]
+
+logger = logging.getLogger(__name__)
+
+DIVERGENCE_FACTOR = 10.0
+"""A training step diverged if its mean loss exceeds this many times log(classes in the task)."""
 
 METRICS_FIELDS = [
     "task",
@@ -88,13 +97,12 @@ def metrics_row(
     the clients it was sent to.
     """
     train = instruction.phase == "train"
-    examples = tally.examples if tally is not None else 0
     return {
         "task": instruction.task,
         "round": instruction.round if train else exp.cfg.train.rounds,
         "phase": instruction.phase,
         "factor": instruction.factor,
-        "train_loss": round(tally.loss_sum / examples, 6) if tally is not None and train and examples else "",
+        "train_loss": _mean_loss(tally) if train else "",
         "seen_accuracy": "",
         "newest_task_fraction": "",
         "merge_seconds": round(tally.merge_seconds, 6) if tally is not None else 0.0,
@@ -103,6 +111,53 @@ def metrics_row(
         "clients": clients,
         "rejected": rejected,
     }
+
+
+def _mean_loss(tally: StepTally | None) -> float | str:
+    """The merged replies' sample-weighted mean loss; "" if none, "nan"/"inf" as text (strict JSON)."""
+    if tally is None or not tally.examples:
+        return ""
+    loss = tally.loss_sum / tally.examples
+    return round(loss, 6) if math.isfinite(loss) else str(loss)
+
+
+def divergence_limit(classes: int) -> float:
+    """The mean training loss above which a step over ``classes`` classes counts as diverged.
+
+    The local loss is cross-entropy over the task's classes only, so a uniform guess scores
+    log(classes), and a task's fresh head rows start there; training lowers it. A step whose mean is
+    ten times that has logits confidently wrong by ~10·log(classes) on average, which a step that
+    learns does not produce, while a noisy but sane step (a spike at a high lr) stays within a few
+    times log(classes). Two classes at least: a one-class task has loss 0 and no scale of its own.
+    """
+    return DIVERGENCE_FACTOR * math.log(max(classes, 2))
+
+
+def note_divergence(
+    exp: Experiment, state: RunProgress, instruction: Instruction, row: Mapping[str, Any]
+) -> None:
+    """Record in ``state`` (and log, once per run) the first training step whose mean loss diverged.
+
+    ``row`` is the step's metrics row; its loss is not finite or above :func:`divergence_limit`.
+    """
+    loss = row.get("train_loss", "")
+    if state.diverged is not None or instruction.phase != "train" or loss == "":
+        return
+    limit = divergence_limit(len(instruction.classes))
+    if math.isfinite(float(loss)) and float(loss) <= limit:
+        return
+    state.diverged = {"task": instruction.task, "round": instruction.round, "loss": loss}
+    logger.warning(
+        "%s: training diverged: mean training loss %s is above %.3g, %g times the loss of a uniform "
+        "guess over the task's %d classes; lower train.lr (now %g). The run goes on; later diverged "
+        "steps are not reported",
+        step_name(instruction),
+        loss if isinstance(loss, str) else f"{loss:.6g}",
+        limit,
+        DIVERGENCE_FACTOR,
+        len(instruction.classes),
+        exp.cfg.train.lr,
+    )
 
 
 def evaluate_step(exp: Experiment, task: int, row: dict[str, Any]) -> Evaluation:
@@ -172,6 +227,7 @@ def run_results(
         "accuracy_per_task": summary["accuracy_per_task"],
         "forgetting": summary["forgetting"],
         "bwt": summary["bwt"],
+        "diverged": state.diverged,
         "tasks_completed": len(matrix),
         "wall_seconds": round(wall, 3),
         "upload_bytes": state.upload_bytes,

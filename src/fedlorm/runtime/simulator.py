@@ -43,6 +43,7 @@ from fedlorm.runtime.report import (
     StepTally,
     evaluate_step,
     metrics_row,
+    note_divergence,
     round_name,
     run_results,
     step_name,
@@ -203,6 +204,7 @@ def _simulate(
             instruction, last = steps[step], step == len(steps) - 1
             bar.set_description(f"task {task + 1}/{scenario.num_tasks} {round_name(instruction)}")
             row = _run_step(exp, instruction, shares, bar)
+            note_divergence(exp, state, instruction, row)
             if cfg.train.eval_every_round or last:
                 evaluation = evaluate_step(exp, task, row)
             state.step_done(row)
