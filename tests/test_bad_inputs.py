@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,8 +25,10 @@ from conftest import TINY, tiny_config
 from fedlorm import merging
 from fedlorm.cli import main
 from fedlorm.config import RunConfig, apply_overrides, config_to_dict, load_toml
+from fedlorm.export import BASE_WEIGHTS, HEAD_WEIGHTS, MODEL_JSON, save_model
 from fedlorm.presets import preset_config
 from fedlorm.runtime.checkpoint import CHECKPOINT_RECORD, load_checkpoint, save_checkpoint
+from fedlorm.runtime.experiment import build_model
 from fedlorm.runtime.progress import RunProgress
 
 
@@ -107,13 +110,27 @@ def files(tmp_path_factory) -> Files:
     save_checkpoint(p["ckpt_cut"], {"config": {}, "progress": {}}, {"server.x": torch.zeros(1000)})
     tensors = p["ckpt_cut"] / load_checkpoint(p["ckpt_cut"]).record["tensors"]
     tensors.write_bytes(tensors.read_bytes()[:200])
+    # Saved models: a sound one (untrained), one without its head, one with cut base weights, a
+    # broken model.json; and an image to predict on.
+    cfg = tiny_config()
+    model, layers = build_model(cfg, 10, torch.device("cpu"))
+    p["model"] = save_model(root / "model", model, layers, class_names=[str(d) for d in range(10)], cfg=cfg)
+    p["model_headless"] = Path(shutil.copytree(p["model"], root / "model_headless"))
+    (p["model_headless"] / HEAD_WEIGHTS).unlink()
+    p["model_cut_base"] = Path(shutil.copytree(p["model"], root / "model_cut_base"))
+    base = p["model_cut_base"] / BASE_WEIGHTS
+    base.write_bytes(base.read_bytes()[:5000])
+    p["model_json"] = root / "model_json"
+    _write(p["model_json"] / MODEL_JSON, "{not json")
+    p["image"] = root / "digit.png"
+    _png(p["image"], 90)
     return f
 
 
 @dataclass(frozen=True)
 class Case:
     """One CLI invocation: ``argv(files, out)``, a fragment the error line must contain, and what
-    the output directory holds before ("none", "results" or "checkpoint")."""
+    the output directory holds before ("none", "results", "checkpoint" or "model")."""
 
     argv: Callable[[Files, str], list[str]]
     fragment: Callable[[Files], str] | str
@@ -122,6 +139,15 @@ class Case:
 
 def run_args(*extra: str) -> Callable[[Files, str], list[str]]:
     return lambda f, out: ["run", "--quiet", "--out", out, *TINY, *extra]
+
+
+def predict_args(model: str, *images: str) -> Callable[[Files, str], list[str]]:
+    """``fedlorm predict`` on the files fixture's entry ``model`` (or a literal path) and images."""
+    def argv(f: Files, out: str) -> list[str]:
+        paths = [f[name] if name in f.paths else name for name in (model, *images)]
+        return ["predict", "--model", *paths]
+
+    return argv
 
 
 CLI_CASES: dict[str, Case] = {
@@ -149,7 +175,16 @@ CLI_CASES: dict[str, Case] = {
     "head-init-unknown": Case(run_args("model.head_init=xavier"), "'xavier'"),
     # output directory
     "out-is-a-file": Case(lambda f, out: ["run", "--out", f["file"], *TINY], lambda f: f["file"]),
+    "out-below-a-file": Case(
+        lambda f, out: ["run", "--out", f["file"] + "/run", *TINY],
+        lambda f: f"--out '{f['file']}/run' cannot be created: '{f['file']}' is a file",
+    ),
+    "compare-out-below-a-file": Case(
+        lambda f, out: ["compare", "--methods", "lorm", "--out", f["file"] + "/cmp", *TINY],
+        lambda f: f"--out '{f['file']}/cmp' cannot be created",
+    ),
     "out-holds-results": Case(run_args(), "already holds results", out="results"),
+    "out-holds-a-model": Case(run_args(), "already holds results (model)", out="model"),
     "overwrite-but-bad-weights-keeps-old-results": Case(
         lambda f, out: ["run", "--overwrite", "--out", out, *TINY, "model.weights=/does/not/exist.pth"],
         "pretrained weights file '/does/not/exist.pth'",
@@ -188,6 +223,14 @@ CLI_CASES: dict[str, Case] = {
     # data
     "dataset-unknown": Case(run_args("data.datasets=nope"), "'nope'"),
     "data-root-missing": Case(run_args("data.root=/does/not/exist"), "/does/not/exist"),
+    "data-root-is-a-file": Case(
+        lambda f, out: run_args(f"data.root={f['file']}")(f, out),
+        lambda f: f"data.root '{f['file']}' is not a directory",
+    ),
+    "data-root-below-a-file": Case(
+        lambda f, out: run_args(f"data.root={f['file']}/data", "data.download=true")(f, out),
+        lambda f: f"data.root '{f['file']}/data' cannot be read",
+    ),
     "data-root-empty": Case(lambda f, out: run_args(f"data.root={f['empty']}")(f, out), lambda f: f["empty"]),
     "data-root-wrong-layout": Case(
         lambda f, out: run_args(f"data.root={f['nested']}")(f, out), lambda f: f["nested"]
@@ -216,6 +259,30 @@ CLI_CASES: dict[str, Case] = {
     "weights-offline-hub": Case(  # HF_HUB_OFFLINE=1 (conftest): fails at once, no 46 s of retries
         run_args("model.backbone=vit_tiny_patch16_224"), "weights for vit_tiny_patch16_224 (offline?)"
     ),
+    # saved models: fedlorm predict / evaluate
+    "model-missing": Case(
+        predict_args("/does/not/exist", "image"), "--model '/does/not/exist' does not exist"
+    ),
+    "model-is-a-file": Case(predict_args("file", "image"), "is not a directory"),
+    "model-without-model-json": Case(predict_args("empty", "image"), "has no model.json"),
+    "model-json-unreadable": Case(predict_args("model_json", "image"), "model.json': Expecting"),
+    "model-incomplete": Case(predict_args("model_headless", "image"), "incomplete: head.safetensors missing"),
+    "model-base-weights-cut": Case(predict_args("model_cut_base", "image"), "base_model.safetensors"),
+    "predict-image-missing": Case(predict_args("model", "/does/not/exist.png"), "/does/not/exist.png"),
+    "predict-image-unreadable": Case(predict_args("model", "weights_text"), "cannot decode image"),
+    "predict-top-zero": Case(
+        lambda f, out: ["predict", "--model", f["model"], "--top", "0", f["image"]], "--top 0"
+    ),
+    "evaluate-model-missing": Case(
+        lambda f, out: ["evaluate", "--model", "/does/not/exist"], "--model '/does/not/exist'"
+    ),
+    "evaluate-data-root-a-file": Case(
+        lambda f, out: ["evaluate", "--model", f["model"], f"data.root={f['file']}"],
+        "is not a directory",
+    ),
+    "evaluate-unknown-key": Case(
+        lambda f, out: ["evaluate", "--model", f["model"], "data.rooot=x"], "'data.rooot'"
+    ),
 }
 
 
@@ -235,6 +302,8 @@ def _prepare(out: Path, kind: str) -> None:
         _write(out / "metrics.csv", "task,round\n0,0\n")
     elif kind == "checkpoint":
         save_checkpoint(out, {"config": {}, "completed_step": "task1.round0", "progress": {}}, {})
+    elif kind == "model":
+        _write(out / "model" / MODEL_JSON, "{}\n")
 
 
 @pytest.mark.parametrize("name", list(CLI_CASES))

@@ -36,11 +36,18 @@ def test_run_writes_results_and_refuses_to_overwrite(capsys, tmp_path):
     assert "final acc" in out
     results = json.loads((out_dir / "results.json").read_text())
     assert results["seed"] == 3 and results["config"]["seed"] == 3
-    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    assert f"model: {out_dir / 'model'}" in out
+    assert json.loads((out_dir / "model" / "model.json").read_text())["seed"] == 3
+    before = _files(out_dir)
+    assert {"results.json", "model/model.json", "model/adapter_model.safetensors"} <= set(before)
     code, _, err = _run(capsys, "run", "--quiet", "--out", str(out_dir), *TINY)
     assert code == 2
     assert "already holds results" in err and "--overwrite" in err
-    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+    assert _files(out_dir) == before
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize(
@@ -93,6 +100,8 @@ COMMANDS = [
     ["run"],
     ["compare", "--methods", "lorm"],
     ["presets"],
+    ["predict", "--model", "m", "a.png"],
+    ["evaluate", "--model", "m"],
     ["flower", "simulate"],
     ["flower", "deploy-local"],
     ["flower", "submit", "--superlink", "link"],

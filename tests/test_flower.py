@@ -30,6 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from fedlorm.config import ConfigError, apply_overrides, config_to_dict
+from fedlorm.export import load_model
 from fedlorm.flower import client, clientapp
 from fedlorm.flower.federation import SERVER_STATE, run_federation
 from fedlorm.flower.launch import APP_COMPONENTS
@@ -395,6 +396,12 @@ def test_a_run_with_a_vanished_client_completes_and_reports_it(fault_setup, tmp_
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["accuracy_matrix"] == results["accuracy_matrix"]
     assert load_file(str(tmp_path / SERVER_STATE)).keys() == exp.server.state_dict().keys()
+    # The deployed model, written by the same code as the in-process runtime's.
+    saved = load_model(tmp_path / "model")
+    assert saved.class_names == exp.class_names
+    images = exp.test.images[:4]
+    with torch.no_grad():
+        torch.testing.assert_close(saved.model(images), exp.model(images), rtol=0, atol=1e-5)
 
 
 # -- equivalence with the in-process simulator -----------------------------------------------------

@@ -19,6 +19,7 @@ from fedlorm.adapters import (
     import_peft,
     inject_lora,
 )
+from fedlorm.adapters.peft_io import adapter_ranks
 
 peft = pytest.importorskip("peft")
 
@@ -183,3 +184,54 @@ def test_import_errors(tmp_path):
     (tmp_path / "adapter_config.json").unlink()
     with pytest.raises(ValueError, match=r"adapter_config\.json does not exist"):
         import_peft(layers, tmp_path)
+
+
+def test_deployed_export_carries_the_frozen_update_exactly(tmp_path):
+    """A dense frozen update, no update at all, a joint rank above min(d_out, d_in), and a frozen
+    factor pair with a zero term next to the trainable pair: peft applies each layer's whole update,
+    ranks follow the non-zero terms, and scaling 0.5 survives as alpha / r."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.ReLU(),  # 0: dense frozen update
+        nn.Conv2d(8, 10, 1, stride=2), nn.ReLU(),  # 2: no update
+        nn.Conv2d(10, 4, 1), nn.ReLU(),  # 4: frozen width 3 + trainable 2 > min(4, 10)
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 16), nn.ReLU(),
+        nn.Linear(16, 12),  # 10: frozen width 3, one term zero, + trainable 2
+    ).eval()
+    model = copy.deepcopy(plain)
+    layers = inject_lora(model, ["0", "2", "4", "10"], rank=2, scaling=0.5)
+    randomize(layers)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        layers["0"].set_fixed_delta(torch.randn(8, 3, generator=g))
+        layers["0"].lora_B.zero_()
+        layers["2"].lora_B.zero_()
+        layers["4"].set_fixed_delta((torch.randn(4, 3, generator=g), torch.randn(3, 10, generator=g)))
+        B = torch.randn(12, 3, generator=g)
+        B[:, 1] = 0
+        layers["10"].set_fixed_delta((B, torch.randn(3, 16, generator=g)))
+    x = torch.randn(3, 3, 5, 5)
+    with torch.no_grad():
+        ours = model(x)
+
+    export_peft(layers, tmp_path, deployed=True)
+    ranks = {"0": 3, "2": 1, "4": 4, "10": 4}
+    assert adapter_ranks(tmp_path) == ranks
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    for name, rank in ranks.items():
+        alpha = config["alpha_pattern"].get(f"^{name}", config["lora_alpha"])
+        assert alpha / rank == 0.5
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    assert not state["base_model.model.2.lora_B.weight"].any()
+    assert torch.equal(state["base_model.model.0.lora_A.weight"].flatten(1), torch.eye(3))
+    torch.testing.assert_close(peft_logits(copy.deepcopy(plain), tmp_path, x), ours, rtol=1e-5, atol=1e-5)
+
+    fresh = copy.deepcopy(plain)
+    target = {}
+    for name, rank in ranks.items():
+        target.update(inject_lora(fresh, name, rank=rank))
+    import_peft(target, tmp_path)
+    assert [t.scaling for t in target.values()] == [0.5] * 4
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), ours, rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, tiny_config
+from safetensors.torch import load_file
 
 from fedlorm.cli import main
 from fedlorm.methods import METHODS, Server
@@ -109,6 +110,10 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path, capsys, unint
     assert resumed["download_bytes"] == expected["download_bytes"]
     assert _stable_rows(out) == _stable_rows(uninterrupted)
     assert not list(out.glob("checkpoint*")) and not list(out.glob(".*tmp"))
+    for name in ("adapter_model.safetensors", "head.safetensors", "base_model.safetensors"):
+        resumed_model, expected_model = (load_file(str(d / "model" / name)) for d in (out, uninterrupted))
+        assert resumed_model.keys() == expected_model.keys()
+        assert all(torch.equal(resumed_model[k], expected_model[k]) for k in resumed_model), name
 
 
 def test_resume_refuses_options_that_change_the_run(tmp_path, capsys):

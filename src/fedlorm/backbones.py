@@ -89,7 +89,8 @@ class Backbone(nn.Module):
 
     ``lora_targets`` is a regex over this module's ``named_modules()`` names (``encoder.…``).
     ``train()`` keeps the encoder's BatchNorm layers in eval mode (``freeze_norm_stats``): the
-    backbone is frozen, so its running statistics must not drift per client either.
+    backbone is frozen, so its running statistics must not drift per client either. ``arch`` and
+    ``timm_kwargs`` say how ``timm.create_model`` rebuilds the encoder (an exported model records them).
     """
 
     def __init__(
@@ -105,11 +106,15 @@ class Backbone(nn.Module):
         img_size: int,
         freeze_norm_stats: bool = True,
         preprocessing: Preprocessing | None = None,
+        arch: str | None = None,
+        timm_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
         self.name = name
+        self.arch = arch or name
+        self.timm_kwargs = dict(timm_kwargs or {})
         self.feature_dim = feature_dim
         self.lora_targets = lora_targets
         self.img_size = img_size
@@ -300,6 +305,7 @@ def create_backbone(
         mean_std, default_size = None, None
 
     source = f"weights file {str(weights_path)!r}" if weights_path else "the weights"
+    rebuild = {**timm_kwargs, "num_classes": 0}
     encoder = _create_timm(arch, name, pretrained, keep_pretrained_head, source, **timm_kwargs)
     if keep_pretrained_head:
         head = encoder.get_classifier()
@@ -348,6 +354,8 @@ def create_backbone(
         img_size=img_size,
         freeze_norm_stats=freeze_norm_stats,
         preprocessing=preprocessing,
+        arch=arch,
+        timm_kwargs=rebuild,
     )
 
 

@@ -1,19 +1,29 @@
-"""The ``fedlorm`` command: ``run`` an experiment, ``compare`` methods, run on ``flower``, list ``presets``.
+"""The ``fedlorm`` command: ``run`` an experiment, ``compare`` methods, run on ``flower``, list ``presets``,
+``predict`` and ``evaluate`` with the model a run left.
 
 Bad input (unknown names, values out of range, missing data, an output directory that already holds
-results) ends with one line on stderr and exit code 2, before anything is written.
+results or cannot be created, a model folder or image that cannot be read) ends with one line on
+stderr and exit code 2, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from fedlorm import __version__
-from fedlorm.config import ConfigError, RunConfig
+from fedlorm.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_from_plain,
+    load_toml,
+    validate_config,
+)
 from fedlorm.logs import add_logging_arguments, command_logging, log_level
 from fedlorm.presets import PRESETS, resolve_config
 
@@ -22,6 +32,7 @@ __all__ = ["main"]
 EXIT_USAGE = 2
 RESULT_FILES = ("results.json", "metrics.csv", "accuracy.png")
 CHECKPOINT = "checkpoint.json"  # fedlorm.runtime.checkpoint.CHECKPOINT_RECORD, without importing torch
+MODEL = "model"  # fedlorm.export.MODEL_DIR, without importing torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,11 +93,57 @@ def _build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5"
     )
     add_logging_arguments(sub.add_parser("presets", help="list the presets"))
+    predict = sub.add_parser("predict", help="the top classes of image files under a run's model")
+    _add_model_argument(predict)
+    predict.add_argument(
+        "--top", type=int, default=5, metavar="K", help="classes shown per image (default: 5)"
+    )
+    add_logging_arguments(predict)
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format)")
+    evaluate = sub.add_parser(
+        "evaluate", help="class-IL accuracy of a run's model on a dataset's test split"
+    )
+    _add_model_argument(evaluate)
+    evaluate.add_argument(
+        "--preset", help="take the data settings from this preset (default: the run's config)"
+    )
+    evaluate.add_argument("--config", type=Path, help="TOML file applied on top of that config")
+    add_logging_arguments(evaluate)
+    evaluate.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.test_per_class=50"
+    )
     # The Flower commands; importing their parser pulls in neither flwr nor torch.
     from fedlorm.flower.cli import add_parser as add_flower_parser
 
     add_flower_parser(sub)
     return parser
+
+
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the model/ folder a finished run wrote, e.g. runs/default-lorm-s0/model",
+    )
+
+
+def _creatable_dir(option: str, path: Path) -> None:
+    """A one-line error naming ``path`` unless it is a writable directory or can be created as one."""
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{option} {str(path)!r} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{option} {str(path)!r} is not writable")
+        return
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(
+            f"{option} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a directory"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {str(path)!r} cannot be created: {str(parent)!r} is not writable")
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
@@ -99,8 +156,7 @@ def _output_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
     from fedlorm.runtime.checkpoint import load_record
 
     out = args.out or Path("runs") / f"{args.preset or 'default'}-{cfg.method}-s{cfg.seed}"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
+    _creatable_dir("--out", out)
     if (out / CHECKPOINT).exists() and not args.overwrite:
         try:
             step = load_record(out).get("completed_step", "?")
@@ -110,7 +166,7 @@ def _output_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
             f"--out {str(out)!r} holds an unfinished run (last completed step {step}); "
             f"pass --resume {str(out)!r} to continue it or --overwrite to start over"
         )
-    existing = [name for name in RESULT_FILES if (out / name).exists()]
+    existing = [name for name in (*RESULT_FILES, MODEL) if (out / name).exists()]
     if existing and not args.overwrite:
         raise ConfigError(
             f"--out {str(out)!r} already holds results ({', '.join(existing)}); "
@@ -140,6 +196,7 @@ def _resume_dir(args: argparse.Namespace) -> Path:
     out = args.resume
     if not out.is_dir():
         raise ConfigError(f"--resume {str(out)!r} is not a directory")
+    _creatable_dir("--resume", out)
     load_record(out)  # a missing or unreadable checkpoint fails here, before any heavy work
     return out
 
@@ -164,10 +221,13 @@ def _command_run(args: argparse.Namespace) -> int:
     remove_checkpoint(out)
     for name in RESULT_FILES:
         (out / name).unlink(missing_ok=True)
+    if (out / MODEL).is_dir():
+        shutil.rmtree(out / MODEL)
     results = run_simulation(cfg, out, progress=not args.quiet, experiment=experiment)
     print(summary_table(results))
     print(
         f"results: {out / 'results.json'}  metrics: {out / 'metrics.csv'}  plot: {out / 'accuracy.png'}"
+        f"  model: {out / MODEL}"
     )
     return 0
 
@@ -190,8 +250,7 @@ def _compare_out(args: argparse.Namespace, presets: Sequence[str]) -> Path:
     """``--out``, or runs/compare-PRESET (one preset), runs/compare-FIRST-and-N-more (several)."""
     name = presets[0] if len(presets) == 1 else f"{presets[0]}-and-{len(presets) - 1}-more"
     out = args.out or Path("runs") / f"compare-{name}"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
+    _creatable_dir("--out", out)
     return out
 
 
@@ -243,6 +302,69 @@ def _report_comparison(results: dict[str, dict[str, list[dict]]], out: Path, see
     print(f"table: {paths['md']}  csv: {paths['csv']}  (each preset's table and plot: {out}/PRESET)")
 
 
+def _model_info(path: Path) -> dict:
+    """The checked model.json of ``--model``: a one-line error naming the folder otherwise."""
+    from fedlorm.export import read_model_info
+
+    if not path.exists():
+        raise ConfigError(
+            f"--model {str(path)!r} does not exist; give the model/ folder of a finished run "
+            "(e.g. runs/default-lorm-s0/model)"
+        )
+    if not path.is_dir():
+        raise ConfigError(f"--model {str(path)!r} is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ConfigError(f"--model {str(path)!r} is not readable")
+    return read_model_info(path)
+
+
+def _command_predict(args: argparse.Namespace) -> int:
+    from fedlorm.export import load_model, model_preprocessing
+    from fedlorm.inference import predict_images, read_image
+
+    if args.top < 1:
+        raise ConfigError(f"--top {args.top} is not allowed; expected an integer >= 1")
+    info = _model_info(args.model)
+    preprocessing = model_preprocessing(info)
+    images = [read_image(path, preprocessing) for path in args.images]
+    saved = load_model(args.model)
+    for path, top in zip(args.images, predict_images(saved, images, args.top), strict=True):
+        print(path)
+        for name, probability in top:
+            print(f"  {probability:.4f}  {name}")
+    return 0
+
+
+def _evaluate_config(args: argparse.Namespace, info: dict) -> RunConfig:
+    """``--preset`` (or the run's own config from model.json), then ``--config``, then overrides."""
+    if args.preset is not None:
+        return resolve_config(args.preset, args.config, args.overrides)
+    cfg = config_from_plain(info["config"])
+    if args.config is not None:
+        cfg = load_toml(args.config, base=cfg)
+    cfg = apply_overrides(cfg, args.overrides)
+    validate_config(cfg)
+    return cfg
+
+
+def _command_evaluate(args: argparse.Namespace) -> int:
+    from fedlorm.export import load_model
+    from fedlorm.inference import evaluate_saved
+    from fedlorm.precision import check_precision
+    from fedlorm.runtime.experiment import resolve_device
+
+    info = _model_info(args.model)
+    cfg = _evaluate_config(args, info)
+    device = resolve_device(cfg.train.device)
+    check_precision(cfg.train.precision, device)
+    scores = evaluate_saved(load_model(args.model, device), cfg)
+    print(
+        f"class-IL accuracy {scores.accuracy:.2f}% on {scores.images} test images of "
+        f"{scores.classes} classes ({', '.join(scores.datasets)})"
+    )
+    return 0
+
+
 def _command_presets() -> int:
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
@@ -262,6 +384,10 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return run_flower(args)
     if args.command == "presets":
         return _command_presets()
+    if args.command == "predict":
+        return _command_predict(args)
+    if args.command == "evaluate":
+        return _command_evaluate(args)
     parser.print_help()
     return EXIT_USAGE
 
@@ -273,8 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         with command_logging(log_level(args)):
             return _dispatch(parser, args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        # Every bad-input error of fedlorm is a ValueError with a one-line message for the user.
+    except (ValueError, OSError, RuntimeError) as err:
+        # Every bad-input error of fedlorm is a ValueError with a one-line message for the user; an
+        # OSError names the path the system refused.
         if os.environ.get("FEDLORM_DEBUG"):
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

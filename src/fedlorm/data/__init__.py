@@ -2,8 +2,9 @@
 
 from .cars import load_cars196
 from .cifar import load_cifar100
+from .common import check_data_root
 from .cub import load_cub200
-from .decode import DEFAULT_STORAGE_SIZE, decode_images, fit_square
+from .decode import DEFAULT_STORAGE_SIZE, decode_images, fit_square, open_rgb
 from .errors import DatasetNotFoundError
 from .eurosat import load_eurosat
 from .folders import holdout_split, list_class_folders
@@ -37,6 +38,7 @@ __all__ = [
     "DatasetNotFoundError",
     "LabeledImages",
     "Preprocessing",
+    "check_data_root",
     "class_incremental_union",
     "data_cache_dir",
     "decode_images",
@@ -52,6 +54,7 @@ __all__ = [
     "load_imagenet_a",
     "load_imagenet_r",
     "load_mnist",
+    "open_rgb",
     "per_class_split",
     "per_class_subsample",
     "takes_size",

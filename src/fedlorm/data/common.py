@@ -12,6 +12,7 @@ from .errors import DatasetNotFoundError
 __all__ = [
     "SPLITS",
     "Split",
+    "check_data_root",
     "check_split",
     "data_cache_dir",
     "dataset_root",
@@ -27,6 +28,29 @@ def check_split(split: str) -> None:
     """Reject anything but ``"train"`` / ``"test"`` before touching the disk."""
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def check_data_root(root: str | Path | None, download: bool = False) -> None:
+    """Raise a one-line ValueError naming ``root`` (``data.root``) if it cannot be read as a folder.
+
+    A folder that does not exist is left to the loaders, whose messages say where to get each
+    dataset, unless a file stands where one of its parents should be, or a download could not
+    create it.
+    """
+    if root is None:
+        return
+    path = Path(root).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"data.root {str(root)!r} is not a directory")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ValueError(f"data.root {str(root)!r} is not readable")
+        return
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"data.root {str(root)!r} cannot be read: {str(parent)!r} is not a directory")
+    if download and parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"data.root {str(root)!r} cannot be created: {str(parent)!r} is not writable")
 
 
 def data_cache_dir() -> Path:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = ["DEFAULT_STORAGE_SIZE", "IMAGE_SUFFIXES", "decode_images", "fit_square"]
+__all__ = ["DEFAULT_STORAGE_SIZE", "IMAGE_SUFFIXES", "decode_images", "fit_square", "open_rgb"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def fit_square(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def open_rgb(path: Path) -> Image.Image:
+    """The image file at ``path`` as RGB; a one-line ValueError naming it if it cannot be read."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
@@ -65,12 +66,12 @@ def decode_images(paths: Sequence[Path], size: int | None, workers: int | None =
     paths = [Path(p) for p in paths]
     if not paths:
         return torch.empty(0, 3, size or 0, size or 0, dtype=torch.uint8)
-    first = _open_rgb(paths[0])
+    first = open_rgb(paths[0])
     height, width = (size, size) if size is not None else (first.height, first.width)
     out = torch.empty(len(paths), 3, height, width, dtype=torch.uint8)
 
     def load(i: int) -> None:
-        img = first if i == 0 else _open_rgb(paths[i])
+        img = first if i == 0 else open_rgb(paths[i])
         if size is not None:
             img = fit_square(img, size)
         elif img.size != (width, height):

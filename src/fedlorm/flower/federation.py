@@ -4,7 +4,8 @@ It mirrors the in-process simulator step for step (same plan, same server random
 evaluation after each step, same results.json and metrics.csv), so for the same config and seed the two
 runtimes give the same numbers; the only difference is the transport of the messages. On top it
 records which clients each step dropped and why (``results["flower"]``), and saves the server's final
-state (``server_state.safetensors``) so that merged adapters can be compared across runtimes.
+state (``server_state.safetensors``) so that merged adapters can be compared across runtimes. Like
+the simulator, it leaves the deployed model in ``model/``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fedlorm.runtime.report import (
     metrics_row,
     note_divergence,
     run_results,
+    save_run_model,
     task_diagnostics,
     task_test_sizes,
 )
@@ -101,6 +103,7 @@ def run_federation(grid: Grid, exp: Experiment, settings: FlowerSettings, out: P
             str(out / SERVER_STATE),
         )
         plot_run(results, out / "accuracy.png")
+        save_run_model(exp, out)
     return results
 
 

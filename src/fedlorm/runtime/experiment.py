@@ -7,7 +7,7 @@ seed they see the same images, partitions, initial weights and method objects.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from fedlorm.config import ConfigError, RunConfig, validate_config
 from fedlorm.data import (
     LabeledImages,
     Preprocessing,
+    check_data_root,
     class_incremental_union,
     load_dataset,
     per_class_split,
@@ -29,14 +30,24 @@ from fedlorm.methods import JOINT, METHODS, Client, ClientData, Server, joint_co
 from fedlorm.precision import check_precision
 from fedlorm.seeding import derive_seed
 
-__all__ = ["Experiment", "build_experiment", "build_model", "preprocessing", "resolve_device"]
+__all__ = [
+    "Experiment",
+    "build_experiment",
+    "build_model",
+    "load_split",
+    "preprocessing",
+    "resolve_device",
+]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Experiment:
-    """Data, scenario, model and method objects of one run (one model copy for all clients)."""
+    """Data, scenario, model and method objects of one run (one model copy for all clients).
+
+    ``class_names``: the name of the class at each position of the class order (logit order).
+    """
 
     cfg: RunConfig
     scenario: Scenario
@@ -48,6 +59,7 @@ class Experiment:
     client: Client
     device: torch.device
     partitions: list[list[Tensor]]
+    class_names: list[str] = field(default_factory=list)
 
     def client_data(self, task: int) -> list[ClientData]:
         """The task's training data split across clients (indices into ``train``)."""
@@ -112,13 +124,16 @@ def preprocessing(cfg: RunConfig) -> Preprocessing:
     )
 
 
-def _load_split(cfg: RunConfig, split: str, per_class: int | None) -> LabeledImages:
+def load_split(
+    cfg: RunConfig, split: str, per_class: int | None, size: int | None = None
+) -> LabeledImages:
     """The configured datasets' ``split`` (united class-incrementally), subsampled per class.
 
-    Photo datasets are stored (uint8) at the size the test-time crop is taken from, so the model
-    needs at most a crop later.
+    Photo datasets are stored (uint8) at ``size``, by default the size the run's test-time crop is
+    taken from, so the model needs at most a crop later.
     """
-    size = preprocessing(cfg).storage_size
+    check_data_root(cfg.data.root, cfg.data.download)
+    size = size or preprocessing(cfg).storage_size
     parts = [
         load_dataset(name, split, root=cfg.data.root, download=cfg.data.download, size=size)
         for name in cfg.data.datasets
@@ -134,10 +149,10 @@ def _train_and_evaluation_data(cfg: RunConfig) -> tuple[LabeledImages, LabeledIm
     held_out = cfg.data.validation_per_class
     if held_out is None:
         return (
-            _load_split(cfg, "train", cfg.data.train_per_class),
-            _load_split(cfg, "test", cfg.data.test_per_class),
+            load_split(cfg, "train", cfg.data.train_per_class),
+            load_split(cfg, "test", cfg.data.test_per_class),
         )
-    train = _load_split(cfg, "train", None)
+    train = load_split(cfg, "train", None)
     try:
         rest, validation = per_class_split(train, held_out, seed=derive_seed(cfg.seed, "validation"))
     except ValueError as err:
@@ -224,6 +239,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         client=client_cls(cfg, model, layers),
         device=device,
         partitions=partitions,
+        class_names=[train_raw.class_names[c] for c in scenario.class_order],
     )
 
 

