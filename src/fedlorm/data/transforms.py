@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -91,7 +92,7 @@ class Preprocessing:
         if not self.augments:
             return self.test_input(images)
         seed = int(torch.randint(0, _SEED_HIGH, (1,), generator=generator))
-        policy = self._policy()
+        policy = self._policy
         x = _to_float_rgb(images)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
@@ -101,7 +102,9 @@ class Preprocessing:
     def _mode(self) -> InterpolationMode:
         return InterpolationMode(self.interpolation)
 
+    @cached_property
     def _policy(self) -> Callable[[Tensor], Tensor]:
+        """The policy's torchvision pipeline, built once (it holds no random state of its own)."""
         mode, size = self._mode(), [self.size, self.size]
         if self.augmentation == "flip":
             steps: list[Callable[[Tensor], Tensor]] = [v2.Resize(size, mode, antialias=True)]
