@@ -19,9 +19,11 @@ from fedlorm.cli import main
 from fedlorm.compare import (
     comparison_table,
     method_config,
+    paired_differences,
     run_comparison,
     run_comparisons,
     summarize_method,
+    t_quantile_975,
 )
 from fedlorm.config import ConfigError, RunConfig, config_to_dict
 from fedlorm.presets import published_accuracy
@@ -79,6 +81,28 @@ def test_summaries_are_mean_and_sample_std_over_seeds(tmp_path):
     assert row.upload_mb_per_client_round == pytest.approx(0.1)
     assert row.download_mb_per_client_round == pytest.approx(0.1)
     assert "| lorm " in comparison_table([row]) and "70.00 ± 10.00" in comparison_table([row])
+
+
+def test_paired_differences_are_per_seed_with_a_t_interval():
+    runs = {
+        "lorm": [{"seed": s, "final_accuracy": a} for s, a in ((0, 81.0), (1, 84.0), (2, 80.0), (3, 70.0))],
+        "fedavg": [{"seed": s, "final_accuracy": a} for s, a in ((0, 80.0), (1, 82.0), (2, 77.0))],
+        "ffa": [{"seed": 5, "final_accuracy": 1.0}],
+    }
+    (d,) = paired_differences(runs, "lorm")  # ffa shares no seed with lorm: no row
+    # differences 1, 2, 3 over the 3 common seeds: mean 2, sd 1, t(2) = 4.303
+    assert (d.reference, d.method, d.seeds) == ("lorm", "fedavg", [0, 1, 2])
+    half = 4.303 / 3**0.5
+    assert (d.mean, d.low, d.high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    one = paired_differences({"a": runs["lorm"][:1], "b": runs["fedavg"][:1]}, "a")[0]
+    assert (one.mean, one.low, one.high) == (1.0, None, None)
+
+
+def test_t_quantiles_are_students():
+    # textbook values of the two-sided 95 % t quantile, and the normal limit
+    assert [t_quantile_975(df) for df in (1, 4, 9, 29, 200)] == [12.706, 2.776, 2.262, 2.045, 1.96]
+    with pytest.raises(ValueError, match="expected ≥ 1"):
+        t_quantile_975(0)
 
 
 def test_download_column_and_a_dash_for_results_without_download_bytes(tmp_path):
@@ -257,7 +281,7 @@ def test_compare_cli_end_to_end_and_resume(tmp_path, capsys):
             "--quiet", *TINY, "train.rounds=1"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count("seed") == 6
+    assert printed.count(", seed ") == 6
     with open(tmp_path / "comparison.csv") as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}
     assert list(rows) == ["lorm", "ffa", "joint"]
@@ -266,6 +290,14 @@ def test_compare_cli_end_to_end_and_resume(tmp_path, capsys):
     assert float(rows["lorm"]["final_mean"]) == pytest.approx(statistics.fmean(finals))
     assert float(rows["lorm"]["final_std"]) == pytest.approx(statistics.stdev(finals))
     assert (tmp_path / "comparison.png").stat().st_size > 1000
+    with open(tmp_path / "paired.csv") as handle:
+        paired = {r["method"]: r for r in csv.DictReader(handle)}
+    ffa = [json.loads((tmp_path / "ffa" / f"s{s}" / "results.json").read_text())["final_accuracy"]
+           for s in (0, 1)]
+    assert list(paired) == ["ffa", "joint"] and paired["ffa"]["reference"] == "lorm"
+    difference = statistics.fmean(finals) - statistics.fmean(ffa)
+    assert float(paired["ffa"]["mean_difference"]) == pytest.approx(difference)
+    assert "lorm − ffa" in printed and "lorm − ffa" in (tmp_path / "comparison.md").read_text()
     stamp = (tmp_path / "ffa" / "s1" / "results.json").stat().st_mtime_ns
     assert main(argv) == 0
     assert "seed" not in capsys.readouterr().out.split("| method")[0]  # nothing re-run

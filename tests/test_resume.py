@@ -32,7 +32,8 @@ from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.simulator import KILL_ENV, _client_replies, fold_replies
 from fedlorm.seeding import torch_generator
 
-ARGS = [*TINY, "train.threads=1"]
+# With the forgetting probe on, its per-task features must survive the checkpoint too.
+ARGS = [*TINY, "train.threads=1", "train.forgetting_diagnostics=true"]
 # Columns of metrics.csv that do not depend on timing.
 STABLE = [
     "task", "round", "phase", "factor", "train_loss", "seen_accuracy", "upload_bytes", "download_bytes",
@@ -108,6 +109,7 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path, capsys, unint
     assert resumed["task_aware_accuracy_matrix"] == expected["task_aware_accuracy_matrix"]
     assert resumed["upload_bytes"] == expected["upload_bytes"]
     assert resumed["download_bytes"] == expected["download_bytes"]
+    assert resumed["forgetting_diagnostics"] == expected["forgetting_diagnostics"]
     assert _stable_rows(out) == _stable_rows(uninterrupted)
     assert not list(out.glob("checkpoint*")) and not list(out.glob(".*tmp"))
     for name in ("adapter_model.safetensors", "head.safetensors", "base_model.safetensors"):

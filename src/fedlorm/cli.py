@@ -283,18 +283,26 @@ def _report_comparison(results: dict[str, dict[str, list[dict]]], out: Path, see
     from fedlorm.compare import (
         comparison_dirs,
         comparison_table,
+        paired_differences,
+        paired_table,
         summarize_method,
         write_comparison,
         write_table,
     )
 
-    dirs, rows = comparison_dirs(list(results), out), []
+    dirs, rows, paired = comparison_dirs(list(results), out), [], []
     for preset, by_method in results.items():
         preset_rows = [summarize_method(m, runs, preset=preset) for m, runs in by_method.items()]
-        paths = write_comparison(preset_rows, dirs[preset], title=f"{preset}, seeds {seeds}")
+        preset_paired = paired_differences(by_method, next(iter(by_method)))
+        paths = write_comparison(
+            preset_rows, dirs[preset], title=f"{preset}, seeds {seeds}", paired=preset_paired
+        )
         rows.extend(preset_rows)
+        paired.extend(preset_paired)
     if len(results) == 1:
         print(comparison_table(rows))
+        if paired:
+            print(paired_table(paired))
         print(f"table: {paths['md']}  csv: {paths['csv']}  plot: {paths['png']}")
         return
     paths = write_table(rows, out, preset_column=True)

@@ -28,12 +28,15 @@ from fedlorm.runtime.checkpoint import CheckpointError, find_checkpoint, load_re
 
 __all__ = [
     "MethodSummary",
+    "PairedDifference",
     "PlannedRun",
     "check_methods",
     "check_presets",
     "comparison_dirs",
     "comparison_table",
     "execute_comparison",
+    "paired_differences",
+    "paired_table",
     "plan_comparison",
     "run_comparison",
     "run_comparisons",
@@ -305,6 +308,73 @@ def summarize_method(
     )
 
 
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (written out rather than
+# importing scipy for eleven numbers' worth of use); beyond 30 the normal 1.96 is within 2 %.
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` ≥ 1 degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom {df} is not allowed; expected ≥ 1")
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Final accuracy of ``reference`` minus ``method``, paired by seed (same partitions and class
+    order), in points: mean and its 95 % t-interval (None with fewer than two common seeds)."""
+
+    reference: str
+    method: str
+    seeds: list[int]
+    mean: float
+    low: float | None
+    high: float | None
+
+
+def paired_differences(
+    by_method: Mapping[str, Sequence[Mapping[str, Any]]], reference: str
+) -> list[PairedDifference]:
+    """``reference`` against every other method, over the seeds both have finished."""
+    ref = {int(r["seed"]): float(r["final_accuracy"]) for r in by_method[reference]}
+    out = []
+    for method, runs in by_method.items():
+        if method == reference:
+            continue
+        other = {int(r["seed"]): float(r["final_accuracy"]) for r in runs}
+        seeds = sorted(set(ref) & set(other))
+        if not seeds:
+            continue
+        diffs = [ref[s] - other[s] for s in seeds]
+        mean = statistics.fmean(diffs)
+        low = high = None
+        if len(diffs) > 1:
+            half = t_quantile_975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+            low, high = mean - half, mean + half
+        out.append(PairedDifference(reference, method, seeds, mean, low, high))
+    return out
+
+
+PAIRED_FIELDS = ["reference", "method", "seeds", "mean_difference", "ci95_low", "ci95_high"]
+
+
+def paired_table(rows: Sequence[PairedDifference]) -> str:
+    """Markdown table of paired differences in final accuracy (points, 95 % interval)."""
+    lines = [
+        "| difference in final acc (points) | seeds | mean | 95 % interval |",
+        "|---|---:|---:|---:|",
+    ]
+    for d in rows:
+        interval = "–" if d.low is None else f"[{d.low:+.2f}, {d.high:+.2f}]"
+        lines.append(f"| {d.reference} − {d.method} | {len(d.seeds)} | {d.mean:+.2f} | {interval} |")
+    return "\n".join(lines)
+
+
 def _pm(value: tuple[float, float], seeds: int) -> str:
     mean, std = value
     if math.isnan(mean):
@@ -396,9 +466,27 @@ def write_table(
     return paths
 
 
-def write_comparison(rows: Sequence[MethodSummary], out: Path, title: str = "") -> dict[str, Path]:
-    """``comparison.md``, ``comparison.csv`` and ``comparison.png`` in ``out``."""
+def write_comparison(
+    rows: Sequence[MethodSummary],
+    out: Path,
+    title: str = "",
+    paired: Sequence[PairedDifference] = (),
+) -> dict[str, Path]:
+    """``comparison.md``, ``comparison.csv`` and ``comparison.png`` in ``out``; with ``paired``
+    differences also their table (appended to ``comparison.md``) and ``paired.csv``."""
     paths = write_table(rows, out)
+    if paired:
+        with paths["md"].open("a") as handle:
+            handle.write("\n" + paired_table(paired) + "\n")
+        paths["paired"] = out / "paired.csv"
+        with paths["paired"].open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(PAIRED_FIELDS)
+            for d in paired:
+                writer.writerow([
+                    d.reference, d.method, " ".join(map(str, d.seeds)), d.mean,
+                    "" if d.low is None else d.low, "" if d.high is None else d.high,
+                ])
     paths["png"] = out / "comparison.png"
     curves = {r.method: r.seen_accuracy for r in rows if len(r.seen_accuracy[0]) > 1}
     levels = {r.method: r.final_accuracy[0] for r in rows if len(r.seen_accuracy[0]) == 1}

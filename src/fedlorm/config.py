@@ -93,6 +93,8 @@ class TrainConfig:
 
     ``precision``: ``32``, ``bf16-mixed`` (autocast to bfloat16) or ``16-mixed`` (autocast to
     float16 with a gradient scaler, CUDA only); statistics always accumulate in float64.
+    ``forgetting_diagnostics``: feature drift and an oracle head at the end of an in-process run
+    (:mod:`fedlorm.runtime.forgetting`).
     """
 
     rounds: int = 4
@@ -105,6 +107,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_batch_size: int = 256
     eval_every_round: bool = True
+    forgetting_diagnostics: bool = False
     device: str = "auto"
     threads: int | None = None
     precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"

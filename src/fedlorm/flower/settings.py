@@ -89,6 +89,11 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, 
         if value != UNSET:
             cfg = config_from_dict({key: value}, base=cfg)
     validate_config(cfg)
+    if cfg.train.forgetting_diagnostics:
+        raise ConfigError(
+            "train.forgetting_diagnostics = true needs every client's data on the server; it is an "
+            "in-process diagnostic (fedlorm run), not available on Flower"
+        )
     settings = FlowerSettings(
         preset=preset,
         out=str(values["out"]),

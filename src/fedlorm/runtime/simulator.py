@@ -38,6 +38,7 @@ from fedlorm.runtime.checkpoint import (
     save_checkpoint,
 )
 from fedlorm.runtime.experiment import Experiment, build_experiment
+from fedlorm.runtime.forgetting import ForgettingProbe
 from fedlorm.runtime.progress import RunProgress
 from fedlorm.runtime.report import (
     METRICS_FIELDS,
@@ -92,7 +93,7 @@ def run_simulation(
     torch.manual_seed(derive_seed(exp.cfg.seed, "torch"))
     server_rng = torch_generator(exp.cfg.seed, "server")
     out = Path(out_dir) if out_dir is not None else None
-    return _simulate(exp, out, RunProgress(), server_rng, progress)
+    return _simulate(exp, out, RunProgress(), server_rng, progress, _probe(exp))
 
 
 def resume_simulation(
@@ -127,8 +128,15 @@ def resume_simulation(
         restore_rng(ckpt.tensors, server_rng)
     except (KeyError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint in {str(out)!r} has no usable RNG state: {err}") from None
+    probe = _probe(exp)
+    if probe is not None:
+        probe.load_state_dict(ckpt.tensors)
     logger.info("resuming %s at task %d, step %d", out, state.task + 1, state.step + 1)
-    return _simulate(exp, out, state, server_rng, progress)
+    return _simulate(exp, out, state, server_rng, progress, probe)
+
+
+def _probe(exp: Experiment) -> ForgettingProbe | None:
+    return ForgettingProbe() if exp.cfg.train.forgetting_diagnostics else None
 
 
 def step_point(instruction: Instruction) -> str:
@@ -176,7 +184,12 @@ def fold_replies(
 
 
 def _simulate(
-    exp: Experiment, out: Path | None, state: RunProgress, server_rng: torch.Generator, show: bool
+    exp: Experiment,
+    out: Path | None,
+    state: RunProgress,
+    server_rng: torch.Generator,
+    show: bool,
+    probe: ForgettingProbe | None,
 ) -> dict[str, Any]:
     """The task/step loop from ``state`` on: steps, evaluation, checkpoints, results files."""
     started = time.perf_counter()
@@ -212,16 +225,19 @@ def _simulate(
             state.step_done(row)
             if last:
                 state.task_done(evaluation.class_il, evaluation.task_aware, task_diagnostics(exp, evaluation))
+                if probe is not None:
+                    probe.task_end(exp, task)
                 logger.info("task %d: accuracy on seen classes %.2f%%", task + 1, evaluation.seen_accuracy)
             if out is not None:
                 if last:
                     write_json_atomic(out / "results.json", run_results(exp, state, test_sizes, wall()))
-                _save(out, exp, state, server_rng, wall(), step_point(instruction))
+                _save(out, exp, state, server_rng, wall(), step_point(instruction), probe)
                 assert csv is not None
                 csv.append(row)
             _kill_point(f"{step_point(instruction)}.done")
     bar.close()
-    results = run_results(exp, state, test_sizes, wall())
+    extra = {"forgetting_diagnostics": probe.report(exp)} if probe is not None else None
+    results = run_results(exp, state, test_sizes, wall(), extra)
     if out is not None:
         write_json_atomic(out / "results.json", results)
         plot_run(results, out / "accuracy.png")
@@ -290,7 +306,13 @@ def _client_replies(
 
 
 def _save(
-    out: Path, exp: Experiment, state: RunProgress, server_rng: torch.Generator, wall: float, point: str
+    out: Path,
+    exp: Experiment,
+    state: RunProgress,
+    server_rng: torch.Generator,
+    wall: float,
+    point: str,
+    probe: ForgettingProbe | None,
 ) -> None:
     """Checkpoint the state after the step named ``point``."""
     record = {
@@ -300,6 +322,8 @@ def _save(
     }
     tensors: dict[str, Tensor] = {_SERVER + k: v for k, v in exp.server.state_dict().items()}
     tensors.update(rng_tensors(server_rng))
+    if probe is not None:
+        tensors.update(probe.state_dict())
     save_checkpoint(out, record, tensors, hook=lambda stage: _kill_point(f"{point}.checkpoint.{stage}"))
 
 
