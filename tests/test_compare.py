@@ -20,8 +20,10 @@ from fedlorm.compare import (
     comparison_table,
     method_config,
     paired_differences,
+    plan_comparison,
     run_comparison,
     run_comparisons,
+    split_method_overrides,
     summarize_method,
     t_quantile_975,
 )
@@ -96,6 +98,30 @@ def test_paired_differences_are_per_seed_with_a_t_interval():
     assert (d.mean, d.low, d.high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
     one = paired_differences({"a": runs["lorm"][:1], "b": runs["fedavg"][:1]}, "a")[0]
     assert (one.mean, one.low, one.high) == (1.0, None, None)
+
+
+def test_method_overrides_apply_to_their_method_only(tmp_path):
+    common, own = split_method_overrides(
+        ["train.rounds=2", "lorm:train.lr=1e-3", "data.root=C:/data", "ffa:model.rank=1"], ["lorm", "ffa"]
+    )
+    assert common == ["train.rounds=2", "data.root=C:/data"]
+    assert own == {"lorm": ["train.lr=1e-3"], "ffa": ["model.rank=1"]}
+    plan = plan_comparison(RunConfig(), ["lorm", "ffa"], [0], tmp_path, own)
+    assert [(p.cfg.train.lr, p.cfg.model.rank) for p in plan] == [(1e-3, RunConfig().model.rank), (3e-3, 1)]
+    with pytest.raises(ConfigError, match="'fedavg', which is not in --methods"):
+        split_method_overrides(["fedavg:train.lr=1e-3"], ["lorm"])
+
+
+def test_a_run_recorded_before_a_config_key_existed_is_read_back(tmp_path):
+    """A key added since takes its default, which is how the recorded run behaved."""
+    cfg = method_config(RunConfig(), "lorm", 0)
+    results = _fake_results(cfg, [80.0])
+    del results["config"]["train"]["forgetting_diagnostics"]
+    (tmp_path / "lorm" / "s0").mkdir(parents=True)
+    (tmp_path / "lorm" / "s0" / "results.json").write_text(json.dumps(results))
+    calls: list = []
+    by_method = run_comparison(RunConfig(), ["lorm"], [0], tmp_path, run=_writer(calls))
+    assert calls == [] and by_method["lorm"][0]["final_accuracy"] == 80.0
 
 
 def test_t_quantiles_are_students():
@@ -260,6 +286,8 @@ def test_every_method_sees_the_same_partition_and_class_order():
         (["--methods", "lorm", "--seeds", "0,x"], "--seeds '0,x' is not a comma-separated list"),
         (["--methods", "lorm", "--seeds", "1,1"], "expected distinct integers"),
         (["--methods", "lorm", "train.rounds=0"], "train.rounds = 0 is not allowed"),
+        (["--methods", "lorm", "ffa:train.lr=1e-3"], "is for method 'ffa', which is not in --methods"),
+        (["--methods", "lorm,ffa", "ffa:model.rank=0"], "model.rank = 0"),
         (["--methods", "lorm", "--preset", "smoke,nope"], "preset 'nope' is unknown; choose from: "),
         (["--methods", "lorm", "--preset", "smoke,smoke"], "--preset lists a preset twice: smoke,smoke"),
         (["--methods", "lorm", "--preset", " , "], "--preset is empty"),

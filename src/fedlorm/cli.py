@@ -90,7 +90,8 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
     add_logging_arguments(compare)
     compare.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5"
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5; "
+        "METHOD:key=value for one method only, e.g. lorm:train.lr=1e-3"
     )
     add_logging_arguments(sub.add_parser("presets", help="list the presets"))
     predict = sub.add_parser("predict", help="the top classes of image files under a run's model")
@@ -255,13 +256,14 @@ def _compare_out(args: argparse.Namespace, presets: Sequence[str]) -> Path:
 
 
 def _command_compare(args: argparse.Namespace) -> int:
-    from fedlorm.compare import check_methods, check_presets, run_comparisons
+    from fedlorm.compare import check_methods, check_presets, run_comparisons, split_method_overrides
     from fedlorm.runtime.simulator import resume_simulation, run_simulation
 
     methods = check_methods(_names(args.methods))
     seeds = _int_list("--seeds", args.seeds)
     presets = check_presets(_names(args.preset))
-    bases = {name: resolve_config(name, args.config, args.overrides) for name in presets}
+    common, own = split_method_overrides(args.overrides, methods)
+    bases = {name: resolve_config(name, args.config, common) for name in presets}
     out = _compare_out(args, presets)
 
     def run(run_cfg: RunConfig, run_dir: Path) -> dict:
@@ -272,7 +274,7 @@ def _command_compare(args: argparse.Namespace) -> int:
         print(f"{run_cfg.method}, seed {run_cfg.seed} → {run_dir} (resuming its checkpoint)", flush=True)
         return resume_simulation(run_dir, progress=not args.quiet)
 
-    results = run_comparisons(bases, methods, seeds, out, run=run, resume=resume)
+    results = run_comparisons(bases, methods, seeds, out, run=run, resume=resume, method_overrides=own)
     _report_comparison(results, out, args.seeds)
     return 0
 

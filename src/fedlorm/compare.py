@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlorm.config import ConfigError, RunConfig, config_from_plain, config_to_dict, validate_config
+from fedlorm.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_from_plain,
+    config_to_dict,
+    validate_config,
+)
 from fedlorm.methods import JOINT, METHODS, joint_config
 from fedlorm.presets import PRESETS, published_accuracy
 from fedlorm.results import plot_comparison
@@ -40,6 +47,7 @@ __all__ = [
     "plan_comparison",
     "run_comparison",
     "run_comparisons",
+    "split_method_overrides",
     "summarize_method",
     "write_comparison",
     "write_table",
@@ -82,11 +90,35 @@ class PlannedRun:
     run_dir: Path
 
 
-def method_config(base: RunConfig, method: str, seed: int) -> RunConfig:
-    """``base`` with ``method`` and ``seed`` set (joint: its one-task, one-client scenario)."""
-    cfg = config_from_plain(config_to_dict(base))
+def method_config(
+    base: RunConfig, method: str, seed: int, overrides: Sequence[str] = ()
+) -> RunConfig:
+    """``base`` with ``method``'s own ``key=value`` overrides, ``method`` and ``seed`` set (joint:
+    its one-task, one-client scenario)."""
+    cfg = apply_overrides(config_from_plain(config_to_dict(base)), overrides)
     cfg.method, cfg.seed = method, seed
     return joint_config(cfg) if method == JOINT else cfg
+
+
+def split_method_overrides(
+    overrides: Sequence[str], methods: Sequence[str]
+) -> tuple[list[str], dict[str, list[str]]]:
+    """Common ``key=value`` overrides, and per method the ``METHOD:key=value`` ones (e.g.
+    ``lorm:train.lr=1e-3``: each method at its own learning rate, on the same seeds and partitions)."""
+    common: list[str] = []
+    own: dict[str, list[str]] = {m: [] for m in methods}
+    for item in overrides:
+        head, sep, rest = item.partition(":")
+        if not sep or "=" in head:
+            common.append(item)
+        elif head in own:
+            own[head].append(rest)
+        else:
+            raise ConfigError(
+                f"override {item!r} is for method {head!r}, which is not in --methods "
+                f"({', '.join(methods)}); write METHOD:key=value for one of them"
+            )
+    return common, own
 
 
 def _check_names(
@@ -134,6 +166,15 @@ def _other_config(run_dir: Path) -> ConfigError:
     )
 
 
+def _same_config(stored: Any, cfg: RunConfig) -> bool:
+    """Whether a stored config is ``cfg``. Read through today's schema: a key added since the run was
+    recorded takes its default, which is how that run behaved (new keys default to the old behaviour)."""
+    try:
+        return _plain(config_from_plain(stored)) == _plain(cfg)
+    except (ConfigError, TypeError, ValueError, AttributeError):
+        return False
+
+
 def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The stored results of ``run_dir`` if it holds a finished run of exactly ``cfg``."""
     path = run_dir / "results.json"
@@ -143,7 +184,7 @@ def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if results.get("config") != _plain(cfg):
+    if not _same_config(results.get("config"), cfg):
         raise _other_config(run_dir)
     sizes = results.get("scenario", {}).get("task_sizes", [])
     return results if results.get("tasks_completed") == len(sizes) else None
@@ -160,18 +201,26 @@ def _resumable(run_dir: Path, cfg: RunConfig) -> bool:
         record = load_record(run_dir)
     except CheckpointError as err:
         raise ConfigError(f"{err}; remove {str(run_dir)!r} or choose another --out") from None
-    if record.get("config") != _plain(cfg):
+    if not _same_config(record.get("config"), cfg):
         raise _other_config(run_dir)
     return True
 
 
 def plan_comparison(
-    base: RunConfig, methods: Sequence[str], seeds: Sequence[int], out: Path
+    base: RunConfig,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out: Path,
+    method_overrides: Mapping[str, Sequence[str]] | None = None,
 ) -> list[PlannedRun]:
     """Every method × seed under ``out``, each config validated and each directory checked, so that
-    bad input (or a run of another config in the way) fails before any training."""
+    bad input (or a run of another config in the way) fails before any training.
+
+    ``method_overrides``: ``key=value`` overrides applied to one method's runs only.
+    """
+    own = method_overrides or {}
     plan = [
-        PlannedRun(m, s, method_config(base, m, s), out / m / f"s{s}")
+        PlannedRun(m, s, method_config(base, m, s, own.get(m, ())), out / m / f"s{s}")
         for s in seeds
         for m in check_methods(methods)
     ]
@@ -241,12 +290,14 @@ def run_comparison(
     *,
     run: Runner,
     resume: Runner | None = None,
+    method_overrides: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Run (or read back, or resume) every method × seed under ``out``; results by method, seed order.
 
     Every config is validated before the first run starts (:func:`plan_comparison`).
     """
-    return execute_comparison(plan_comparison(base, methods, seeds, out), run=run, resume=resume)
+    plan = plan_comparison(base, methods, seeds, out, method_overrides)
+    return execute_comparison(plan, run=run, resume=resume)
 
 
 def run_comparisons(
@@ -257,11 +308,15 @@ def run_comparisons(
     *,
     run: Runner,
     resume: Runner | None = None,
+    method_overrides: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """:func:`run_comparison` for every preset (``bases``: preset name → config) in its own directory
     (:func:`comparison_dirs`); every preset × method × seed is planned before the first run starts."""
     dirs = comparison_dirs(list(bases), out)
-    plans = {name: plan_comparison(cfg, methods, seeds, dirs[name]) for name, cfg in bases.items()}
+    plans = {
+        name: plan_comparison(cfg, methods, seeds, dirs[name], method_overrides)
+        for name, cfg in bases.items()
+    }
     return {name: execute_comparison(plan, run=run, resume=resume) for name, plan in plans.items()}
 
 
