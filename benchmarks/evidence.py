@@ -1,0 +1,214 @@
+"""When does LoRM's closed-form merge beat averaging? Tables and a plot from finished comparisons.
+
+Run on demand, after the ``fedlorm compare`` commands of the README's "When LoRM's merge wins"
+section: ``python benchmarks/evidence.py [--runs runs/evidence] [--out docs]``.
+
+``--runs`` holds one comparison per setting (``b0.5``, ``b0.05``, ... for the heterogeneity sweep,
+``b0.5-full`` for full statistics, a preset name for another benchmark), each in ``fedlorm
+compare``'s layout ``DIR/METHOD/sSEED/results.json``. It prints and writes (to ``--out``):
+
+- ``evidence-selection.csv``: the validation grid (``--selection``, layout
+  ``SETTING/VARIANT/METHOD/sSEED``) each method's learning rate was chosen from;
+- ``evidence-beta.csv``/``.png``: final accuracy, mean ± std over seeds, per method and setting;
+- ``evidence-paired.csv``: LoRM minus each other method, paired by seed, mean and 95 % t-interval;
+- ``evidence-forgetting.csv``: for runs with ``train.forgetting_diagnostics``, the oracle head's
+  accuracy, the stale head's cost (oracle − actual) and the features' loss against the frozen
+  backbone (head-only's oracle − this oracle), with the mean feature drift.
+
+``head-only`` and ``joint`` do not depend on β (the analytic head is built from sums over all clients,
+which equal the centralised sums; joint has one client), so a setting without them borrows them
+from ``--references`` (default ``b0.5``), paired on the same seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from fedlorm.compare import paired_differences, summarize_method
+
+REFERENCE_METHODS = ("head-only", "joint")
+ORDER = ("lorm", "lorm-avg", "fedavg", "ffa", "head-only", "joint")
+
+
+def load_setting(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """Finished runs of one comparison folder, by method (seed order)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(folder.glob("*/s*/results.json")):
+        results = json.loads(path.read_text())
+        if results.get("tasks_completed") != len(results["scenario"]["task_sizes"]):
+            continue
+        out.setdefault(path.parent.parent.name, []).append(results)
+    for runs in out.values():
+        runs.sort(key=lambda r: r["seed"])
+    ordered = [m for m in ORDER if m in out] + sorted(set(out) - set(ORDER))
+    return {m: out[m] for m in ordered}
+
+
+def _cell(mean: float, std: float, n: int) -> str:
+    return "–" if math.isnan(mean) else (f"{mean:.2f}" if n == 1 else f"{mean:.2f} ± {std:.2f} ({n})")
+
+
+def _forgetting_rows(by_method: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per method, means over the seeds whose runs carry the diagnostics."""
+    frozen = {
+        r["seed"]: r["forgetting_diagnostics"]["oracle_head_final_accuracy"]
+        for r in by_method.get("head-only", [])
+        if "forgetting_diagnostics" in r
+    }
+    rows = []
+    for method, runs in by_method.items():
+        runs = [r for r in runs if "forgetting_diagnostics" in r]
+        if not runs or method == "joint":
+            continue
+        oracle = [r["forgetting_diagnostics"]["oracle_head_final_accuracy"] for r in runs]
+        actual = [r["final_accuracy"] for r in runs]
+        lost = [frozen[r["seed"]] - o for r, o in zip(runs, oracle, strict=True) if r["seed"] in frozen]
+        rows.append({
+            "method": method,
+            "seeds": " ".join(str(r["seed"]) for r in runs),
+            "final_accuracy": statistics.fmean(actual),
+            "oracle_head_accuracy": statistics.fmean(oracle),
+            "stale_head_cost": statistics.fmean(o - a for o, a in zip(oracle, actual, strict=True)),
+            "feature_loss_vs_frozen": statistics.fmean(lost) if lost else math.nan,
+            "mean_feature_drift": statistics.fmean(
+                r["forgetting_diagnostics"]["mean_feature_drift"] for r in runs
+            ),
+            "forgetting": statistics.fmean(r["forgetting"] for r in runs),
+        })
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plot(table: dict[str, dict[str, tuple[float, float, int]]], settings: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    xs = list(range(len(settings)))
+    for method, cells in table.items():
+        points = [(x, *cells[s][:2]) for x, s in zip(xs, settings, strict=True) if s in cells]
+        if points:
+            x, mean, std = zip(*points, strict=True)
+            ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=method)
+    ax.set_xticks(xs, settings)
+    ax.set_xlabel("setting")
+    ax.set_ylabel("final class-IL accuracy (%), mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    if table:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def selection_table(folder: Path) -> list[dict[str, Any]]:
+    """The validation grid of step 0: ``folder/SETTING/VARIANT/METHOD/s0/results.json`` → rows."""
+    rows = []
+    for path in sorted(folder.glob("*/*/*/s*/results.json")):
+        results = json.loads(path.read_text())
+        if results["config"]["data"]["validation_per_class"] is None:
+            raise SystemExit(f"{path} was scored on the test set; the selection grid must use validation")
+        variant, setting = path.parent.parent.parent.name, path.parent.parent.parent.parent.name
+        rows.append({
+            "setting": setting, "variant": variant, "method": path.parent.parent.name,
+            "seed": results["seed"], "validation_final_accuracy": results["final_accuracy"],
+        })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("runs/evidence"))
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--references", default="b0.5", help="setting that lends head-only and joint")
+    parser.add_argument("--selection", default="select", help="folder under --runs with the validation grid")
+    args = parser.parse_args()
+
+    selection = selection_table(args.runs / args.selection) if (args.runs / args.selection).is_dir() else []
+    if selection:
+        print("| setting | variant | method | validation final acc (%) |\n|---|---|---|---:|")
+        for r in sorted(selection, key=lambda r: (r["setting"], r["method"], r["variant"])):
+            accuracy = r["validation_final_accuracy"]
+            print(f"| {r['setting']} | {r['variant']} | {r['method']} | {accuracy:.2f} |")
+        print()
+
+    settings = sorted(
+        p.name for p in args.runs.iterdir()
+        if p.is_dir() and p.name != args.selection and any(p.glob("*/s*/results.json"))
+    )
+    data = {s: load_setting(args.runs / s) for s in settings}
+    lender = data.get(args.references, {})
+    for by_method in data.values():
+        for method in REFERENCE_METHODS:
+            if method not in by_method and method in lender:
+                by_method[method] = lender[method]
+
+    table: dict[str, dict[str, tuple[float, float, int]]] = {}
+    beta_rows, paired_rows, forgetting_rows = [], [], []
+    for setting, by_method in data.items():
+        for method, runs in by_method.items():
+            summary = summarize_method(method, runs)
+            mean, std = summary.final_accuracy
+            table.setdefault(method, {})[setting] = (mean, std, len(runs))
+            beta_rows.append({
+                "setting": setting, "method": method, "seeds": " ".join(map(str, summary.seeds)),
+                "final_mean": mean, "final_std": std,
+                "forgetting_mean": summary.forgetting[0],
+                "upload_mb_per_client_round": summary.upload_mb_per_client_round,
+                "download_mb_per_client_round": summary.download_mb_per_client_round,
+            })
+        if "lorm" in by_method:
+            for d in paired_differences(by_method, "lorm"):
+                paired_rows.append({
+                    "setting": setting, "difference": f"lorm − {d.method}", "seeds": len(d.seeds),
+                    "mean": d.mean, "ci95_low": d.low, "ci95_high": d.high,
+                })
+        forgetting_rows += [{"setting": setting, **row} for row in _forgetting_rows(by_method)]
+
+    print("| method | " + " | ".join(settings) + " |")
+    print("|---|" + "---:|" * len(settings))
+    for method, cells in table.items():
+        print(f"| {method} | " + " | ".join(_cell(*cells[s]) if s in cells else "–" for s in settings) + " |")
+    print("\n| setting | difference (points) | seeds | mean | 95 % interval |\n|---|---|---:|---:|---:|")
+    for r in paired_rows:
+        interval = "–" if r["ci95_low"] is None else f"[{r['ci95_low']:+.2f}, {r['ci95_high']:+.2f}]"
+        print(f"| {r['setting']} | {r['difference']} | {r['seeds']} | {r['mean']:+.2f} | {interval} |")
+    if forgetting_rows:
+        print(
+            "\n| setting | method | seeds | final acc | oracle head | stale head costs | features lost "
+            "vs frozen | mean drift | forgetting |\n|---|---|---|---:|---:|---:|---:|---:|---:|"
+        )
+        for r in forgetting_rows:
+            print(
+                f"| {r['setting']} | {r['method']} | {r['seeds']} | {r['final_accuracy']:.2f} | "
+                f"{r['oracle_head_accuracy']:.2f} | {r['stale_head_cost']:+.2f} | "
+                f"{r['feature_loss_vs_frozen']:+.2f} | {r['mean_feature_drift']:.3f} | "
+                f"{r['forgetting']:.2f} |"
+            )
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_csv(args.out / "evidence-selection.csv", selection)
+    _write_csv(args.out / "evidence-beta.csv", beta_rows)
+    _write_csv(args.out / "evidence-paired.csv", paired_rows)
+    _write_csv(args.out / "evidence-forgetting.csv", forgetting_rows)
+    _plot(table, settings, args.out / "evidence-beta.png")
+    print(f"\nwritten: evidence-*.csv and evidence-beta.png in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
