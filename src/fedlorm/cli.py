@@ -1,5 +1,5 @@
 """The ``fedlorm`` command: ``run`` an experiment, ``compare`` methods, run on ``flower``, list ``presets``,
-``predict`` and ``evaluate`` with the model a run left.
+``predict`` and ``evaluate`` with the model a run left, write each node's data (``partition``).
 
 Bad input (unknown names, values out of range, missing data, an output directory that already holds
 results or cannot be created, a model folder or image that cannot be read) ends with one line on
@@ -92,6 +92,24 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5; "
         "METHOD:key=value for one method only, e.g. lorm:train.lr=1e-3"
+    )
+    partition = sub.add_parser(
+        "partition",
+        help="write each client's share of every task, and the server's evaluation set, to its own "
+        "folder (see docs/partitions.md)",
+    )
+    partition.add_argument("--preset", help="named configuration (default: default)")
+    partition.add_argument("--config", type=Path, help="TOML file applied on top of the preset")
+    partition.add_argument("--seed", type=int, help="seed of the run the folders are for")
+    partition.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="writes DIR/client-K/ and DIR/server/"
+    )
+    partition.add_argument(
+        "--overwrite", action="store_true", help="replace the partition folders already in DIR"
+    )
+    add_logging_arguments(partition)
+    partition.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. scenario.num_clients=4"
     )
     add_logging_arguments(sub.add_parser("presets", help="list the presets"))
     predict = sub.add_parser("predict", help="the top classes of image files under a run's model")
@@ -375,6 +393,20 @@ def _command_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_partition(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args.preset or "default", args.config, args.overrides, seed=args.seed)
+    _creatable_dir("--out", args.out)
+    from fedlorm.data.partition_store import check_output
+
+    check_output(args.out, args.overwrite)  # before the datasets are loaded
+    from fedlorm.runtime.partitions import write_partitions
+
+    folders = write_partitions(cfg, args.out, overwrite=args.overwrite)
+    clients = sum(path.name != "server" for path in folders)
+    print(f"wrote {clients} client folders and server/ to {args.out}")
+    return 0
+
+
 def _command_presets() -> int:
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
@@ -392,6 +424,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from fedlorm.flower.cli import run as run_flower
 
         return run_flower(args)
+    if args.command == "partition":
+        return _command_partition(args)
     if args.command == "presets":
         return _command_presets()
     if args.command == "predict":

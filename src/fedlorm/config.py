@@ -115,7 +115,11 @@ class TrainConfig:
 
 @dataclass
 class LormConfig:
-    """LoRM's merges: statistics shrinkage, head merge and which model the statistics go through."""
+    """LoRM's merges: statistics shrinkage, head merge and which model the statistics go through.
+
+    ``adapt_tasks``: train the adapters on the first N tasks only; later tasks add their classes
+    to the analytic head through a backbone that no longer moves (first-session adaptation).
+    """
 
     alpha_backbone: float = 0.0
     alpha_head: float = 0.5
@@ -125,6 +129,7 @@ class LormConfig:
     task_start: Literal["pretrained", "merged"] = "pretrained"
     cross_task: Literal["closed_form", "simple_mean", "task_arithmetic"] = "closed_form"
     ridge: float = 1e-10
+    adapt_tasks: int | None = None
 
 
 @dataclass
@@ -374,6 +379,14 @@ def validate_config(cfg: RunConfig) -> None:
         ),
         ("lorm.ridge", cfg.lorm.ridge, cfg.lorm.ridge >= 0, "a number >= 0"),
         ("lorm.head_ridge", cfg.lorm.head_ridge, cfg.lorm.head_ridge > 0, "a number > 0"),
+        (
+            "lorm.adapt_tasks",
+            cfg.lorm.adapt_tasks,
+            cfg.lorm.adapt_tasks is None
+            or (cfg.lorm.adapt_tasks >= 1 and cfg.lorm.head_merge == "analytic"),
+            "an integer >= 1 with lorm.head_merge = 'analytic' (later tasks' classes reach the head "
+            "only through its sums), or none",
+        ),
         ("data.crop_pct", cfg.data.crop_pct, 0 < cfg.data.crop_pct <= 1, "a number in (0, 1]"),
         (
             "data.augment_scale",

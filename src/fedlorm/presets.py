@@ -44,6 +44,18 @@ PRESETS: dict[str, Preset] = {
         # 3.3 points (80.15 against 83.45) and left FFA-LoRA unchanged (87.20 against 87.25).
         {"train": {"local_epochs": 1}, "lorm": {"head_merge": "analytic", "head_ridge": 0.1}},
     ),
+    "headroom": Preset(
+        "the built-in benchmark where adaptation pays: Fashion-MNIST alone at 24 px, 5 tasks x 2 "
+        "classes, 10 clients, beta 0.5, EfficientNet-Lite0, analytic ridge head",
+        # Found on the validation split with head-only and joint only (no federated LoRA method
+        # looked at): joint beat head-only by 8.7 points at 32 px and by 13.3 at 24 px, where the
+        # ImageNet features of these small images are weak (head-only 71.2 %, joint 84.5 %).
+        {
+            "data": {"datasets": ["fashion_mnist"], "image_size": 24},
+            "train": {"local_epochs": 1},
+            "lorm": {"head_merge": "analytic", "head_ridge": 0.1},
+        },
+    ),
     "smoke": Preset(
         "a few tens of seconds: MNIST 2 tasks x 5 classes, 4 clients, 32 px, 2 rounds",
         {

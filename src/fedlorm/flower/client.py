@@ -2,6 +2,8 @@
 
 It calls exactly what the in-process simulator calls for client k (:meth:`Client.update` with the
 stream ``torch_generator(seed, "client", task, round, k)``), so a reply's summands are the same bits.
+A node given ``data_dir`` (its folder from ``fedlorm partition``) reads only that folder and loads
+no dataset; its shares are the simulator's, so the replies are the same bits too.
 """
 
 from __future__ import annotations
@@ -24,12 +26,22 @@ __all__ = ["check_partition", "client_experiment", "local_accuracy", "local_upda
 _CACHE: dict[str, Experiment] = {}
 
 
-def client_experiment(cfg: RunConfig) -> Experiment:
-    """The experiment for ``cfg``, built once per process (simulation workers serve many messages)."""
-    key = json.dumps(config_to_dict(cfg), sort_keys=True)
+def client_experiment(cfg: RunConfig, data_dir: str | None = None, partition: int = 0) -> Experiment:
+    """The experiment for ``cfg``, built once per process (simulation workers serve many messages).
+
+    With ``data_dir``: client ``partition``'s own folder is read (ValueError, one line, if it is
+    missing, unreadable, or of another run or client) and no dataset is loaded.
+    """
+    key = json.dumps([config_to_dict(cfg), data_dir, data_dir and partition], sort_keys=True)
     if key not in _CACHE:
+        if data_dir:
+            from fedlorm.runtime.partitions import node_experiment
+
+            exp = node_experiment(cfg, data_dir, partition)
+        else:
+            exp = build_experiment(cfg)
         _CACHE.clear()
-        _CACHE[key] = build_experiment(cfg)
+        _CACHE[key] = exp
         torch.manual_seed(derive_seed(cfg.seed, "torch"))
     return _CACHE[key]
 
@@ -48,7 +60,7 @@ def local_update(
 ) -> ClientReply:
     """Client ``partition``'s reply to ``instruction``, exactly as the in-process simulator computes it."""
     generator = torch_generator(exp.cfg.seed, "client", instruction.task, instruction.round, partition)
-    data = exp.client_data(instruction.task)[partition]
+    data = exp.client_share(instruction.task, partition)
     return exp.client.update(arrays, instruction, data, generator)
 
 
@@ -57,7 +69,7 @@ def local_accuracy(
 ) -> tuple[float, int]:
     """Class-IL accuracy (%) of ``arrays``' model on this client's shares of tasks 0..task, and their size."""
     apply_arrays(exp.model, exp.layers, arrays)
-    shares = [exp.client_data(t)[partition] for t in range(task + 1)]
+    shares = [exp.client_share(t, partition) for t in range(task + 1)]
     images = torch.cat([share.images for share in shares])
     labels = torch.cat([share.labels for share in shares])
     train = exp.cfg.train

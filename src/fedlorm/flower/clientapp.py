@@ -5,6 +5,11 @@ Every SuperNode sets ``partition-id`` (0-based) and ``num-partitions`` (= the ru
 in-process simulator's client code and replies with the summands; ``evaluate`` reports the broadcast
 model's class-IL accuracy on the client's own training shares of the tasks seen so far.
 
+A SuperNode may also set ``data-dir``: its own folder written by ``fedlorm partition``
+(docs/partitions.md), which it then reads instead of loading the datasets. A node that cannot set
+up (a bad folder, a config or partition that does not fit) answers with an error reply carrying
+the one-line reason, which the server logs and drops.
+
 In deployment each message runs in a fresh process, so torch and the experiment are loaded only by
 the handlers that need them (:mod:`fedlorm.flower.client`), not by the identity query.
 """
@@ -14,8 +19,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedlorm.flower.identity import encode_identity, identity_of
 from fedlorm.flower.logs import use_flower_logging
@@ -24,7 +30,11 @@ from fedlorm.flower.settings import settings_from_run_config
 if TYPE_CHECKING:
     from fedlorm.runtime.experiment import Experiment
 
-__all__ = ["app"]
+__all__ = ["DATA_DIR", "app"]
+
+DATA_DIR = "data-dir"
+
+logger = logging.getLogger(__name__)
 
 app = ClientApp()
 
@@ -42,7 +52,10 @@ def train(message: Message, context: Context) -> Message:
     from fedlorm.flower.messages import ARRAYS, CONFIG, encode_train_reply, from_array_record
     from fedlorm.methods import Instruction
 
-    exp, partition = _experiment(context)
+    try:
+        exp, partition = _experiment(context)
+    except ValueError as err:
+        return _error_reply(message, err)
     instruction = Instruction.from_record(message.content.config_records[CONFIG])
     arrays = from_array_record(message.content.array_records[ARRAYS])
     reply = client.local_update(exp, partition, instruction, arrays)
@@ -55,7 +68,10 @@ def evaluate(message: Message, context: Context) -> Message:
     from fedlorm.flower import client
     from fedlorm.flower.messages import ARRAYS, CONFIG, encode_evaluation_reply, from_array_record
 
-    exp, partition = _experiment(context)
+    try:
+        exp, partition = _experiment(context)
+    except ValueError as err:
+        return _error_reply(message, err)
     task = int(message.content.config_records[CONFIG]["task"])
     arrays = from_array_record(message.content.array_records[ARRAYS])
     accuracy, examples = client.local_accuracy(exp, partition, task, arrays)
@@ -67,7 +83,16 @@ def _experiment(context: Context) -> tuple[Experiment, int]:
 
     use_flower_logging(logging.WARNING)
     cfg, _ = settings_from_run_config(context.run_config)
-    exp = client.client_experiment(cfg)
     identity = identity_of(context.node_config)
+    data_dir = str(context.node_config.get(DATA_DIR) or "") or None
+    exp = client.client_experiment(cfg, data_dir, identity.partition)
     client.check_partition(exp, identity.partition, identity.partitions)
     return exp, identity.partition
+
+
+def _error_reply(message: Message, err: ValueError) -> Message:
+    """An error reply whose reason is ``err``'s message on one line (the server logs it and drops the
+    node's reply)."""
+    reason = " ".join(str(err).split()) or type(err).__name__
+    logger.error("this node cannot take part: %s", reason)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)

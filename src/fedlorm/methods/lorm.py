@@ -235,8 +235,14 @@ class LoRMServer(Server):
         self.analytic_head: tuple[Tensor, Tensor] | None = None
 
     # -- protocol -----------------------------------------------------------------------------------
+    def adapts(self, task: int) -> bool:
+        """Whether ``task`` trains the adapters (all tasks unless ``lorm.adapt_tasks`` stops them)."""
+        return self.cfg.lorm.adapt_tasks is None or task < self.cfg.lorm.adapt_tasks
+
     def start_task(self, task: int, classes: range, generator: torch.Generator) -> None:
         self.task = task
+        if not self.adapts(task):  # the deployed backbone stays as the adapted tasks left it
+            return
         self.task_finished = False
         for name, (d_out, d_in, rank) in self.shapes.items():
             a = torch.empty(rank, d_in, dtype=torch.float32)
@@ -245,6 +251,9 @@ class LoRMServer(Server):
             self.B[name] = torch.zeros(d_out, rank, device=self.device, dtype=self.dtype)
 
     def instructions(self, task: int, classes: range) -> Iterator[Instruction]:
+        if not self.adapts(task):
+            yield Instruction(task, -1, "head_stats", "none", classes.start, classes.stop)
+            return
         for r in range(self.cfg.train.rounds):
             yield Instruction(task, r, "train", self.merge.factor(r), classes.start, classes.stop)
         if self.cfg.lorm.cross_task == "closed_form" and self.merge.schedule != "none":

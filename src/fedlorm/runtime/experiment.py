@@ -7,6 +7,7 @@ seed they see the same images, partitions, initial weights and method objects.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +32,14 @@ from fedlorm.precision import check_precision
 from fedlorm.seeding import derive_seed
 
 __all__ = [
+    "ClientSource",
     "Experiment",
+    "RunData",
+    "build_data",
     "build_experiment",
+    "build_experiment_without_data",
     "build_model",
+    "effective_config",
     "load_split",
     "preprocessing",
     "resolve_device",
@@ -42,11 +48,17 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+ClientSource = Callable[[int, int], ClientData]
+"""``source(task, client)``: client ``client``'s share of ``task`` (see ``Experiment.client_source``)."""
+
+
 @dataclass
 class Experiment:
     """Data, scenario, model and method objects of one run (one model copy for all clients).
 
     ``class_names``: the name of the class at each position of the class order (logit order).
+    ``client_source``: where clients' shares come from instead of ``train``/``partitions``, e.g.
+    the folders ``fedlorm partition`` wrote (:mod:`fedlorm.runtime.partitions`).
     """
 
     cfg: RunConfig
@@ -60,13 +72,29 @@ class Experiment:
     device: torch.device
     partitions: list[list[Tensor]]
     class_names: list[str] = field(default_factory=list)
+    client_source: ClientSource | None = None
+
+    def client_share(self, task: int, client: int) -> ClientData:
+        """Client ``client``'s training data of ``task``."""
+        if self.client_source is not None:
+            return self.client_source(task, client)
+        idx = self.partitions[task][client]
+        return ClientData(self.train.images[idx], self.train.labels[idx])
 
     def client_data(self, task: int) -> list[ClientData]:
-        """The task's training data split across clients (indices into ``train``)."""
-        return [
-            ClientData(self.train.images[idx], self.train.labels[idx])
-            for idx in self.partitions[task]
-        ]
+        """The task's training data split across clients."""
+        return [self.client_share(task, k) for k in range(self.cfg.scenario.num_clients)]
+
+
+@dataclass
+class RunData:
+    """A run's data without model: scenario, training and evaluation sets, per-task client splits."""
+
+    scenario: Scenario
+    train: ClientData
+    test: ClientData
+    partitions: list[list[Tensor]]
+    class_names: list[str]
 
 
 def _partition(cfg: RunConfig, scenario: Scenario, labels: Tensor) -> list[list[Tensor]]:
@@ -190,15 +218,17 @@ def build_model(
     return model.to(device), layers
 
 
-def build_experiment(cfg: RunConfig) -> Experiment:
-    """Validate the config, then load data and build model and method (no training)."""
+def effective_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` validated, as the run uses it (``joint``: one task of all classes, one client)."""
     validate_config(cfg)
     if cfg.method not in METHODS:
         raise ConfigError(
             f"method {cfg.method!r} is unknown; choose one of: {', '.join(sorted(METHODS))}"
         )
-    if cfg.method == JOINT:
-        cfg = joint_config(cfg)
+    return joint_config(cfg) if cfg.method == JOINT else cfg
+
+
+def _compute_device(cfg: RunConfig) -> torch.device:
     device = resolve_device(cfg.train.device)
     try:
         check_precision(cfg.train.precision, device)
@@ -206,6 +236,11 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         raise ConfigError(str(err)) from None
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    return device
+
+
+def build_data(cfg: RunConfig) -> RunData:
+    """Load the data of ``cfg`` (as :func:`effective_config` returns it): scenario and client splits."""
     train_raw, test_raw = _train_and_evaluation_data(cfg)
     num_classes = len(train_raw.class_names)
     scenario = make_scenario(
@@ -214,32 +249,66 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         cfg.scenario.class_order,
         seed=derive_seed(cfg.seed, "class_order"),
     )
-    partitions = _partition(cfg, scenario, scenario.to_positions(train_raw.labels))
-    train = _to_client_data(train_raw, scenario, cfg.data.image_size)
-    test = _to_client_data(test_raw, scenario, cfg.data.image_size)
+    return RunData(
+        scenario=scenario,
+        partitions=_partition(cfg, scenario, scenario.to_positions(train_raw.labels)),
+        train=_to_client_data(train_raw, scenario, cfg.data.image_size),
+        test=_to_client_data(test_raw, scenario, cfg.data.image_size),
+        class_names=[train_raw.class_names[c] for c in scenario.class_order],
+    )
+
+
+def build_experiment(cfg: RunConfig) -> Experiment:
+    """Validate the config, then load data and build model and method (no training)."""
+    cfg = effective_config(cfg)
+    device = _compute_device(cfg)
+    data = build_data(cfg)
+    return _assemble(cfg, device, data)
+
+
+def build_experiment_without_data(
+    cfg: RunConfig, scenario: Scenario, class_names: list[str], client_source: ClientSource
+) -> Experiment:
+    """Model and methods of ``cfg`` for a node that reads its shares from ``client_source``.
+
+    Loads no dataset: ``train`` and ``test`` are empty and ``partitions`` is ``[]``; the scenario
+    and class names come from the caller (e.g. a partition folder's manifest).
+    """
+    cfg = effective_config(cfg)
+    device = _compute_device(cfg)
+    empty = ClientData(torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.long))
+    data = RunData(scenario=scenario, train=empty, test=empty, partitions=[], class_names=class_names)
+    return _assemble(cfg, device, data, client_source)
+
+
+def _assemble(
+    cfg: RunConfig, device: torch.device, data: RunData, client_source: ClientSource | None = None
+) -> Experiment:
+    num_classes = data.scenario.num_classes
     model, layers = build_model(cfg, num_classes, device)
     server_cls, client_cls = METHODS[cfg.method]
     logger.info(
         "built %s: %d classes in %d tasks, %d train / %d test images, %d LoRA layers",
         cfg.model.backbone,
         num_classes,
-        scenario.num_tasks,
-        len(train),
-        len(test),
+        data.scenario.num_tasks,
+        len(data.train),
+        len(data.test),
         len(layers),
     )
     return Experiment(
         cfg=cfg,
-        scenario=scenario,
-        train=train,
-        test=test,
+        scenario=data.scenario,
+        train=data.train,
+        test=data.test,
         model=model,
         layers=layers,
         server=server_cls(cfg, model, layers),
         client=client_cls(cfg, model, layers),
         device=device,
-        partitions=partitions,
-        class_names=[train_raw.class_names[c] for c in scenario.class_order],
+        partitions=data.partitions,
+        class_names=data.class_names,
+        client_source=client_source,
     )
 
 
