@@ -85,6 +85,13 @@ def test_summaries_are_mean_and_sample_std_over_seeds(tmp_path):
     assert "| lorm " in comparison_table([row]) and "70.00 ± 10.00" in comparison_table([row])
 
 
+def test_traffic_is_per_client_asked_when_rows_say_how_many():
+    cfg = method_config(RunConfig(), "lorm", 0)
+    results = _fake_results(cfg, [80.0])
+    results["rounds"] = [{"clients": n} for n in (5, 5, 10, 10)]  # participation 0.5, then statistics
+    assert summarize_method("lorm", [results]).upload_mb_per_client_round == pytest.approx(4.0 / 30)
+
+
 def test_paired_differences_are_per_seed_with_a_t_interval():
     runs = {
         "lorm": [{"seed": s, "final_accuracy": a} for s, a in ((0, 81.0), (1, 84.0), (2, 80.0), (3, 70.0))],

@@ -34,7 +34,7 @@ from fedlorm.export import load_model
 from fedlorm.flower import client, clientapp
 from fedlorm.flower.federation import SERVER_STATE, run_federation
 from fedlorm.flower.launch import APP_COMPONENTS
-from fedlorm.flower.messages import SUMMANDS, from_array_record, to_array_record
+from fedlorm.flower.messages import CONFIG, SUMMANDS, from_array_record, to_array_record
 from fedlorm.flower.settings import (
     FlowerSettings,
     default_run_config,
@@ -45,7 +45,7 @@ from fedlorm.flower.strategy import FedlormStrategy
 from fedlorm.methods import add_arrays, payload_bytes
 from fedlorm.presets import preset_config
 from fedlorm.runtime.experiment import build_experiment
-from fedlorm.runtime.simulator import run_simulation
+from fedlorm.runtime.simulator import run_simulation, step_clients, step_plan
 from fedlorm.seeding import torch_generator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -402,6 +402,52 @@ def test_a_run_with_a_vanished_client_completes_and_reports_it(fault_setup, tmp_
     images = exp.test.images[:4]
     with torch.no_grad():
         torch.testing.assert_close(saved.model(images), exp.model(images), rtol=0, atol=1e-5)
+
+
+def test_a_sampled_run_reaches_only_the_sampled_nodes_and_equals_the_in_process_run(tmp_path):
+    """``scenario.participation`` 0.5 over the loopback grid vs ``run_simulation`` (same seed).
+
+    The loopback grid runs the real strategy, federation loop and ClientApp; only Flower's transport
+    (SuperLink, Ray) is left out, which the full simulation test below covers for participation 1.
+    """
+    cfg = tiny_config(*FAULT_CFG, "train.rounds=2", "scenario.participation=0.5")
+    run_config = run_config_for(cfg, FlowerSettings(out="", federated_eval=False))
+    reached = []
+
+    def record(step, partition, request, reply):
+        if request.metadata.message_type == MessageType.TRAIN:
+            config = request.content.config_records[CONFIG]
+            reached.append((config["task"], config["round"], config["phase"], partition))
+        return reply
+
+    exp = build_experiment(cfg)
+    settings = FlowerSettings(out=str(tmp_path), min_clients=2, reply_timeout=30.0, federated_eval=False)
+    flower = run_federation(LoopbackGrid(run_config, range(4), record), exp, settings, tmp_path)
+    local_exp = build_experiment(cfg)
+    local = run_simulation(cfg, experiment=local_exp)
+
+    expected = [
+        (i.task, i.round, i.phase, k) for steps in step_plan(exp) for i in steps for k in step_clients(cfg, i)
+    ]
+    assert reached == expected
+    train = [s for s in flower["flower"]["steps"] if "statistics" not in s["step"]]
+    assert [len(s["asked"]) for s in train] == [2, 2, 2, 2]
+    assert len({tuple(s["asked"]) for s in train}) > 1
+    assert all(s["merged"] == s["asked"] for s in flower["flower"]["steps"])
+    assert flower["flower"]["dropped"] == []
+    assert flower["accuracy_matrix"] == local["accuracy_matrix"]
+
+    def rows(results):
+        return [{k: v for k, v in r.items() if k != "merge_seconds"} for r in results["rounds"]]
+
+    assert rows(flower) == rows(local)
+    assert [r["clients"] for r in local["rounds"]] == [2, 2, 4] * 2
+    for key in ("upload_bytes", "download_bytes", "diagnostics"):
+        assert flower[key] == local[key], key
+    merged, reference = exp.server.state_dict(), local_exp.server.state_dict()
+    assert merged.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
 
 
 # -- equivalence with the in-process simulator -----------------------------------------------------

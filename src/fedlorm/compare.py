@@ -328,11 +328,16 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
 
 
 def _mb_per_client_round(results: dict[str, Any], key: str) -> float | None:
-    """``results[key]`` (bytes over the whole run) in MB per client and protocol step; None if absent."""
+    """``results[key]`` (bytes over the whole run) in MB per client asked and protocol step; None if
+    absent."""
     total = results.get(key)
     if total is None:
         return None
-    return total / (results["config"]["scenario"]["num_clients"] * len(results["rounds"])) / 1e6
+    rows = results["rounds"]
+    asked = [row.get("clients") for row in rows]
+    if all(isinstance(n, int) and n > 0 for n in asked):  # per client asked (scenario.participation)
+        return total / sum(asked) / 1e6
+    return total / (results["config"]["scenario"]["num_clients"] * len(rows)) / 1e6
 
 
 def summarize_method(

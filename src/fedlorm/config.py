@@ -66,13 +66,23 @@ class DataConfig:
 
 @dataclass
 class ScenarioConfig:
-    """Class-incremental task split and the federated partition of each task."""
+    """Class-incremental task split, the federated partition of each task and client sampling.
+
+    ``participation``: the fraction of clients each training round asks, in (0, 1]. A round asks
+    max(1, participation × num_clients rounded half up) clients, drawn without replacement from the
+    seeded stream (seed, "participation", task, round) (:mod:`fedlorm.fcl.participation`), so both
+    runtimes and a resumed run ask the same ones; only they train, reply and count in the merge and
+    in the traffic. The end-of-task statistics steps (``task_stats``, ``head_stats``) always ask
+    every client: the cross-task merge and the analytic head need every class's sums. 1.0 (the
+    default) asks every client in every round.
+    """
 
     tasks: int | list[int] = 5
     class_order: Literal["natural", "random"] = "natural"
     num_clients: int = 10
     beta: float = 0.5
     min_samples: int = 6
+    participation: float = 1.0
 
 
 @dataclass
@@ -338,6 +348,12 @@ def validate_config(cfg: RunConfig) -> None:
             "an integer >= 1",
         ),
         ("scenario.beta", cfg.scenario.beta, cfg.scenario.beta > 0, "a number > 0"),
+        (
+            "scenario.participation",
+            cfg.scenario.participation,
+            0 < cfg.scenario.participation <= 1,
+            "a number in (0, 1] (the fraction of clients each training round asks)",
+        ),
         (
             "scenario.min_samples",
             cfg.scenario.min_samples,

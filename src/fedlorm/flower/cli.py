@@ -130,6 +130,13 @@ def _clients(cfg: RunConfig) -> int:
     return joint_config(cfg).scenario.num_clients if cfg.method == JOINT else cfg.scenario.num_clients
 
 
+def _asked(cfg: RunConfig, clients: int) -> int:
+    """Clients a training round asks (``scenario.participation`` of ``clients``)."""
+    from fedlorm.fcl.participation import clients_per_round
+
+    return clients_per_round(clients, cfg.scenario.participation)
+
+
 def run(args: argparse.Namespace) -> int:
     """Handle ``fedlorm flower ...``; returns the exit code (0: every task completed)."""
     from fedlorm.flower import launch
@@ -148,8 +155,15 @@ def run(args: argparse.Namespace) -> int:
         federated_eval=not args.no_federated_eval,
     )
     clients = _clients(cfg)
-    if not 1 <= settings.min_clients <= clients:
-        raise ConfigError(f"--min-clients {settings.min_clients} is not in 1..{clients} (the run's clients)")
+    asked = _asked(cfg, clients)
+    if not 1 <= settings.min_clients <= asked:
+        who = (
+            "the run's clients"
+            if asked == clients
+            else f"the clients a training round asks: scenario.participation = "
+            f"{cfg.scenario.participation:g} of {clients}"
+        )
+        raise ConfigError(f"--min-clients {settings.min_clients} is not in 1..{asked} ({who})")
     supernodes = getattr(args, "supernodes", None) or clients
     out = _output_dir(args, cfg)
     settings = FlowerSettings(**{**settings.__dict__, "out": str(out)})

@@ -1,8 +1,9 @@
 """The ServerApp's main loop: tasks × protocol steps over a Flower grid, evaluation and results files.
 
 It mirrors the in-process simulator step for step (same plan, same server random stream, same
-evaluation after each step, same results.json and metrics.csv), so for the same config and seed the two
-runtimes give the same numbers; the only difference is the transport of the messages. On top it
+evaluation after each step, same results.json and metrics.csv, same clients asked in each step:
+:func:`step_clients`), so for the same config and seed the two runtimes give the same numbers; the
+only difference is the transport of the messages. On top it
 records which clients each step dropped and why (``results["flower"]``), and saves the server's final
 state (``server_state.safetensors``) so that merged adapters can be compared across runtimes. Like
 the simulator, it leaves the deployed model in ``model/``.
@@ -37,7 +38,7 @@ from fedlorm.runtime.report import (
     task_diagnostics,
     task_test_sizes,
 )
-from fedlorm.runtime.simulator import step_plan
+from fedlorm.runtime.simulator import step_clients, step_plan
 from fedlorm.seeding import derive_seed, torch_generator
 
 __all__ = ["SERVER_STATE", "run_federation"]
@@ -53,7 +54,13 @@ def run_federation(grid: Grid, exp: Experiment, settings: FlowerSettings, out: P
     cfg, scenario, server = exp.cfg, exp.scenario, exp.server
     torch.manual_seed(derive_seed(cfg.seed, "torch"))
     server_rng = torch_generator(cfg.seed, "server")
-    strategy = FedlormStrategy(server, cfg.scenario.num_clients, settings.min_clients, settings.reply_timeout)
+    strategy = FedlormStrategy(
+        server,
+        cfg.scenario.num_clients,
+        settings.min_clients,
+        settings.reply_timeout,
+        participants=lambda instruction: step_clients(cfg, instruction),
+    )
     strategy.summary()
     served = strategy.discover(grid, wait=settings.node_wait)
     logger.info("%d of %d clients have a SuperNode", len(served), cfg.scenario.num_clients)
@@ -145,8 +152,8 @@ def _federated_evaluation(
 
 
 def _row(exp: Experiment, instruction: Instruction, report: StepReport) -> dict[str, Any]:
-    """The step's metrics.csv row: every client counts, each one not merged as rejected."""
-    clients = exp.cfg.scenario.num_clients
+    """The step's metrics.csv row: every client the step asked counts, each one not merged as rejected."""
+    clients = len(report.asked)
     return metrics_row(
         exp,
         instruction,

@@ -54,7 +54,9 @@ class FlowerSettings:
     out: str = ""
     """Results directory; "" means runs/flower-PRESET-METHOD-sSEED under the ServerApp's working dir."""
     min_clients: int = 1
-    """A step merges only if at least this many clients sent a valid reply; else the state stays."""
+    """A step merges only if at least this many clients sent a valid reply; else the state stays.
+
+    At most the number of clients a training round asks (``scenario.participation``)."""
     reply_timeout: float = 600.0
     """Seconds the server waits for a step's replies; later replies are dropped."""
     node_wait: float = 120.0
@@ -102,11 +104,18 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, 
         node_wait=float(values["node-wait"]),
         federated_eval=_boolean(values["federated-eval"], "federated-eval"),
     )
-    if not 1 <= settings.min_clients <= cfg.scenario.num_clients:
-        raise ConfigError(
-            f"min-clients = {settings.min_clients} is not allowed; expected 1..scenario.num_clients "
-            f"({cfg.scenario.num_clients})"
+    from fedlorm.fcl.participation import clients_per_round  # imports torch, needed only here
+
+    clients = cfg.scenario.num_clients
+    asked = clients_per_round(clients, cfg.scenario.participation)
+    if not 1 <= settings.min_clients <= asked:
+        allowed = (
+            f"scenario.num_clients ({clients})"
+            if asked == clients
+            else f"{asked} (the clients a training round asks: scenario.participation = "
+            f"{cfg.scenario.participation:g} of scenario.num_clients = {clients})"
         )
+        raise ConfigError(f"min-clients = {settings.min_clients} is not allowed; expected 1..{allowed}")
     for key, value in (("reply-timeout", settings.reply_timeout), ("node-wait", settings.node_wait)):
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{key} = {value!r} is not allowed; expected seconds > 0")

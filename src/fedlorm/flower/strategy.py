@@ -2,7 +2,9 @@
 
 Before a SuperNode takes part, :meth:`FedlormStrategy.discover` asks it which client it serves (a
 query message), so every reply, drop and absence is named by client index. ``configure_train`` sends
-the step's broadcast and :class:`Instruction` to each identified SuperNode; ``aggregate_train`` drops
+the step's broadcast and :class:`Instruction` to each identified SuperNode whose client the step asks
+(``participants``: the simulator's :func:`step_clients`, so a training round with
+``scenario.participation`` < 1 reaches only its sampled clients' SuperNodes); ``aggregate_train`` drops
 replies that carry an error, did not come back within the reply timeout, or fail validation
 (malformed, wrong step or partition, :func:`check_reply`: keys, shapes, dtypes, NaN, PSD), logs each
 with its reason and, if at least ``min_clients`` survive, folds the survivors' summands in partition
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -61,6 +63,8 @@ class StepReport:
     step: str
     nodes: dict[int, int]
     """SuperNode id → client index, for the SuperNodes asked."""
+    asked: list[int] = field(default_factory=list)
+    """The clients the step asks (ascending), whether or not a connected SuperNode serves them."""
     merged: list[int] = field(default_factory=list)
     dropped: list[Dropped] = field(default_factory=list)
     tally: StepTally | None = None
@@ -73,6 +77,7 @@ class StepReport:
         return {
             "step": self.step,
             "nodes": len(self.nodes),
+            "asked": self.asked,
             "merged": self.merged,
             "dropped": [asdict(d) for d in self.dropped],
             "state_kept": self.tally is None,
@@ -80,13 +85,24 @@ class StepReport:
 
 
 class FedlormStrategy(Strategy):
-    """Runs the steps of a fedlorm :class:`Server` over a Flower grid (one message per SuperNode)."""
+    """Runs the steps of a fedlorm :class:`Server` over a Flower grid (one message per SuperNode).
 
-    def __init__(self, server: Server, num_clients: int, min_clients: int, reply_timeout: float) -> None:
+    ``participants(instruction)``: the clients a step asks (ascending); None asks every client.
+    """
+
+    def __init__(
+        self,
+        server: Server,
+        num_clients: int,
+        min_clients: int,
+        reply_timeout: float,
+        participants: Callable[[Instruction], Sequence[int]] | None = None,
+    ) -> None:
         self.server = server
         self.num_clients = num_clients
         self.min_clients = min_clients
         self.reply_timeout = reply_timeout
+        self.participants = participants
         self.partitions: dict[int, int] = {}
         """SuperNode id → the client index it serves (from its answer to the identity query)."""
         self.ignored: dict[int, str] = {}
@@ -171,12 +187,17 @@ class FedlormStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One train message per identified, connected SuperNode: broadcast ``arrays``, step ``config``."""
+        """One train message per connected SuperNode whose client the step asks: ``arrays`` and ``config``."""
         instruction = Instruction.from_record(config)
-        nodes = self._connected(grid)
+        asked = self.asked(instruction)
+        wanted = set(asked)
+        nodes = {n: p for n, p in self._connected(grid).items() if p in wanted}
         self._instruction = instruction
         self.report = StepReport(
-            step=step_name(instruction), nodes=nodes, download_bytes=payload_bytes(arrays) * len(nodes)
+            step=step_name(instruction),
+            nodes=nodes,
+            asked=asked,
+            download_bytes=payload_bytes(arrays) * len(nodes),
         )
         return self._messages(
             nodes, RecordDict({ARRAYS: arrays, CONFIG: config}), MessageType.TRAIN, server_round
@@ -226,10 +247,10 @@ class FedlormStrategy(Strategy):
             if expected is None:
                 expected = reply_spec(reply.reply.summands)
             accepted[partition] = reply.reply
-        asked = set(report.nodes.values())
+        reached = set(report.nodes.values())
         last_node = {p: n for n, p in self.partitions.items()}
-        for partition in range(self.num_clients):
-            if partition not in asked:
+        for partition in report.asked:
+            if partition not in reached:
                 node = last_node.get(partition, NO_NODE)
                 gone = f"its SuperNode (node {node}) is no longer connected"
                 self._drop(report, node, partition, gone if node != NO_NODE else "no SuperNode serves it")
@@ -288,6 +309,12 @@ class FedlormStrategy(Strategy):
         )
 
     # -- helpers ------------------------------------------------------------------------------------
+    def asked(self, instruction: Instruction) -> list[int]:
+        """The clients ``instruction``'s step asks (ascending): ``participants``, else every client."""
+        if self.participants is None:
+            return list(range(self.num_clients))
+        return sorted(int(k) for k in self.participants(instruction))
+
     def _connected(self, grid: Grid) -> dict[int, int]:
         connected = set(grid.get_node_ids())
         return {n: p for n, p in sorted(self.partitions.items()) if n in connected}

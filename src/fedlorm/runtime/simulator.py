@@ -1,8 +1,8 @@
-"""The in-process runtime: every client in turn on the one shared model, the server between rounds.
+"""The in-process runtime: the step's clients in turn on the one shared model, the server between steps.
 
-It is a transport of the protocol in :mod:`fedlorm.methods.base` and nothing more: clients get the
-broadcast arrays and the instruction, replies are checked and summed (:func:`fold_replies`), the
-server sees only the sums.
+It is a transport of the protocol in :mod:`fedlorm.methods.base` and nothing more: the step's
+clients (:func:`step_clients`) get the broadcast arrays and the instruction, replies are checked and
+summed (:func:`fold_replies`), the server sees only the sums.
 
 With an output directory the run is checkpointed after every completed step (training round or
 end-of-task statistics pass, :mod:`fedlorm.runtime.checkpoint`); :func:`resume_simulation` continues
@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fedlorm.config import RunConfig, config_from_plain, config_to_dict
+from fedlorm.fcl import sample_clients
 from fedlorm.methods import ClientData, ClientReply, Instruction, Server, add_arrays, payload_bytes
 from fedlorm.methods.validation import InvalidReplyError, check_reply, reply_spec
 from fedlorm.results import MetricsCSV, plot_run, write_json_atomic
@@ -62,6 +63,7 @@ __all__ = [
     "fold_replies",
     "resume_simulation",
     "run_simulation",
+    "step_clients",
     "step_plan",
     "step_point",
 ]
@@ -113,7 +115,8 @@ def resume_simulation(
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint in {str(out)!r} is damaged: {err}") from None
     exp = experiment or build_experiment(cfg)
-    if config_to_dict(exp.cfg) != ckpt.record["config"]:
+    # Compared after a round trip, so a checkpoint written before a config key existed still fits.
+    if config_to_dict(exp.cfg) != config_to_dict(cfg):
         raise CheckpointError(f"the experiment was built from another config than the checkpoint in {out}")
     _check_position(state, step_plan(exp), ckpt.record.get("completed_step"))
     server_state = {k[len(_SERVER) :]: v for k, v in ckpt.tensors.items() if k.startswith(_SERVER)}
@@ -196,10 +199,10 @@ def _simulate(
     cfg, scenario, server = exp.cfg, exp.scenario, exp.server
     plan = step_plan(exp)
     csv = _metrics_csv(out, state.rounds) if out is not None else None
-    clients = cfg.scenario.num_clients
+    asked = [len(step_clients(cfg, instruction)) for steps in plan for instruction in steps]
     bar = tqdm(
-        total=sum(map(len, plan)) * clients,
-        initial=(sum(map(len, plan[: state.task])) + state.step) * clients,
+        total=sum(asked),
+        initial=sum(asked[: sum(map(len, plan[: state.task])) + state.step]),
         disable=not show,
         unit="client",
         dynamic_ncols=True,
@@ -252,6 +255,20 @@ def step_plan(exp: Experiment) -> list[list[Instruction]]:
     return [list(exp.server.instructions(t, scenario.task_classes(t))) for t in range(scenario.num_tasks)]
 
 
+def step_clients(cfg: RunConfig, instruction: Instruction) -> list[int]:
+    """The clients (ascending) a step asks; both runtimes ask exactly these.
+
+    A training step asks the ``scenario.participation`` sample of its task and round
+    (:func:`fedlorm.fcl.sample_clients`, a pure function of seed, task and round, so a resumed run
+    asks the same clients). The statistics steps (``task_stats``, ``head_stats``) ask every client:
+    the cross-task merge and the analytic head need the sums over every client's data.
+    """
+    clients = cfg.scenario.num_clients
+    if instruction.phase != "train":
+        return list(range(clients))
+    return sample_clients(cfg.seed, clients, cfg.scenario.participation, instruction.task, instruction.round)
+
+
 def _check_position(state: RunProgress, plan: list[list[Instruction]], completed: str | None) -> None:
     """A checkpoint's position must exist in the plan and follow the step it says was completed."""
     task, step = state.task, state.step
@@ -271,15 +288,17 @@ def _check_position(state: RunProgress, plan: list[list[Instruction]], completed
 
 
 def _run_step(exp: Experiment, instruction: Instruction, shares: list[ClientData], bar) -> dict[str, Any]:
-    """One broadcast → local work on every client → checked, summed replies → server merge."""
+    """One broadcast → local work on the step's clients → checked, summed replies → server merge."""
     arrays = exp.server.arrays(instruction)
-    tally = fold_replies(exp.server, instruction, _client_replies(exp, instruction, shares, bar, arrays))
+    clients = step_clients(exp.cfg, instruction)
+    replies = _client_replies(exp, instruction, shares, bar, arrays, clients)
+    tally = fold_replies(exp.server, instruction, replies)
     return metrics_row(
         exp,
         instruction,
         tally,
         upload_bytes=tally.upload_bytes,
-        download_bytes=payload_bytes(arrays) * len(shares),
+        download_bytes=payload_bytes(arrays) * len(clients),
         clients=tally.clients,
         rejected=tally.rejected,
     )
@@ -291,15 +310,18 @@ def _client_replies(
     shares: list[ClientData],
     bar,
     arrays: dict[str, Tensor] | None = None,
+    clients: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, ClientReply]]:
-    """Every client's reply in turn; each client's RNG stream is derived from (seed, task, round, k).
+    """The step's clients' replies in turn; client k's RNG stream is derived from (seed, task, round, k).
 
-    ``arrays``: the step's broadcast, if the caller already has it (else asked of the server).
+    ``arrays``: the step's broadcast, if the caller already has it (else asked of the server);
+    ``clients``: the clients asked, if the caller already has them (else :func:`step_clients`).
     """
     arrays = exp.server.arrays(instruction) if arrays is None else arrays
-    for k, data in enumerate(shares):
+    clients = step_clients(exp.cfg, instruction) if clients is None else clients
+    for k in clients:
         generator = torch_generator(exp.cfg.seed, "client", instruction.task, instruction.round, k)
-        reply = exp.client.update(arrays, instruction, data, generator)
+        reply = exp.client.update(arrays, instruction, shares[k], generator)
         bar.update(1)
         yield k, reply
         _kill_point(f"{step_point(instruction)}.client{k}")
