@@ -192,3 +192,17 @@ def test_one_backbone_whatever_the_number_of_clients():
 def test_reference_statistics_need_the_pretrained_task_start():
     with pytest.raises(ValueError, match=r"needs lorm\.task_start='pretrained', got 'merged'"):
         build_experiment(tiny_config("lorm.task_start=merged"))
+
+
+@pytest.mark.parametrize("method", ["lorm", "fedavg"])
+def test_evaluating_only_at_task_ends_leaves_the_numbers_unchanged(method):
+    """train.eval_every_round=false only skips evaluations: the accuracy matrices, the traffic and
+    the final deployed model are those of a run that evaluates after every round."""
+    common = (f"method={method}", "lorm.head_merge=analytic")
+    every = build_experiment(tiny_config(*common))
+    ends = build_experiment(tiny_config(*common, "train.eval_every_round=false"))
+    a, b = run_simulation(every.cfg, experiment=every), run_simulation(ends.cfg, experiment=ends)
+    for key in ("accuracy_matrix", "task_aware_accuracy_matrix", "upload_bytes", "download_bytes"):
+        assert a[key] == b[key], key
+    deployed_a, deployed_b = every.server.deployed_arrays(), ends.server.deployed_arrays()
+    assert all(torch.equal(deployed_a[k], deployed_b[k]) for k in deployed_a)
