@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import TINY, tiny_config
 
 pytest.importorskip("flwr")
 
@@ -31,7 +32,7 @@ from safetensors.torch import load_file
 
 from fedlorm.config import ConfigError, apply_overrides, config_to_dict
 from fedlorm.export import load_model
-from fedlorm.flower import client, clientapp
+from fedlorm.flower import client, clientapp, launch, serverapp
 from fedlorm.flower.federation import SERVER_STATE, run_federation
 from fedlorm.flower.launch import APP_COMPONENTS
 from fedlorm.flower.messages import CONFIG, SUMMANDS, from_array_record, to_array_record
@@ -45,6 +46,7 @@ from fedlorm.flower.strategy import FedlormStrategy
 from fedlorm.methods import add_arrays, payload_bytes
 from fedlorm.presets import preset_config
 from fedlorm.runtime.experiment import build_experiment
+from fedlorm.runtime.partitions import write_partitions
 from fedlorm.runtime.simulator import run_simulation, step_clients, step_plan
 from fedlorm.seeding import torch_generator
 
@@ -448,6 +450,185 @@ def test_a_sampled_run_reaches_only_the_sampled_nodes_and_equals_the_in_process_
     assert merged.keys() == reference.keys()
     for key, value in reference.items():
         torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+# -- per-node folders (fedlorm partition) ----------------------------------------------------------
+PARTS_CFG = ("train.threads=1", "train.rounds=1")
+TINY_ARGS = [*TINY, *PARTS_CFG]
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(tmp_path_factory):
+    """``fedlorm partition`` of the tiny config: DIR/client-0..2 and DIR/server."""
+    out = tmp_path_factory.mktemp("parts") / "parts"
+    write_partitions(tiny_config(*PARTS_CFG), out)
+    return out
+
+
+def _no_datasets(tmp_path, cfg):
+    """``cfg`` with a data.root that does not exist: any process that loads a dataset fails."""
+    return apply_overrides(cfg, [f"data.root={tmp_path / 'no-datasets-here'}", "data.download=false"])
+
+
+def test_a_run_over_partition_folders_loads_no_dataset_and_equals_the_in_process_run(tiny_parts, tmp_path):
+    """The server reads a copy of server/ only; nodes 0 and 1 their own copied folder (``data-dir``),
+    node 2 ``client-data/client-2`` (the simulation route). No process can load a dataset."""
+    cfg = tiny_config(*PARTS_CFG)
+    local_exp = build_experiment(cfg)
+    local = run_simulation(cfg, experiment=local_exp)
+
+    own = {}
+    for who in ("client-0", "client-1", "server"):
+        own[who] = tmp_path / f"{who}-host" / who
+        shutil.copytree(tiny_parts / who, own[who])
+    out = tmp_path / "out"
+    settings = FlowerSettings(
+        out=str(out), reply_timeout=30.0, server_data=str(own["server"]), client_data=str(tiny_parts)
+    )
+    run_config = run_config_for(_no_datasets(tmp_path, cfg), settings)
+    grid = LoopbackGrid(run_config, range(3))
+    for k in (0, 1):
+        grid.contexts[NODE0 + k].node_config[clientapp.DATA_DIR] = str(own[f"client-{k}"])
+    exp = serverapp.server_experiment(*settings_from_run_config(run_config))
+    assert len(exp.train) == 0 and exp.partitions == []
+    assert exp.scenario == local_exp.scenario and exp.class_names == local_exp.class_names
+    results = run_federation(grid, exp, settings, out)
+
+    assert results["tasks_completed"] == 2 and results["flower"]["dropped"] == []
+    assert [s["merged"] for s in results["flower"]["steps"]] == [[0, 1, 2]] * 4
+    assert [e["partitions"] for e in results["flower"]["federated_evaluation"]] == [[0, 1, 2]] * 2
+    assert results["task_test_sizes"] == local["task_test_sizes"]
+    flat = [[v for row in r["accuracy_matrix"] for v in row] for r in (results, local)]
+    assert len(flat[0]) == len(flat[1]) == 3
+    assert np.allclose(flat[0], flat[1], rtol=0, atol=1e-6)
+
+    def rows(run):
+        return [{k: v for k, v in r.items() if k != "merge_seconds"} for r in run["rounds"]]
+
+    assert rows(results) == rows(local)
+    merged, reference = exp.server.state_dict(), local_exp.server.state_dict()
+    assert merged.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+    assert (out / "results.json").exists() and load_model(out / "model").class_names == exp.class_names
+
+
+def test_nodes_with_a_bad_folder_reply_errors_the_server_drops_and_logs_while_the_others_go_on(
+    tiny_parts, tmp_path
+):
+    cfg = tiny_config(*PARTS_CFG)
+    missing, other = tmp_path / "node-1" / "client-1", tiny_parts / "client-0"
+    reasons = {
+        1: f"partition folder {str(missing)!r} does not exist",
+        2: f"partition folder {str(other)!r} holds the data of client 0, not of client 2",
+    }
+    settings = FlowerSettings(
+        out=str(tmp_path / "out"), reply_timeout=30.0, server_data=str(tiny_parts / "server")
+    )
+    run_config = run_config_for(_no_datasets(tmp_path, cfg), settings)
+    grid = LoopbackGrid(run_config, range(3))
+    for k, folder in enumerate((tiny_parts / "client-0", missing, other)):
+        grid.contexts[NODE0 + k].node_config[clientapp.DATA_DIR] = str(folder)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    watched = logging.getLogger("fedlorm.flower.strategy")
+    watched.addHandler(handler)
+    try:
+        exp = serverapp.server_experiment(*settings_from_run_config(run_config))
+        results = run_federation(grid, exp, settings, tmp_path / "out")
+    finally:
+        watched.removeHandler(handler)
+
+    assert results["tasks_completed"] == 2
+    assert [s["merged"] for s in results["flower"]["steps"]] == [[0]] * 4
+    dropped = results["flower"]["dropped"]
+    assert [d["partition"] for d in dropped] == [1, 2] * 4
+    assert all(d["reason"] == f"error reply: {reasons[d['partition']]}" for d in dropped)
+    assert [r["rejected"] for r in results["rounds"]] == [2] * 4
+    assert [e["partitions"] for e in results["flower"]["federated_evaluation"]] == [[0]] * 2
+    logged = [r.getMessage() for r in records]
+    for k, reason in reasons.items():
+        line = f"client {k} (node {NODE0 + k}) dropped: error reply: {reason}"
+        assert any(line in m for m in logged), logged
+
+
+def test_the_launchers_give_each_node_its_folder_and_the_server_its_own(tiny_parts, tmp_path, monkeypatch):
+    """``--partitions DIR`` without starting Flower: what deploy-local and simulate would start."""
+    from fedlorm.cli import main
+
+    started, runs = [], []
+
+    class Stopped:
+        def stop(self):
+            pass
+
+    def superlink(home, **kwargs):
+        return Stopped(), "127.0.0.1:1"
+
+    def supernode(home, address, partition, partitions, *, data_dir=None, log=None):
+        started.append((partition, partitions, data_dir))
+        return Stopped()
+
+    def flwr_run(app, connection, run_config, **kwargs):
+        runs.append((dict(run_config), list(kwargs.get("federation_config", ()))))
+        return 0
+
+    monkeypatch.setattr(launch, "start_superlink", superlink)
+    monkeypatch.setattr(launch, "start_supernode", supernode)
+    monkeypatch.setattr(launch, "flwr_run", flwr_run)
+    tiny = [f"--partitions={tiny_parts}", *TINY_ARGS]
+    assert main(["flower", "deploy-local", "--out", str(tmp_path / "a"), "--supernodes", "4", *tiny]) == 1
+    assert started == [(k % 3, 3, tiny_parts / f"client-{k % 3}") for k in range(4)]
+    (run_config, _), = runs
+    assert run_config["server-data"] == str(tiny_parts / "server") and run_config["client-data"] == ""
+    runs.clear()
+    assert main(["flower", "simulate", "--out", str(tmp_path / "b"), *tiny]) == 1
+    (run_config, federation), = runs
+    assert federation == ["num-supernodes=3"]
+    assert run_config["server-data"] == str(tiny_parts / "server")
+    assert run_config["client-data"] == str(tiny_parts)
+    assert len(started) == 4  # simulation starts no SuperNode process
+    runs.clear()
+    assert main(["flower", "deploy-local", "--out", str(tmp_path / "c"), *TINY_ARGS]) == 1
+    (run_config, _), = runs
+    assert run_config["server-data"] == run_config["client-data"] == ""
+    assert started[-3:] == [(k, 3, None) for k in range(3)]
+
+
+def test_the_launchers_check_the_partitions_folder_up_front(tiny_parts, tmp_path, capsys, monkeypatch):
+    from fedlorm.cli import main
+
+    home = tmp_path / "flwr-home"
+    monkeypatch.setenv("FLWR_HOME", str(home))  # nothing may be created there either
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_parts, broken)
+    shutil.rmtree(broken / "client-2")
+    shutil.rmtree(broken / "server")
+    nowhere = tmp_path / "nowhere"
+    cases = [
+        (
+            nowhere,
+            f"--partitions {str(nowhere)!r} does not exist; "
+            f"write it with `fedlorm partition --out {nowhere}`",
+        ),
+        (
+            broken,
+            f"--partitions {str(broken)!r} has no client-2/, server/; it must hold client-0/ .. client-2/ "
+            "and server/ (`fedlorm partition` with this run's preset, seed and overrides writes them)",
+        ),
+    ]
+    for command in ("deploy-local", "simulate"):
+        for folder, message in cases:
+            out = tmp_path / "out"
+            code = main(["flower", command, "--out", str(out), "--partitions", str(folder), *TINY_ARGS])
+            assert code == 2
+            assert capsys.readouterr().err.strip() == f"fedlorm: error: {message}"
+            assert not out.exists() and not home.exists()
+    # A run of 4 clients needs client-3/ too.
+    four = [*TINY_ARGS, "scenario.num_clients=4"]
+    code = main(["flower", "deploy-local", "--out", str(out), "--partitions", str(tiny_parts), *four])
+    assert code == 2 and "has no client-3/;" in capsys.readouterr().err
 
 
 # -- equivalence with the in-process simulator -----------------------------------------------------

@@ -3,15 +3,19 @@
 Each test starts its own processes on free ports with its own FLWR_HOME (insecure, loopback only,
 runtime dependency installation off) and stops them by pid in teardown. In deployment every message
 runs in a fresh ClientApp process, so the run is kept small: smoke preset, 3 clients, 1 round a task,
-no federated evaluation.
+no federated evaluation. One test gives every SuperNode only its own partition folder and the server
+only its server/ folder, with no dataset readable by any process.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +24,13 @@ import torch
 
 pytest.importorskip("flwr")
 
+from conftest import tiny_config
 from safetensors.torch import load_file
 
 from fedlorm.config import apply_overrides
 from fedlorm.flower.federation import SERVER_STATE
 from fedlorm.flower.launch import (
+    FlowerProcess,
     flwr_run,
     start_superlink,
     start_supernode,
@@ -33,6 +39,7 @@ from fedlorm.flower.launch import (
 from fedlorm.flower.settings import FlowerSettings, run_config_for
 from fedlorm.presets import preset_config
 from fedlorm.runtime.experiment import build_experiment
+from fedlorm.runtime.partitions import write_partitions
 from fedlorm.runtime.simulator import run_simulation
 
 pytestmark = pytest.mark.slow
@@ -50,22 +57,34 @@ def _keep_torch_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def loopback(tmp_path):
-    """A SuperLink and one SuperNode per client on 127.0.0.1; every process stopped by pid afterwards."""
-    home = tmp_path / "flwr-home"
+@contextmanager
+def _loopback_processes(
+    home: Path, data_dirs: Sequence[Path | None] = (None,) * CLIENTS
+) -> Iterator[list[FlowerProcess]]:
+    """A SuperLink and SuperNode k (with ``data_dirs[k]`` as its data-dir) on 127.0.0.1, connection
+    "loopback" in ``home``; every process stopped by pid afterwards."""
     processes = []
     try:
         link, address = start_superlink(home)
         processes.append(link)
-        nodes = [start_supernode(home, address, k, CLIENTS) for k in range(CLIENTS)]
+        nodes = [
+            start_supernode(home, address, k, CLIENTS, data_dir=folder) for k, folder in enumerate(data_dirs)
+        ]
         processes += nodes
         write_connection(home, "loopback", address)
-        yield home, nodes
+        yield nodes
     finally:
         for process in processes:
             process.stop()
         assert not any(p.alive() for p in processes)
+
+
+@pytest.fixture
+def loopback(tmp_path):
+    """A SuperLink and one SuperNode per client on 127.0.0.1; every process stopped by pid afterwards."""
+    home = tmp_path / "flwr-home"
+    with _loopback_processes(home) as nodes:
+        yield home, nodes
 
 
 def _run(home: Path, out: Path, log: Path, reply_timeout: float) -> int:
@@ -135,6 +154,51 @@ def test_a_supernode_killed_mid_run_is_dropped_and_the_run_completes(loopback, t
     assert [r["rejected"] for r in results["rounds"]] == [0 if i not in lost else 1 for i in range(4)]
     assert "client 2" in log.read_text() and "dropped" in log.read_text()
     assert all(0.0 <= v <= 100.0 for row in results["accuracy_matrix"] for v in row)
+
+
+def test_deployed_nodes_reading_only_their_own_folders_equal_the_in_process_run(tmp_path):
+    """Tiny config, 2 tasks: SuperNode k holds only a copy of client-k/, the server only a copy of
+    server/, and data.root names no folder, so no process could load a dataset."""
+    cfg = tiny_config("train.threads=1", "train.rounds=1")
+    parts = tmp_path / "parts"
+    write_partitions(cfg, parts)
+    own = {}
+    for who in [*(f"client-{k}" for k in range(CLIENTS)), "server"]:
+        own[who] = tmp_path / f"{who}-host" / who
+        shutil.copytree(parts / who, own[who])
+    shutil.rmtree(parts)  # only the per-node copies are left
+    home, out, log = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "run.log"
+    blind = apply_overrides(cfg, [f"data.root={tmp_path / 'no-datasets-here'}", "data.download=false"])
+    settings = FlowerSettings(
+        out=str(out), reply_timeout=300.0, federated_eval=False, server_data=str(own["server"])
+    )
+    run_config = run_config_for(blind, settings)
+    started = time.perf_counter()
+    with _loopback_processes(home, [own[f"client-{k}"] for k in range(CLIENTS)]) as nodes:
+        code = flwr_run(ROOT, "loopback", run_config, flwr_home=home, log=log, timeout=500)
+        node_logs = "\n".join(node.tail(200) for node in nodes)
+    print(f"deployed with per-node folders (3 SuperNodes, loopback): {time.perf_counter() - started:.1f} s")
+    assert code == 0, log.read_text()[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks_completed"] == 2, log.read_text()[-3000:]
+    assert results["flower"]["dropped"] == [], node_logs[-3000:]
+    assert results["flower"]["ignored_nodes"] == {}
+    assert [s["merged"] for s in results["flower"]["steps"]] == [[0, 1, 2]] * 4
+
+    exp = build_experiment(cfg)
+    local = run_simulation(cfg, experiment=exp)
+    flat = [[v for row in r["accuracy_matrix"] for v in row] for r in (results, local)]
+    assert len(flat[0]) == len(flat[1]) == 3
+    assert np.allclose(flat[0], flat[1], rtol=0, atol=1e-6)
+    assert results["task_test_sizes"] == local["task_test_sizes"]
+    strip = [
+        [{k: v for k, v in r.items() if k != "merge_seconds"} for r in x["rounds"]] for x in (results, local)
+    ]
+    assert strip[0] == strip[1]
+    merged = load_file(str(out / SERVER_STATE))
+    assert merged.keys() == exp.server.state_dict().keys()
+    for key, value in exp.server.state_dict().items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
 
 
 def _completed_steps(path: Path) -> int:

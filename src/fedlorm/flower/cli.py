@@ -5,6 +5,10 @@
 - ``submit``: ``flwr run`` against a SuperLink connection of ``$FLWR_HOME/config.toml`` (real deployments);
 - ``app-config``: the ``[tool.flwr.app.config]`` table an app's pyproject.toml must declare.
 
+``--partitions DIR`` (``simulate``, ``deploy-local``) feeds the run from the folders ``fedlorm
+partition`` wrote: SuperNode k reads only ``DIR/client-k`` and the ServerApp only ``DIR/server``
+(``submit --server-data PATH`` names the server's folder on the SuperLink host).
+
 The experiment is chosen as for ``fedlorm run`` (preset, TOML file, ``key=value`` overrides); the
 resolved config travels in full as the run config, and results land in ``--out`` as for ``fedlorm run``
 (results.json, metrics.csv, accuracy.png) plus ``server_state.safetensors`` and the Flower process logs.
@@ -48,6 +52,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     commands = flower.add_subparsers(dest="flower_command", parser_class=type(flower))
     simulate = commands.add_parser("simulate", help="Flower simulation: N virtual SuperNodes (Ray)")
     _common_arguments(simulate)
+    _partitions_argument(simulate)
     simulate.add_argument("--supernodes", type=int, help="virtual SuperNodes (default: scenario.num_clients)")
     simulate.add_argument(
         "--federation-config",
@@ -58,10 +63,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     local = commands.add_parser("deploy-local", help="a SuperLink and N SuperNode processes on 127.0.0.1")
     _common_arguments(local)
+    _partitions_argument(local)
     local.add_argument("--supernodes", type=int, help="SuperNode processes (default: scenario.num_clients)")
     submit = commands.add_parser("submit", help="run on a deployed SuperLink (a connection in FLWR_HOME)")
     _common_arguments(submit)
     submit.add_argument("--superlink", required=True, help="connection name in $FLWR_HOME/config.toml")
+    submit.add_argument(
+        "--server-data",
+        metavar="PATH",
+        help="the server/ folder of `fedlorm partition` on the SuperLink host (absolute path there; "
+        "not checked here): the ServerApp evaluates on it and loads no dataset",
+    )
     app_config = commands.add_parser(
         "app-config", help="print the [tool.flwr.app.config] table a Flower app's pyproject.toml declares"
     )
@@ -101,6 +113,42 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5"
     )
+
+
+def _partitions_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--partitions",
+        type=Path,
+        metavar="DIR",
+        help="folders written by `fedlorm partition` for this run: SuperNode k reads only "
+        "DIR/client-k, the server only DIR/server (no dataset is loaded)",
+    )
+
+
+def _check_partitions(given: Path, clients: int) -> Path:
+    """``given`` resolved, if it holds client-0 .. client-(clients-1) and server (ConfigError, one
+    line naming it, if not). The folders' contents are checked by the nodes that read them."""
+    from fedlorm.flower.launch import toml_string
+
+    root = given.expanduser().resolve()
+    where = f"--partitions {str(given)!r}"
+    if not root.exists():
+        raise ConfigError(f"{where} does not exist; write it with `fedlorm partition --out {given}`")
+    if not root.is_dir():
+        raise ConfigError(f"{where} is not a directory")
+    expected = [f"client-{k}" for k in range(clients)] + ["server"]
+    missing = [name for name in expected if not (root / name).is_dir()]
+    if missing:
+        listed = ", ".join(f"{name}/" for name in missing[:3]) + (", …" if len(missing) > 3 else "")
+        raise ConfigError(
+            f"{where} has no {listed}; it must hold client-0/ .. client-{clients - 1}/ and server/ "
+            "(`fedlorm partition` with this run's preset, seed and overrides writes them)"
+        )
+    try:
+        toml_string(str(root))
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return root
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -165,8 +213,15 @@ def run(args: argparse.Namespace) -> int:
         )
         raise ConfigError(f"--min-clients {settings.min_clients} is not in 1..{asked} ({who})")
     supernodes = getattr(args, "supernodes", None) or clients
+    partitions = _check_partitions(args.partitions, clients) if getattr(args, "partitions", None) else None
+    data: dict[str, str] = {"server_data": getattr(args, "server_data", None) or ""}
+    if partitions is not None:
+        data["server_data"] = str(partitions / "server")
+        if args.flower_command == "simulate":
+            # Virtual SuperNodes get no node config of their own: each reads client-data/client-K.
+            data["client_data"] = str(partitions)
     out = _output_dir(args, cfg)
-    settings = FlowerSettings(**{**settings.__dict__, "out": str(out)})
+    settings = FlowerSettings(**{**settings.__dict__, **data, "out": str(out)})
     run_config = run_config_for(cfg, settings)
     logs = out / "flower-logs"
     with tempfile.TemporaryDirectory(prefix="fedlorm-flower-") as work:
@@ -175,7 +230,9 @@ def run(args: argparse.Namespace) -> int:
             home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
             code = launch.flwr_run(app, args.superlink, run_config, flwr_home=home)
         else:
-            code = _run_locally(launch, args, app, Path(work) / "flwr", logs, run_config, supernodes, clients)
+            code = _run_locally(
+                launch, args, app, Path(work) / "flwr", logs, run_config, supernodes, clients, partitions
+            )
     return _report(out, code)
 
 
@@ -188,8 +245,12 @@ def _run_locally(
     run_config: dict[str, Any],
     supernodes: int,
     clients: int,
+    partitions: Path | None = None,
 ) -> int:
-    """Start a private SuperLink (and SuperNodes for deploy-local), run, stop everything."""
+    """Start a private SuperLink (and SuperNodes for deploy-local), run, stop everything.
+
+    With ``partitions``, SuperNode k of deploy-local is given ``data-dir=partitions/client-k``.
+    """
     simulation = args.flower_command == "simulate"
     link, address = launch.start_superlink(home, simulation=simulation, log=logs / "superlink.log")
     nodes = []
@@ -201,7 +262,14 @@ def _run_locally(
                 launch.flwr_run(app, "fedlorm", run_config, flwr_home=home, federation_config=federation)
             )
         nodes = [
-            launch.start_supernode(home, address, k % clients, clients, log=logs / f"supernode-{k}.log")
+            launch.start_supernode(
+                home,
+                address,
+                k % clients,
+                clients,
+                data_dir=None if partitions is None else partitions / f"client-{k % clients}",
+                log=logs / f"supernode-{k}.log",
+            )
             for k in range(supernodes)
         ]
         return int(launch.flwr_run(app, "fedlorm", run_config, flwr_home=home))

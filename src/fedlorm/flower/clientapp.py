@@ -6,7 +6,9 @@ in-process simulator's client code and replies with the summands; ``evaluate`` r
 model's class-IL accuracy on the client's own training shares of the tasks seen so far.
 
 A SuperNode may also set ``data-dir``: its own folder written by ``fedlorm partition``
-(docs/partitions.md), which it then reads instead of loading the datasets. A node that cannot set
+(docs/partitions.md), which it then reads instead of loading the datasets. A node without
+``data-dir`` reads ``client-K`` inside the run config's ``client-data`` folder when that is set
+(simulation, where virtual SuperNodes get no node config of their own). A node that cannot set
 up (a bad folder, a config or partition that does not fit) answers with an error reply carrying
 the one-line reason, which the server logs and drops.
 
@@ -17,6 +19,7 @@ the handlers that need them (:mod:`fedlorm.flower.client`), not by the identity 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import Context, Error, Message
@@ -82,9 +85,11 @@ def _experiment(context: Context) -> tuple[Experiment, int]:
     from fedlorm.flower import client
 
     use_flower_logging(logging.WARNING)
-    cfg, _ = settings_from_run_config(context.run_config)
+    cfg, settings = settings_from_run_config(context.run_config)
     identity = identity_of(context.node_config)
     data_dir = str(context.node_config.get(DATA_DIR) or "") or None
+    if data_dir is None and settings.client_data:
+        data_dir = str(Path(settings.client_data) / f"client-{identity.partition}")
     exp = client.client_experiment(cfg, data_dir, identity.partition)
     client.check_partition(exp, identity.partition, identity.partitions)
     return exp, identity.partition

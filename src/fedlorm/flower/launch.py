@@ -36,6 +36,7 @@ __all__ = [
     "free_port",
     "start_superlink",
     "start_supernode",
+    "toml_string",
     "write_app",
     "write_connection",
 ]
@@ -216,9 +217,17 @@ def start_supernode(
     partition: int,
     num_partitions: int,
     *,
+    data_dir: str | os.PathLike[str] | None = None,
     log: Path | None = None,
 ) -> FlowerProcess:
-    """An insecure SuperNode serving client ``partition`` of ``num_partitions`` (loopback runs)."""
+    """An insecure SuperNode serving client ``partition`` of ``num_partitions`` (loopback runs).
+
+    With ``data_dir`` (its ``client-K`` folder from ``fedlorm partition``), the node reads only that
+    folder (node config ``data-dir``).
+    """
+    node_config = f"partition-id={partition} num-partitions={num_partitions}"
+    if data_dir is not None:
+        node_config += f" data-dir={toml_string(str(Path(data_dir).resolve()))}"
     command = [
         _executable("flower-supernode"),
         "--insecure",
@@ -229,11 +238,26 @@ def start_supernode(
         "--port",
         str(free_port()),
         "--node-config",
-        f"partition-id={partition} num-partitions={num_partitions}",
+        node_config,
     ]
     home = flwr_home / f"supernode-{partition}"
     return _spawn(
         f"supernode {partition}", command, log or flwr_home / f"supernode-{partition}.log", flower_env(home)
+    )
+
+
+def toml_string(value: str) -> str:
+    """``value`` as a TOML string that Flower's ``--node-config`` parser keeps whole (spaces included).
+
+    ValueError for a value it cannot carry: ' together with " or a backslash, or a newline.
+    """
+    if "'" not in value and "\n" not in value:
+        return f"'{value}'"  # a literal string: no escapes
+    if '"' not in value and "\\" not in value and "\n" not in value:
+        return f'"{value}"'
+    raise ValueError(
+        f"{value!r} cannot be passed in a Flower node config (it holds ' together with \" or \\, "
+        "or a newline)"
     )
 
 

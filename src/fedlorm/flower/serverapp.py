@@ -1,4 +1,8 @@
-"""The Flower ServerApp: builds the run from the run config, then runs :func:`run_federation`."""
+"""The Flower ServerApp: builds the run from the run config, then runs :func:`run_federation`.
+
+With the run-config key ``server-data`` (the ``server/`` folder ``fedlorm partition`` wrote), the
+ServerApp evaluates on that folder and loads no dataset, so the server host needs nothing but it.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,9 @@ from fedlorm.config import RunConfig
 from fedlorm.flower.federation import SERVER_STATE, run_federation
 from fedlorm.flower.logs import use_flower_logging
 from fedlorm.flower.settings import FlowerSettings, settings_from_run_config
-from fedlorm.runtime.experiment import build_experiment
+from fedlorm.runtime.experiment import Experiment, build_experiment
 
-__all__ = ["app", "output_dir"]
+__all__ = ["app", "output_dir", "server_experiment"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +44,27 @@ def output_dir(cfg: RunConfig, settings: FlowerSettings) -> Path:
     return out
 
 
+def server_experiment(cfg: RunConfig, settings: FlowerSettings) -> Experiment:
+    """The server's experiment: evaluation set from ``settings.server_data``, else from the datasets."""
+    if not settings.server_data:
+        return build_experiment(cfg)
+    from fedlorm.runtime.partitions import server_experiment as from_folder
+
+    try:
+        exp = from_folder(cfg, settings.server_data)
+    except ValueError as err:
+        logger.error("server-data: %s", err)
+        raise
+    logger.info("evaluation set: %d images from %s", len(exp.test), settings.server_data)
+    return exp
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federated class-incremental experiment the run config describes."""
     use_flower_logging()
     cfg, settings = settings_from_run_config(context.run_config)
-    exp = build_experiment(cfg)
+    exp = server_experiment(cfg, settings)
     out = output_dir(exp.cfg, settings)
     logger.info("fedlorm %s on Flower; results in %s", exp.cfg.method, out)
     results = run_federation(grid, exp, settings, out)

@@ -40,6 +40,8 @@ RUNTIME_DEFAULTS: dict[str, bool | float | int | str] = {
     "reply-timeout": 600.0,
     "node-wait": 120.0,
     "federated-eval": True,
+    "server-data": "",
+    "client-data": "",
 }
 """Run-config keys of the Flower runtime itself (not fedlorm config keys), with their defaults."""
 
@@ -63,6 +65,13 @@ class FlowerSettings:
     """Seconds the server waits at start for one SuperNode per client (then goes on with min_clients)."""
     federated_eval: bool = True
     """After each task, clients also report the merged model's accuracy on their own training shares."""
+    server_data: str = ""
+    """The server's folder from ``fedlorm partition`` (``DIR/server``): the ServerApp evaluates on it
+    and loads no dataset. "" means the configured datasets' evaluation split, loaded by the ServerApp."""
+    client_data: str = ""
+    """A folder holding ``client-K/`` per client (``fedlorm partition``'s ``DIR``): a SuperNode whose
+    node config sets no ``data-dir`` reads ``client_data/client-K``. For simulation, where virtual
+    SuperNodes cannot be given node configs of their own; "" means such a node loads the datasets."""
 
 
 def config_keys() -> list[str]:
@@ -103,6 +112,8 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, 
         reply_timeout=float(values["reply-timeout"]),
         node_wait=float(values["node-wait"]),
         federated_eval=_boolean(values["federated-eval"], "federated-eval"),
+        server_data=str(values["server-data"]),
+        client_data=str(values["client-data"]),
     )
     from fedlorm.fcl.participation import clients_per_round  # imports torch, needed only here
 
@@ -136,6 +147,8 @@ def run_config_for(cfg: RunConfig, settings: FlowerSettings) -> dict[str, Scalar
         "reply-timeout": float(settings.reply_timeout),
         "node-wait": float(settings.node_wait),
         "federated-eval": settings.federated_eval,
+        "server-data": settings.server_data,
+        "client-data": settings.client_data,
     }
     for key, value in _flatten(config_to_dict(cfg)).items():
         if key not in preset or value != preset[key]:

@@ -267,17 +267,27 @@ def build_experiment(cfg: RunConfig) -> Experiment:
 
 
 def build_experiment_without_data(
-    cfg: RunConfig, scenario: Scenario, class_names: list[str], client_source: ClientSource
+    cfg: RunConfig,
+    scenario: Scenario,
+    class_names: list[str],
+    client_source: ClientSource,
+    test: ClientData | None = None,
 ) -> Experiment:
     """Model and methods of ``cfg`` for a node that reads its shares from ``client_source``.
 
-    Loads no dataset: ``train`` and ``test`` are empty and ``partitions`` is ``[]``; the scenario
-    and class names come from the caller (e.g. a partition folder's manifest).
+    Loads no dataset: ``train`` is empty and ``partitions`` is ``[]``; the scenario, class names
+    and the evaluation set ``test`` (empty if None) come from the caller (e.g. a partition folder).
     """
     cfg = effective_config(cfg)
     device = _compute_device(cfg)
     empty = ClientData(torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.long))
-    data = RunData(scenario=scenario, train=empty, test=empty, partitions=[], class_names=class_names)
+    data = RunData(
+        scenario=scenario,
+        train=empty,
+        test=empty if test is None else test,
+        partitions=[],
+        class_names=class_names,
+    )
     return _assemble(cfg, device, data, client_source)
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "folder_source",
     "load_partition",
     "node_experiment",
+    "server_experiment",
     "write_partitions",
 ]
 
@@ -150,3 +151,28 @@ def node_experiment(cfg: RunConfig, path: str | os.PathLike[str], client: int) -
 
     scenario = Scenario(stored.class_order, stored.task_sizes)
     return build_experiment_without_data(cfg, scenario, list(stored.class_names), source)
+
+
+def server_experiment(cfg: RunConfig, path: str | os.PathLike[str]) -> Experiment:
+    """Model and methods of ``cfg`` evaluating on the server folder ``path`` (``DIR/server``); loads
+    no dataset and holds no client's data.
+
+    The evaluation set is the folder's tasks one after another. The in-process run keeps the test
+    split in its loaded order instead; accuracies do not depend on the order, and float sums over
+    it (mean logit norms) differ at most in rounding.
+    """
+    stored = _read(path, cfg, SERVER)
+
+    def source(task: int, k: int) -> ClientData:
+        raise ValueError(f"the server holds no client's data (asked for client {k}'s share of task {task})")
+
+    tasks = [(images, labels) for images, labels in stored.tasks if len(labels)] or list(stored.tasks[:1])
+    shapes = sorted({tuple(images.shape[1:]) for images, _ in tasks})
+    if len(shapes) > 1:
+        raise ValueError(
+            f"partition folder {str(path)!r} has images of different sizes across tasks "
+            f"({', '.join('x'.join(map(str, s)) for s in shapes)}); the evaluation set needs one"
+        )
+    test = ClientData(torch.cat([i for i, _ in tasks]), torch.cat([lab for _, lab in tasks]))
+    scenario = Scenario(stored.class_order, stored.task_sizes)
+    return build_experiment_without_data(cfg, scenario, list(stored.class_names), source, test)
