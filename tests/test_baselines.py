@@ -212,7 +212,7 @@ def test_every_method_is_registered():
     assert set(METHODS) == {*CLIENT_MERGES, "finetune", "joint"}
 
 
-@pytest.mark.parametrize("method", ["lorm", "head-only"])
+@pytest.mark.parametrize("method", ["lorm", "head-only", "lorm-fsa"])
 def test_analytic_head_is_ridge_regression_on_every_seen_task_s_deployed_features(method):
     cfg = tiny_config(
         f"method={method}", "train.rounds=1", "lorm.head_merge=analytic", "lorm.head_ridge=0.01"

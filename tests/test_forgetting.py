@@ -66,17 +66,21 @@ def test_flower_refuses_the_in_process_diagnostic():
 
 
 def test_first_session_adaptation_leaves_no_stale_head():
-    """lorm.adapt_tasks=1: task 2 only adds its classes to the head, so the backbone ends where task 1
-    left it (no drift) and the deployed head is the oracle's, the ridge fit on final features."""
-    results = run_simulation(tiny_config(*ANALYTIC, "method=lorm", "lorm.adapt_tasks=1"))
+    """lorm-fsa: task 2 only adds its classes to the head, so the backbone ends where task 1 left it
+    (no drift) and the deployed head is the oracle's, the ridge fit on final features."""
+    results = run_simulation(tiny_config(*ANALYTIC, "method=lorm-fsa"))
     report = results["forgetting_diagnostics"]
     assert report["feature_drift_per_task"] == [0.0, 0.0]
     assert report["oracle_head_accuracy_per_task"] == pytest.approx(results["accuracy_matrix"][-1], abs=1e-4)
     assert [(r["task"], r["phase"]) for r in results["rounds"] if r["task"] == 1] == [(1, "head_stats")]
     trained = run_simulation(tiny_config(*ANALYTIC, "method=lorm"))
     assert trained["accuracy_matrix"][0] == results["accuracy_matrix"][0]  # task 1 trains as before
+    knob = run_simulation(tiny_config(*ANALYTIC, "method=lorm", "lorm.adapt_tasks=1"))
+    assert knob["accuracy_matrix"] == results["accuracy_matrix"]
 
 
 def test_adapt_tasks_needs_the_analytic_head():
     with pytest.raises(ConfigError, match=r"lorm\.adapt_tasks = 1 is not allowed"):
         build_experiment(tiny_config("lorm.adapt_tasks=1"))
+    with pytest.raises(ValueError, match=r"set lorm\.head_merge = 'analytic'"):
+        build_experiment(tiny_config("method=lorm-fsa"))

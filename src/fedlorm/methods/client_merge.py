@@ -14,6 +14,7 @@ method             trains       client sends (per layer)              server com
 ``fedavg-product`` A and B      n_i·B_iA_i                            mean product, SVD to rank r
 ``regmean``        A and B      B_iA_iG̃_i, G̃_i                       RegMean on ΔW_i, SVD to rank r
 ``head-only``      nothing      (only the head)                       the pretrained backbone stays
+``lorm-fsa``       as ``lorm``  as ``lorm``, first task only          later tasks: analytic head only
 =================  ===========  ====================================================================
 """
 
@@ -36,10 +37,15 @@ _F64 = torch.float64
 
 @dataclass(frozen=True)
 class ClientMerge:
-    """One within-task merge: the per-round factor schedule and the aggregation rule."""
+    """One within-task merge: the per-round factor schedule and the aggregation rule.
+
+    ``adapt_tasks``: how many tasks train the adapters (None: every task; ``lorm.adapt_tasks``
+    overrides it).
+    """
 
     schedule: Literal["alternate", "both", "B", "none"]
     rule: Literal["closed_form", "average", "product", "regmean"]
+    adapt_tasks: int | None = None
 
     def factor(self, round_index: int) -> Factor:
         """The factor(s) clients train in round ``round_index`` (B first: B = 0 gives A no gradient)."""
@@ -148,5 +154,8 @@ CLIENT_MERGES: dict[str, ClientMerge] = {
     "fedavg-product": ClientMerge("both", "product"),
     "regmean": ClientMerge("both", "regmean"),
     "head-only": ClientMerge("none", "average"),
+    # First-session adaptation: LoRM on the first task only; later tasks only add their classes to
+    # the analytic head through a backbone that no longer moves, so no class's sums go stale.
+    "lorm-fsa": ClientMerge("alternate", "closed_form", adapt_tasks=1),
 }
 """Method name → its within-task merge; all share LoRM's task structure and cross-task merge."""

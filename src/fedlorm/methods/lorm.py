@@ -209,6 +209,11 @@ class LoRMServer(Server):
                 f"lorm.task_start='pretrained', got {cfg.lorm.task_start!r}"
             )
         self.merge = CLIENT_MERGES[cfg.method]
+        if self.merge.adapt_tasks is not None and cfg.lorm.head_merge != "analytic":
+            raise ValueError(
+                f"method {cfg.method!r} adds later tasks' classes through the analytic head only; "
+                f"set lorm.head_merge = 'analytic' (now {cfg.lorm.head_merge!r})"
+            )
         self.scaling = cfg.model.scaling
         self.dtype = model.head.weight.dtype
         self.device = model.head.weight.device
@@ -236,8 +241,10 @@ class LoRMServer(Server):
 
     # -- protocol -----------------------------------------------------------------------------------
     def adapts(self, task: int) -> bool:
-        """Whether ``task`` trains the adapters (all tasks unless ``lorm.adapt_tasks`` stops them)."""
-        return self.cfg.lorm.adapt_tasks is None or task < self.cfg.lorm.adapt_tasks
+        """Whether ``task`` trains the adapters (all tasks unless ``lorm.adapt_tasks`` or the
+        method, e.g. ``lorm-fsa``, stops them)."""
+        limit = self.cfg.lorm.adapt_tasks or self.merge.adapt_tasks
+        return limit is None or task < limit
 
     def start_task(self, task: int, classes: range, generator: torch.Generator) -> None:
         self.task = task
