@@ -16,8 +16,9 @@ compare``'s layout ``DIR/METHOD/sSEED/results.json``. It prints and writes (to `
   backbone (head-only's oracle − this oracle), with the mean feature drift.
 
 ``head-only`` and ``joint`` do not depend on β (the analytic head is built from sums over all clients,
-which equal the centralised sums; joint has one client), so a setting without them borrows them
-from ``--references`` (default ``b0.5``), paired on the same seeds.
+which equal the centralised sums; joint has one client), so a β setting (a folder named ``b…``)
+without them borrows them from ``--references`` (default ``runs/cmp``, the README's first table),
+paired on the same seeds.
 """
 
 from __future__ import annotations
@@ -139,27 +140,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/evidence"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
-    parser.add_argument("--references", default="b0.5", help="setting that lends head-only and joint")
+    parser.add_argument(
+        "--references", type=Path, default=Path("runs/cmp"),
+        help="a comparison of the built-in benchmark whose head-only and joint runs serve every β",
+    )
     parser.add_argument("--selection", default="select", help="folder under --runs with the validation grid")
     args = parser.parse_args()
+    lines: list[str] = []
+
+    def emit(text: str = "") -> None:
+        print(text)
+        lines.append(text)
 
     selection = selection_table(args.runs / args.selection) if (args.runs / args.selection).is_dir() else []
     if selection:
-        print("| setting | variant | method | validation final acc (%) |\n|---|---|---|---:|")
+        emit("### Validation grid (seed 0)\n")
+        emit("| setting | variant | method | validation final acc (%) |\n|---|---|---|---:|")
         for r in sorted(selection, key=lambda r: (r["setting"], r["method"], r["variant"])):
             accuracy = r["validation_final_accuracy"]
-            print(f"| {r['setting']} | {r['variant']} | {r['method']} | {accuracy:.2f} |")
-        print()
+            emit(f"| {r['setting']} | {r['variant']} | {r['method']} | {accuracy:.2f} |")
+        emit()
 
     settings = sorted(
         p.name for p in args.runs.iterdir()
         if p.is_dir() and p.name != args.selection and any(p.glob("*/s*/results.json"))
     )
     data = {s: load_setting(args.runs / s) for s in settings}
-    lender = data.get(args.references, {})
-    for by_method in data.values():
+    lender = load_setting(args.references) if args.references.is_dir() else {}
+    for setting, by_method in data.items():
         for method in REFERENCE_METHODS:
-            if method not in by_method and method in lender:
+            if method not in by_method and method in lender and setting.startswith("b"):
                 by_method[method] = lender[method]
 
     table: dict[str, dict[str, tuple[float, float, int]]] = {}
@@ -174,6 +184,9 @@ def main() -> None:
                 "final_mean": mean, "final_std": std,
                 "forgetting_mean": summary.forgetting[0],
                 "upload_mb_per_client_round": summary.upload_mb_per_client_round,
+                "upload_mb_per_client_run": statistics.fmean(
+                    r["upload_bytes"] / r["config"]["scenario"]["num_clients"] / 1e6 for r in runs
+                ),
                 "download_mb_per_client_round": summary.download_mb_per_client_round,
             })
         if "lorm" in by_method:
@@ -184,21 +197,33 @@ def main() -> None:
                 })
         forgetting_rows += [{"setting": setting, **row} for row in _forgetting_rows(by_method)]
 
-    print("| method | " + " | ".join(settings) + " |")
-    print("|---|" + "---:|" * len(settings))
+    emit("### Final accuracy on the test set (%), mean ± std (seeds)\n")
+    emit("| method | " + " | ".join(settings) + " |")
+    emit("|---|" + "---:|" * len(settings))
     for method, cells in table.items():
-        print(f"| {method} | " + " | ".join(_cell(*cells[s]) if s in cells else "–" for s in settings) + " |")
-    print("\n| setting | difference (points) | seeds | mean | 95 % interval |\n|---|---|---:|---:|---:|")
+        emit(f"| {method} | " + " | ".join(_cell(*cells[s]) if s in cells else "–" for s in settings) + " |")
+    emit("\n### Traffic per client in MB: per protocol step it is asked to, and over the run\n")
+    emit("| setting | method | upload / step | download / step | upload, whole run |")
+    emit("|---|---|---:|---:|---:|")
+    for r in beta_rows:
+        down = r["download_mb_per_client_round"]
+        emit(
+            f"| {r['setting']} | {r['method']} | {r['upload_mb_per_client_round']:.2f} | "
+            + ("–" if down is None else f"{down:.2f}") + f" | {r['upload_mb_per_client_run']:.1f} |"
+        )
+    emit("\n### LoRM minus each method, paired by seed (points)\n")
+    emit("| setting | difference (points) | seeds | mean | 95 % interval |\n|---|---|---:|---:|---:|")
     for r in paired_rows:
         interval = "–" if r["ci95_low"] is None else f"[{r['ci95_low']:+.2f}, {r['ci95_high']:+.2f}]"
-        print(f"| {r['setting']} | {r['difference']} | {r['seeds']} | {r['mean']:+.2f} | {interval} |")
+        emit(f"| {r['setting']} | {r['difference']} | {r['seeds']} | {r['mean']:+.2f} | {interval} |")
     if forgetting_rows:
-        print(
-            "\n| setting | method | seeds | final acc | oracle head | stale head costs | features lost "
+        emit("\n### Forgetting diagnostics (means over the seeds listed)\n")
+        emit(
+            "| setting | method | seeds | final acc | oracle head | stale head costs | features lost "
             "vs frozen | mean drift | forgetting |\n|---|---|---|---:|---:|---:|---:|---:|---:|"
         )
         for r in forgetting_rows:
-            print(
+            emit(
                 f"| {r['setting']} | {r['method']} | {r['seeds']} | {r['final_accuracy']:.2f} | "
                 f"{r['oracle_head_accuracy']:.2f} | {r['stale_head_cost']:+.2f} | "
                 f"{r['feature_loss_vs_frozen']:+.2f} | {r['mean_feature_drift']:.3f} | "
@@ -210,7 +235,8 @@ def main() -> None:
     _write_csv(args.out / "evidence-paired.csv", paired_rows)
     _write_csv(args.out / "evidence-forgetting.csv", forgetting_rows)
     _plot(table, settings, args.out / "evidence-beta.png")
-    print(f"\nwritten: evidence-*.csv and evidence-beta.png in {args.out}")
+    (args.out / "evidence-tables.md").write_text("\n".join(lines) + "\n")
+    print(f"\nwritten: evidence-tables.md, evidence-*.csv and evidence-beta.png in {args.out}")
 
 
 if __name__ == "__main__":
