@@ -103,11 +103,13 @@ def _plot(table: dict[str, dict[str, tuple[float, float, int]]], settings: list[
 
     fig, ax = plt.subplots(figsize=(7.0, 4.5))
     xs = list(range(len(settings)))
-    for method, cells in table.items():
-        points = [(x, *cells[s][:2]) for x, s in zip(xs, settings, strict=True) if s in cells]
+    width = 0.8 / max(len(table), 1)  # methods side by side within a setting; settings are unrelated
+    for k, (method, cells) in enumerate(table.items()):
+        shift = (k - (len(table) - 1) / 2) * width
+        points = [(x + shift, *cells[s][:2]) for x, s in zip(xs, settings, strict=True) if s in cells]
         if points:
             x, mean, std = zip(*points, strict=True)
-            ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=method)
+            ax.errorbar(x, mean, yerr=std, marker="o", ls="none", capsize=3, label=method)
     ax.set_xticks(xs, settings)
     ax.set_xlabel("setting")
     ax.set_ylabel("final class-IL accuracy (%), mean ± std over seeds")
