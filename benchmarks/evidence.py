@@ -4,8 +4,10 @@ Run on demand, after the ``fedlorm compare`` commands of the README's "When LoRM
 section: ``python benchmarks/evidence.py [--runs runs/evidence] [--out docs]``.
 
 ``--runs`` holds one comparison per setting (``b0.5``, ``b0.05``, ... for the heterogeneity sweep,
-``b0.5-full`` for full statistics, a preset name for another benchmark), each in ``fedlorm
-compare``'s layout ``DIR/METHOD/sSEED/results.json``. It prints and writes (to ``--out``):
+a preset name for another benchmark), each in ``fedlorm compare``'s layout
+``DIR/METHOD/sSEED/results.json``. A folder ``SETTING-VARIANT`` (e.g. ``headroom-full``: LoRM with
+full statistics) joins ``SETTING``'s tables as rows ``METHOD-VARIANT``, paired on the same seeds.
+It prints and writes (to ``--out``):
 
 - ``evidence-selection.csv``: the validation grid (``--selection``, layout
   ``SETTING/VARIANT/METHOD/sSEED``) each method's learning rate was chosen from;
@@ -168,6 +170,12 @@ def main() -> None:
         if p.is_dir() and p.name != args.selection and any(p.glob("*/s*/results.json"))
     )
     data = {s: load_setting(args.runs / s) for s in settings}
+    for name in list(data):  # a variant folder SETTING-VARIANT joins SETTING as METHOD-VARIANT rows
+        base, _, variant = name.rpartition("-")
+        if base in data:
+            for method, runs in data.pop(name).items():
+                data[base][f"{method}-{variant}"] = runs
+    settings = list(data)
     lender = load_setting(args.references) if args.references.is_dir() else {}
     for setting, by_method in data.items():
         for method in REFERENCE_METHODS:
