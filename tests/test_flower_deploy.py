@@ -27,7 +27,7 @@ pytest.importorskip("flwr")
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from fedlorm.config import apply_overrides
+from fedlorm.config import RunConfig, apply_overrides
 from fedlorm.flower.federation import SERVER_STATE
 from fedlorm.flower.launch import (
     FlowerProcess,
@@ -105,20 +105,7 @@ def test_deployed_two_task_run_completes_and_equals_the_in_process_run(loopback,
     assert results["flower"]["dropped"] == [] and results["flower"]["ignored_nodes"] == {}
     assert [s["merged"] for s in results["flower"]["steps"]] == [[0, 1, 2]] * 4
 
-    cfg = apply_overrides(preset_config("smoke"), OVERRIDES)
-    exp = build_experiment(cfg)
-    local = run_simulation(cfg, experiment=exp)
-    flat = [[v for row in r["accuracy_matrix"] for v in row] for r in (results, local)]
-    assert len(flat[0]) == len(flat[1]) == 3
-    assert np.allclose(flat[0], flat[1], rtol=0, atol=1e-6)
-    strip = [
-        [{k: v for k, v in r.items() if k != "merge_seconds"} for r in x["rounds"]] for x in (results, local)
-    ]
-    assert strip[0] == strip[1]
-    merged = load_file(str(out / SERVER_STATE))
-    assert merged.keys() == exp.server.state_dict().keys()
-    for key, value in exp.server.state_dict().items():
-        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+    _assert_equals_in_process(results, out, apply_overrides(preset_config("smoke"), OVERRIDES))
 
 
 def test_a_supernode_killed_mid_run_is_dropped_and_the_run_completes(loopback, tmp_path):
@@ -185,6 +172,12 @@ def test_deployed_nodes_reading_only_their_own_folders_equal_the_in_process_run(
     assert results["flower"]["ignored_nodes"] == {}
     assert [s["merged"] for s in results["flower"]["steps"]] == [[0, 1, 2]] * 4
 
+    _assert_equals_in_process(results, out, cfg)
+
+
+def _assert_equals_in_process(results: dict, out: Path, cfg: RunConfig) -> None:
+    """The Flower run's accuracies (to 1e-6), metrics rows and merged server state equal those of the
+    in-process run of ``cfg``."""
     exp = build_experiment(cfg)
     local = run_simulation(cfg, experiment=exp)
     flat = [[v for row in r["accuracy_matrix"] for v in row] for r in (results, local)]
