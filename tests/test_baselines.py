@@ -1,6 +1,6 @@
 """Baselines: each within-task client merge and cross-task rule against its closed-form answer.
 
-Unit tests feed ``ClientMerge`` random per-client factors and compare the server's answer with a
+Unit tests feed the within-task merges random per-client factors and compare the server's answer with a
 brute-force float64 computation (weighted means, least squares on stacked data, numpy's SVD).
 Engine tests run the real protocol on the tiny MNIST config and rebuild the answer from per-client
 factors that the server never saw.
@@ -16,7 +16,7 @@ from torch import nn
 
 from fedlorm.adapters import LoRALinear
 from fedlorm.methods import METHODS, add_arrays
-from fedlorm.methods.client_merge import CLIENT_MERGES
+from fedlorm.methods.registry import WITHIN_TASK_MERGES
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.simulator import run_simulation
 from fedlorm.seeding import torch_generator
@@ -41,7 +41,7 @@ def _clients(seed: int, count: int = 4, scaling: float = 1.0):
 
 
 def _merge(rule: str, factor: str, layers, counts, inputs, A, B, scaling: float = 1.0):
-    merge = CLIENT_MERGES[rule]
+    merge = WITHIN_TASK_MERGES[rule]
     sums = None
     for layer, n, x in zip(layers, counts, inputs, strict=True):
         sums = add_arrays(sums, merge.summands("l", layer, factor, x.T @ x, n))
@@ -128,7 +128,7 @@ def _zeros():
     ],
 )
 def test_factor_schedules(rule, factors):
-    assert [CLIENT_MERGES[rule].factor(r) for r in range(2)] == factors
+    assert [WITHIN_TASK_MERGES[rule].factor(r) for r in range(2)] == factors
 
 
 def _run_task(exp):
@@ -209,7 +209,7 @@ def test_joint_trains_one_client_on_all_classes_at_once():
 
 
 def test_every_method_is_registered():
-    assert set(METHODS) == {*CLIENT_MERGES, "finetune", "joint"}
+    assert set(METHODS) == {*WITHIN_TASK_MERGES, "finetune", "joint"}
 
 
 @pytest.mark.parametrize("method", ["lorm", "head-only", "lorm-fsa"])

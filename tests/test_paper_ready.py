@@ -56,9 +56,9 @@ def _step(name: str, precision: str, backbone: str = "vit_base_patch16_224") -> 
     assert torch.isfinite(torch.tensor(reply.metrics["train_loss"]))
     spec = server.expected_reply(train)
     assert set(reply.summands) == set(spec)
-    for key, (shape, dtype) in spec.items():
+    for key, summand in spec.items():
         value = reply.summands[key]
-        assert tuple(value.shape) == shape and value.dtype == dtype == torch.float64, key
+        assert tuple(value.shape) == summand.shape and value.dtype == summand.dtype == torch.float64, key
         assert bool(torch.isfinite(value).all()), key
     assert any(bool(reply.summands[f"{n}.M"].abs().sum() > 0) for n in layers)  # B was trained
 

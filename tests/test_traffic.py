@@ -17,9 +17,9 @@ from torch import nn
 
 from fedlorm.adapters import LoRAConv2d, LoRALinear
 from fedlorm.config import RunConfig, apply_overrides
-from fedlorm.methods import Instruction, payload_bytes
+from fedlorm.methods import Instruction, Kind, payload_bytes
 from fedlorm.methods.common import apply_arrays
-from fedlorm.methods.lorm import LoRMServer
+from fedlorm.methods.task_lora import TaskLoRAServer
 from fedlorm.presets import preset_config
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.simulator import run_simulation
@@ -30,29 +30,30 @@ D_OUT, D_IN, RANK, TASKS, UNSEEN = 12, 16, 2, 3, 5  # feature UNSEEN: zero in ev
 
 
 class _Model(nn.Module):
-    """What LoRMServer reads of a model: the head."""
+    """What TaskLoRAServer reads of a model: the head."""
 
     def __init__(self) -> None:
         super().__init__()
         self.head = nn.Linear(4, 3 * TASKS).double()
 
 
-def _server(*overrides: str, d_out: int = D_OUT, d_in: int = D_IN) -> LoRMServer:
+def _server(*overrides: str, d_out: int = D_OUT, d_in: int = D_IN) -> TaskLoRAServer:
     cfg = apply_overrides(RunConfig(), ["train.rounds=2", "model.scaling=0.5", *overrides])
     layers = {LAYER: LoRALinear(nn.Linear(d_in, d_out).double(), rank=RANK)}
-    return LoRMServer(cfg, _Model(), layers)
+    return TaskLoRAServer(cfg, _Model(), layers)
 
 
-def _sums(server: LoRMServer, instruction: Instruction, generator: torch.Generator) -> dict:
+def _sums(server: TaskLoRAServer, instruction: Instruction, generator: torch.Generator) -> dict:
     """Random sums of the expected reply's shapes; Grams positive, feature UNSEEN never seen."""
     out = {}
-    for key, (shape, dtype) in server.expected_reply(instruction).items():
-        if key.endswith(".n"):
+    for key, summand in server.expected_reply(instruction).items():
+        shape, dtype = summand.shape, summand.dtype
+        if summand.kind is Kind.COUNT:
             out[key] = torch.tensor(50.0, dtype=dtype)
-        elif key.endswith((".G", ".H")) and len(shape) == 2:
+        elif summand.kind is Kind.GRAM and len(shape) == 2:
             low = torch.randn(shape[0], 3, generator=generator, dtype=dtype)
             out[key] = low @ low.T + torch.eye(shape[0], dtype=dtype)
-        elif key.endswith((".G", ".H")):
+        elif summand.kind is Kind.GRAM:
             out[key] = torch.rand(shape, generator=generator, dtype=dtype) + 0.1
             if key == f"{LAYER}.G" and instruction.phase == "task_stats":
                 out[key][UNSEEN] = 0.0
@@ -61,7 +62,7 @@ def _sums(server: LoRMServer, instruction: Instruction, generator: torch.Generat
     return out
 
 
-def _run_tasks(server: LoRMServer, tasks: int = TASKS):
+def _run_tasks(server: TaskLoRAServer, tasks: int = TASKS):
     """Drive the server through ``tasks`` tasks; after each, yield (t, scaling·B_t A_t, its Gram)."""
     generator = torch.Generator().manual_seed(0)
     for task in range(tasks):

@@ -28,7 +28,7 @@ from fedlorm.config import (
     config_to_dict,
     validate_config,
 )
-from fedlorm.methods import JOINT, METHODS, joint_config
+from fedlorm.methods import METHODS
 from fedlorm.presets import PRESETS, published_accuracy
 from fedlorm.results import plot_comparison
 from fedlorm.runtime.checkpoint import CheckpointError, find_checkpoint, load_record, remove_checkpoint
@@ -97,7 +97,7 @@ def method_config(
     its one-task, one-client scenario)."""
     cfg = apply_overrides(config_from_plain(config_to_dict(base)), overrides)
     cfg.method, cfg.seed = method, seed
-    return joint_config(cfg) if method == JOINT else cfg
+    return METHODS[method].run_config(cfg)
 
 
 def split_method_overrides(

@@ -173,9 +173,9 @@ def _output_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
 
 def _clients(cfg: RunConfig) -> int:
     """Clients the run really has (``joint`` turns the scenario into one client)."""
-    from fedlorm.methods import JOINT, joint_config
+    from fedlorm.methods import METHODS
 
-    return joint_config(cfg).scenario.num_clients if cfg.method == JOINT else cfg.scenario.num_clients
+    return METHODS[cfg.method].run_config(cfg).scenario.num_clients
 
 
 def _asked(cfg: RunConfig, clients: int) -> int:

@@ -1,4 +1,5 @@
-"""Federated methods behind one client/server protocol (see :mod:`fedlorm.methods.base`)."""
+"""Federated methods behind one client/server protocol (see :mod:`fedlorm.methods.base`) and their
+registry (:mod:`fedlorm.methods.registry`; docs/methods.md shows how to add one)."""
 
 from fedlorm.methods.base import (
     Arrays,
@@ -10,17 +11,10 @@ from fedlorm.methods.base import (
     add_arrays,
     payload_bytes,
 )
-from fedlorm.methods.client_merge import CLIENT_MERGES
-from fedlorm.methods.finetune import FinetuneClient, FinetuneServer
 from fedlorm.methods.joint import JOINT, joint_config
-from fedlorm.methods.lorm import LoRMClient, LoRMServer
-
-METHODS: dict[str, tuple[type[Server], type[Client]]] = {
-    **{name: (LoRMServer, LoRMClient) for name in CLIENT_MERGES},
-    "finetune": (FinetuneServer, FinetuneClient),
-    JOINT: (FinetuneServer, FinetuneClient),
-}
-"""Method name → (server, client) classes. ``joint`` runs on :func:`joint_config`'s scenario."""
+from fedlorm.methods.registry import METHODS, Method
+from fedlorm.methods.replies import Kind, ReplySpec, Summand
+from fedlorm.methods.steps import Factor, Phase, step_label
 
 __all__ = [
     "JOINT",
@@ -29,9 +23,16 @@ __all__ = [
     "Client",
     "ClientData",
     "ClientReply",
+    "Factor",
     "Instruction",
+    "Kind",
+    "Method",
+    "Phase",
+    "ReplySpec",
     "Server",
+    "Summand",
     "add_arrays",
     "joint_config",
     "payload_bytes",
+    "step_label",
 ]

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -20,19 +19,19 @@ from torch import Tensor
 from fedlorm.adapters import LoRALayer
 from fedlorm.backbones import Backbone
 from fedlorm.config import RunConfig
+from fedlorm.methods.replies import ReplySpec
+from fedlorm.methods.steps import Factor, Phase
 
 Arrays = dict[str, Tensor]
-Phase = Literal["train", "task_stats", "head_stats"]
-Factor = Literal["A", "B", "both", "none"]
-ReplySpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
-"""Keys of a valid client reply with the shape and dtype of each summand."""
 
 __all__ = [
     "Arrays",
     "Client",
     "ClientData",
     "ClientReply",
+    "Factor",
     "Instruction",
+    "Phase",
     "ReplySpec",
     "Server",
     "add_arrays",
@@ -42,7 +41,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Instruction:
-    """What the server asks of every client in one step; flat, so it travels as a config record."""
+    """What the server asks of every client in one step; flat, so it travels as a config record.
+
+    ``phase`` and ``factor`` may be given as their strings; they are stored as the enums.
+    ``round`` is the training round, -1 for the end-of-task statistics steps.
+    """
 
     task: int
     round: int
@@ -51,18 +54,29 @@ class Instruction:
     class_start: int
     class_stop: int
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "phase", Phase(self.phase))
+        object.__setattr__(self, "factor", Factor(self.factor))
+
     def to_record(self) -> dict[str, int | str]:
-        """Plain key/value form (Flower ConfigRecord, checkpoints)."""
-        return asdict(self)
+        """Plain key/value form (Flower ConfigRecord, checkpoints); enums as their plain strings."""
+        return {
+            "task": self.task,
+            "round": self.round,
+            "phase": self.phase.value,
+            "factor": self.factor.value,
+            "class_start": self.class_start,
+            "class_stop": self.class_stop,
+        }
 
     @classmethod
     def from_record(cls, record: Mapping[str, int | str]) -> Instruction:
-        """Inverse of :meth:`to_record`."""
+        """Inverse of :meth:`to_record`; ValueError on an unknown phase or factor."""
         return cls(
             task=int(record["task"]),
             round=int(record["round"]),
-            phase=str(record["phase"]),  # type: ignore[arg-type]
-            factor=str(record["factor"]),  # type: ignore[arg-type]
+            phase=Phase(str(record["phase"])),
+            factor=Factor(str(record["factor"])),
             class_start=int(record["class_start"]),
             class_stop=int(record["class_stop"]),
         )
@@ -158,7 +172,8 @@ class Server(ABC):
         """Fold the summed client replies into the global state."""
 
     def expected_reply(self, instruction: Instruction) -> ReplySpec | None:
-        """Keys, shapes and dtypes of a valid reply to ``instruction``; None: check values only."""
+        """What each array of a valid reply to ``instruction`` is (:mod:`fedlorm.methods.replies`);
+        None: the first valid reply fixes keys and shapes, and kinds go by the key convention."""
         return None
 
     @abstractmethod

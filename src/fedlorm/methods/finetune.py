@@ -16,21 +16,15 @@ from torch import Tensor, nn
 from fedlorm.adapters import LoRALayer
 from fedlorm.backbones import Backbone
 from fedlorm.config import RunConfig
-from fedlorm.methods.base import (
-    Arrays,
-    Client,
-    ClientData,
-    ClientReply,
-    Instruction,
-    ReplySpec,
-    Server,
-)
+from fedlorm.methods.base import Arrays, Client, ClientData, ClientReply, Instruction, Server
 from fedlorm.methods.common import (
     apply_arrays,
     factor_key,
     shared_model_arrays,
     train_with_config,
 )
+from fedlorm.methods.replies import ReplySpec, count, value
+from fedlorm.methods.steps import Factor, Phase
 
 __all__ = ["FinetuneClient", "FinetuneServer"]
 
@@ -52,7 +46,7 @@ class FinetuneClient(Client):
             self.layers,
             data,
             train,
-            factor="both",
+            factor=Factor.BOTH,
             classes=instruction.classes,
             generator=generator,
         )
@@ -87,7 +81,7 @@ class FinetuneServer(Server):
 
     def instructions(self, task: int, classes: range) -> Iterator[Instruction]:
         for r in range(self.cfg.train.rounds):
-            yield Instruction(task, r, "train", "both", classes.start, classes.stop)
+            yield Instruction(task, r, Phase.TRAIN, Factor.BOTH, classes.start, classes.stop)
 
     def arrays(self, instruction: Instruction) -> Arrays:
         return dict(self.state)
@@ -97,8 +91,8 @@ class FinetuneServer(Server):
         self.state = {key: (sums[key] / n).to(self.dtype) for key in self.state}
 
     def expected_reply(self, instruction: Instruction) -> ReplySpec:
-        spec = {key: (tuple(value.shape), torch.float64) for key, value in self.state.items()}
-        spec["n"] = ((), torch.float64)
+        spec = {key: value(*array.shape) for key, array in self.state.items()}
+        spec["n"] = count()
         return spec
 
     def deployed_arrays(self) -> Arrays:

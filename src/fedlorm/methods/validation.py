@@ -1,9 +1,10 @@
 """Server-side checks of one client's reply before it joins the sums (both runtimes use them).
 
-A reply that is not finite, has the wrong keys, shapes or dtypes, carries a Gram-type statistic that
-is not positive semi-definite, or a sample count (key ``n`` or ``*.n``, a divisor on the server) that
-is not positive, would poison the merge of every other client, so it is rejected with a one-line
-reason and the round goes on with the rest.
+A reply that is not finite, has the wrong keys, shapes or dtypes, carries a Gram that is not
+positive semi-definite, or a sample count (a divisor on the server) that is not positive, would
+poison the merge of every other client, so it is rejected with a one-line reason and the round goes
+on with the rest. What each array is comes from the method's :class:`~fedlorm.methods.replies.Summand`
+spec; only for a method that publishes none does :func:`reply_spec` read it off the key convention.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fedlorm.methods.base import ClientReply, ReplySpec
+from fedlorm.methods.base import ClientReply
+from fedlorm.methods.replies import Kind, ReplySpec, Summand
 
-__all__ = ["GRAM_SUFFIXES", "InvalidReplyError", "check_reply", "reply_spec"]
+__all__ = ["InvalidReplyError", "check_reply", "reply_spec"]
 
-GRAM_SUFFIXES = (".G", ".H")
-"""Summands that are Grams (X^T X or A X^T X A^T): symmetric PSD matrices, or non-negative diagonals."""
+_CONVENTION = {".G": Kind.GRAM, ".H": Kind.GRAM, ".n": Kind.COUNT}
+"""Key endings a spec-less method's replies are read by (``n`` alone is a count too)."""
 
 # Relative tolerance of the PSD test: eigenvalues above -tol · d · max|G| count as >= 0, which absorbs
 # float64 rounding of sums over millions of tokens.
@@ -30,15 +32,25 @@ class InvalidReplyError(ValueError):
 
 
 def reply_spec(summands: Mapping[str, Tensor]) -> ReplySpec:
-    """Names, shapes and dtypes of a reply, to check other replies of the same step against."""
-    return {key: (tuple(value.shape), value.dtype) for key, value in summands.items()}
+    """The spec of an observed reply, to check other replies of the same step against.
+
+    For methods without :meth:`~fedlorm.methods.base.Server.expected_reply`: kinds follow the key
+    convention (``*.G``/``*.H`` Grams, ``n``/``*.n`` counts, anything else a value).
+    """
+    return {key: Summand(tuple(value.shape), value.dtype, _kind(key)) for key, value in summands.items()}
+
+
+def _kind(key: str) -> Kind:
+    if key == "n":
+        return Kind.COUNT
+    return next((kind for end, kind in _CONVENTION.items() if key.endswith(end)), Kind.VALUE)
 
 
 def check_reply(reply: ClientReply, expected: ReplySpec | None = None) -> None:
     """Raise :class:`InvalidReplyError` unless ``reply`` is finite, well-formed and PSD where it must be.
 
-    ``expected`` (from :meth:`Server.expected_reply` or :func:`reply_spec`) fixes keys, shapes and
-    dtypes; without it only the values are checked.
+    ``expected`` (from :meth:`Server.expected_reply` or :func:`reply_spec`) fixes keys, shapes,
+    dtypes and kinds; without it the values are checked with kinds read off the keys.
     """
     n = reply.num_examples
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -54,19 +66,21 @@ def check_reply(reply: ClientReply, expected: ReplySpec | None = None) -> None:
     for key, value in summands.items():
         if not isinstance(value, Tensor):
             raise InvalidReplyError(f"{key} is a {type(value).__name__}, not a tensor")
+        kind = _kind(key)
         if expected is not None:
-            shape, dtype = expected[key]
-            if tuple(value.shape) != shape:
-                raise InvalidReplyError(f"{key} has shape {tuple(value.shape)}; expected {shape}")
-            if value.dtype != dtype:
-                raise InvalidReplyError(f"{key} has dtype {value.dtype}; expected {dtype}")
+            spec = expected[key]
+            if tuple(value.shape) != spec.shape:
+                raise InvalidReplyError(f"{key} has shape {tuple(value.shape)}; expected {spec.shape}")
+            if value.dtype != spec.dtype:
+                raise InvalidReplyError(f"{key} has dtype {value.dtype}; expected {spec.dtype}")
+            kind = spec.kind
         if not value.is_floating_point():
             raise InvalidReplyError(f"{key} has dtype {value.dtype}; expected a floating-point tensor")
         if not bool(torch.isfinite(value).all()):
             raise InvalidReplyError(f"{key} holds NaN or Inf")
-        if key.endswith(GRAM_SUFFIXES):
+        if kind is Kind.GRAM:
             _check_gram(key, value)
-        if (key == "n" or key.endswith(".n")) and not bool((value > 0).all()):
+        if kind is Kind.COUNT and not bool((value > 0).all()):
             raise InvalidReplyError(f"{key} is a sample count but is not positive")
 
 

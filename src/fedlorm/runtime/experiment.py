@@ -27,7 +27,7 @@ from fedlorm.data import (
     per_class_subsample,
 )
 from fedlorm.fcl import Scenario, dirichlet_partition, make_scenario
-from fedlorm.methods import JOINT, METHODS, Client, ClientData, Server, joint_config
+from fedlorm.methods import METHODS, Client, ClientData, Server
 from fedlorm.precision import check_precision
 from fedlorm.seeding import derive_seed
 
@@ -225,7 +225,7 @@ def effective_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"method {cfg.method!r} is unknown; choose one of: {', '.join(sorted(METHODS))}"
         )
-    return joint_config(cfg) if cfg.method == JOINT else cfg
+    return METHODS[cfg.method].run_config(cfg)
 
 
 def _compute_device(cfg: RunConfig) -> torch.device:
@@ -296,7 +296,7 @@ def _assemble(
 ) -> Experiment:
     num_classes = data.scenario.num_classes
     model, layers = build_model(cfg, num_classes, device)
-    server_cls, client_cls = METHODS[cfg.method]
+    method = METHODS[cfg.method]
     logger.info(
         "built %s: %d classes in %d tasks, %d train / %d test images, %d LoRA layers",
         cfg.model.backbone,
@@ -313,8 +313,8 @@ def _assemble(
         test=data.test,
         model=model,
         layers=layers,
-        server=server_cls(cfg, model, layers),
-        client=client_cls(cfg, model, layers),
+        server=method.server(cfg, model, layers),
+        client=method.client(cfg, model, layers),
         device=device,
         partitions=data.partitions,
         class_names=data.class_names,

@@ -1,0 +1,30 @@
+"""``lorm.cross_task = simple_mean``: the deployed update is the mean of the task deltas."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fedlorm.methods.base import Arrays
+from fedlorm.methods.cross_task.base import CrossTaskRule
+
+__all__ = ["SimpleMeanTasks"]
+
+
+class SimpleMeanTasks(CrossTaskRule):
+    """ΔW = (1/T) Σ_t ΔW_t; no statistics."""
+
+    def fold(
+        self,
+        name: str,
+        delta: Tensor,
+        sums: Arrays | None,
+        tasks: int,
+        reference: Tensor | None,
+        *,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        return (self._add(self.P, name, delta) / tasks).to(dtype)
+
+    def column_weights(self, name: str, rows: Tensor, tasks: int) -> Tensor:
+        return rows / tasks

@@ -1,0 +1,8 @@
+"""Head strategies: how the server merges the linear head, with the summands clients send for it."""
+
+from fedlorm.methods.heads.analytic import AnalyticHead
+from fedlorm.methods.heads.average import TrainedAverageHead
+from fedlorm.methods.heads.base import HeadStrategy
+from fedlorm.methods.heads.regmean import RegMeanHead
+
+__all__ = ["AnalyticHead", "HeadStrategy", "RegMeanHead", "TrainedAverageHead"]

@@ -1,0 +1,100 @@
+"""``lorm.head_merge = analytic``: a ridge-regression classifier over every seen class, solved from
+running sums of the clients' deployed features (docs/design.md, "The head").
+
+Training rounds average the trained head, which serves local training only. At each task's end a
+``head_stats`` step asks every client for F̂ᵀF̂ and F̂ᵀY of its pooled features (F̂ = [F, 1], Y one-hot
+over the task's classes) through the deployed backbone; the server adds them into S and C and
+deploys [W, b] = Cᵀ(S + λI)⁻¹, λ = ``lorm.head_ridge``·mean(diag S).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from fedlorm import merging
+from fedlorm.backbones import Backbone
+from fedlorm.config import LormConfig
+from fedlorm.methods.base import Arrays, ClientData, Instruction
+from fedlorm.methods.common import HEAD
+from fedlorm.methods.heads.average import TrainedAverageHead
+from fedlorm.methods.heads.base import Head
+from fedlorm.methods.replies import ReplySpec, gram, value
+from fedlorm.precision import autocast
+
+__all__ = ["AnalyticHead"]
+
+
+class AnalyticHead(TrainedAverageHead):
+    """Trained heads averaged for local training; the deployed head is the ridge solve."""
+
+    collects_features = True
+
+    def __init__(self, lorm: LormConfig, classes: int, features: int) -> None:
+        super().__init__(lorm, classes, features)
+        self.gram: Tensor | None = None  # S, (features + 1)², allocated at the first fold
+        self.cross: Tensor | None = None  # C, (features + 1) × classes
+        self.solution: Head | None = None
+
+    @torch.no_grad()
+    def feature_summands(
+        self, model: Backbone, data: ClientData, instruction: Instruction, *, batch_size: int, precision: str
+    ) -> Arrays:
+        """F̂ᵀF̂ and F̂ᵀY of the deployed model's pooled features, test-time transform (the head is
+        fitted to features as they are at test time, not to augmented ones)."""
+        model.eval()
+        device = model.head.weight.device
+        width = len(instruction.classes)
+        gram_sum, cross_sum = None, None
+        for batch in torch.arange(len(data)).split(batch_size):
+            with autocast(device, precision):
+                features = model.features(data.images[batch].to(device, non_blocking=True))
+            targets = nn.functional.one_hot(data.labels[batch] - instruction.class_start, width)
+            g, c = merging.analytic_head_summands(features.float().cpu(), targets.double())
+            gram_sum, cross_sum = (g, c) if gram_sum is None else (gram_sum + g, cross_sum + c)
+        return {f"{HEAD}.features.G": gram_sum, f"{HEAD}.features.Y": cross_sum}
+
+    def feature_spec(self, instruction: Instruction) -> ReplySpec:
+        width = self.features + 1
+        return {
+            f"{HEAD}.features.G": gram(width, full=True),
+            f"{HEAD}.features.Y": value(width, len(instruction.classes)),
+        }
+
+    def fold_features(self, sums: Arrays, classes: range, like: Head) -> None:
+        if self.gram is None or self.cross is None:
+            self.gram = torch.zeros(self.features + 1, self.features + 1, dtype=torch.float64)
+            self.cross = torch.zeros(self.features + 1, self.classes, dtype=torch.float64)
+        self.gram += sums[f"{HEAD}.features.G"]
+        self.cross[:, classes.start : classes.stop] += sums[f"{HEAD}.features.Y"]
+        seen = classes.stop
+        weight, bias = merging.analytic_head_solve(
+            self.gram, self.cross[:, :seen], ridge=self.lorm.head_ridge
+        )
+        full_weight, full_bias = torch.zeros_like(like[0]), torch.zeros_like(like[1])
+        full_weight[:seen] = weight.to(full_weight.device, full_weight.dtype)
+        full_bias[:seen] = bias.to(full_bias.device, full_bias.dtype)
+        self.solution = (full_weight, full_bias)
+
+    def deployed(self) -> Head | None:
+        return self.solution
+
+    def state_dict(self) -> Arrays:
+        out: Arrays = {}
+        if self.gram is not None and self.cross is not None:
+            out["analytic.gram"], out["analytic.cross"] = self.gram, self.cross
+        if self.solution is not None:
+            out["analytic.weight"], out["analytic.bias"] = self.solution
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Tensor], device: object) -> None:
+        self.gram = state["analytic.gram"].clone() if "analytic.gram" in state else None
+        self.cross = state["analytic.cross"].clone() if "analytic.cross" in state else None
+        self.solution = None
+        if "analytic.weight" in state:
+            self.solution = (
+                state["analytic.weight"].to(device, copy=True),
+                state["analytic.bias"].to(device, copy=True),
+            )

@@ -1,0 +1,104 @@
+"""Every method by name, with the parts it is built from; and the head and cross-task rules by the
+names ``lorm.head_merge`` and ``lorm.cross_task`` take.
+
+A method is one :class:`Method` line. A task-structured LoRA method names its within-task client
+merge (:mod:`fedlorm.methods.within_task`); the head strategy and cross-task rule come from the run's
+config, unless the entry fixes the latter. docs/methods.md shows how to add one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from fedlorm.config import LormConfig, RunConfig
+from fedlorm.methods.base import Client, Server
+from fedlorm.methods.cross_task import ClosedFormTasks, CrossTaskRule, SimpleMeanTasks, TaskArithmetic
+from fedlorm.methods.finetune import FinetuneClient, FinetuneServer
+from fedlorm.methods.heads import AnalyticHead, HeadStrategy, RegMeanHead, TrainedAverageHead
+from fedlorm.methods.joint import joint_config
+from fedlorm.methods.steps import Factor
+from fedlorm.methods.task_lora import TaskLoRAClient, TaskLoRAServer
+from fedlorm.methods.within_task import (
+    ALTERNATE,
+    AlternatingClosedForm,
+    DeltaRegMean,
+    FactorAverage,
+    ProductAverage,
+    WithinTaskMerge,
+)
+
+__all__ = ["CROSS_TASK_RULES", "HEADS", "METHODS", "WITHIN_TASK_MERGES", "Method"]
+
+
+def _as_given(cfg: RunConfig) -> RunConfig:
+    return cfg
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its server and client classes and the parts they are built from."""
+
+    server: type[Server]
+    client: type[Client]
+    summary: str
+    within_task: WithinTaskMerge | None = None
+    """The within-task client merge of a task-structured LoRA method (None: not one)."""
+    cross_task: str | None = None
+    """A ``lorm.cross_task`` rule this method always uses, whatever the config says."""
+    adapt_tasks: int | None = None
+    """Train the adapters on the first N tasks only (``lorm.adapt_tasks`` overrides it)."""
+    run_config: Callable[[RunConfig], RunConfig] = _as_given
+    """The config the run really uses (e.g. joint's one task of all classes on one client)."""
+
+    def __iter__(self) -> Iterator[type[Server] | type[Client]]:
+        """Unpacks as ``(server, client)``, as the registry's entries did before they had parts."""
+        return iter((self.server, self.client))
+
+
+def _task_lora(summary: str, merge: WithinTaskMerge, **parts: object) -> Method:
+    return Method(TaskLoRAServer, TaskLoRAClient, summary, merge, **parts)  # type: ignore[arg-type]
+
+
+METHODS: dict[str, Method] = {
+    "lorm": _task_lora("LoRM: alternating closed-form merges of B and A", AlternatingClosedForm()),
+    "lorm-avg": _task_lora("LoRM's alternation, factors averaged", FactorAverage(ALTERNATE)),
+    "fedavg": _task_lora("FedIT: A and B averaged", FactorAverage((Factor.BOTH,))),
+    "ffa": _task_lora("FFA-LoRA: A frozen at its init, B averaged", FactorAverage((Factor.B,))),
+    "fedavg-product": _task_lora("exact mean of B_iA_i, SVD to rank r", ProductAverage()),
+    "regmean": _task_lora("RegMean on ΔW_i = B_iA_i, SVD to rank r", DeltaRegMean()),
+    # Trains no adapter: its task deltas are zero, so no statistics pass is needed to merge them.
+    "head-only": _task_lora("the head only", FactorAverage((Factor.NONE,)), cross_task="task_arithmetic"),
+    # First-session adaptation: later tasks only add their classes to the analytic head through a
+    # backbone that no longer moves, so no class's sums go stale.
+    "lorm-fsa": _task_lora(
+        "LoRM on the first task, analytic head after", AlternatingClosedForm(), adapt_tasks=1
+    ),
+    "finetune": Method(FinetuneServer, FinetuneClient, "one adapter fine-tuned across tasks (lower bound)"),
+    "joint": Method(
+        FinetuneServer,
+        FinetuneClient,
+        "all classes on one client at once (upper bound)",
+        run_config=joint_config,
+    ),
+}
+"""Method name → its registry entry."""
+
+WITHIN_TASK_MERGES: dict[str, WithinTaskMerge] = {
+    name: m.within_task for name, m in METHODS.items() if m.within_task is not None
+}
+"""Task-structured LoRA method name → its within-task client merge."""
+
+HEADS: dict[str, Callable[[LormConfig, int, int], HeadStrategy]] = {
+    "fedavg": TrainedAverageHead,
+    "regmean": RegMeanHead,
+    "analytic": AnalyticHead,
+}
+"""``lorm.head_merge`` → head strategy (built with the run's LoRM config, classes, features)."""
+
+CROSS_TASK_RULES: dict[str, Callable[[float], CrossTaskRule]] = {
+    "closed_form": ClosedFormTasks,
+    "simple_mean": SimpleMeanTasks,
+    "task_arithmetic": TaskArithmetic,
+}
+"""``lorm.cross_task`` → cross-task rule (built with ``lorm.ridge``)."""
