@@ -1,0 +1,267 @@
+"""Secure sums of integer arrays over a Flower grid with Flower's own SecAgg+ (a prototype for issue 15).
+
+Flower 1.42 ships SecAgg+ as :class:`flwr.server.workflow.SecAggPlusWorkflow` (server) and
+:func:`flwr.client.mod.secaggplus_mod` (client). The workflow only accepts a ``LegacyContext`` and talks to
+a legacy ``Strategy`` (``configure_fit`` / ``aggregate_fit``), and the mod only wraps plain ``train``
+messages whose handler replies in the legacy ``FitRes`` layout. Both are usable from a Message-API
+ServerApp: :func:`secure_sum` builds a private ``LegacyContext`` around a one-shot adapter strategy and
+runs the workflow's four stages over the ServerApp's ``Grid``; the ClientApp puts
+:func:`optional_secaggplus_mod` on its plain ``train`` handler and answers the masking stage with
+:func:`secure_reply`.
+
+The workflow computes a weighted average of clipped, stochastically rounded floats. Chosen parameters
+make that pipeline carry non-negative integers below 2^word_bits exactly: every client reports weight
+1 and ``max_weight`` is 1 (so nothing is rescaled), the quantization range is 2^word_bits and the
+clipping range half of it (so the quantizer is the identity on integers, and stochastic rounding of an
+integer is that integer). The server receives the average over the c contributing clients; times c
+it is the exact integer sum, provided c·2^word_bits < modulus. ``fedlorm.secure.encoding`` turns
+float64 summands into such integers and back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import (
+    Code,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+__all__ = [
+    "FITINS_CONFIG",
+    "LAYOUT",
+    "WORD_BITS",
+    "SecureSum",
+    "is_secure_message",
+    "optional_secaggplus_mod",
+    "secure_reply",
+    "secure_request",
+    "secure_sum",
+]
+
+FITINS_CONFIG = "fitins.config"
+"""The record of the masking-stage message that carries the request's config (legacy FitIns layout)."""
+LAYOUT = "fedlorm-secure-layout"
+"""Config key: JSON {array key: shape}; the client's arrays, in this key order, are what is summed."""
+WORD_BITS = "fedlorm-secure-word-bits"
+"""Config key: each client's entries must lie in [0, 2^word_bits)."""
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """What the server learns: the key-wise integer sums and how many clients they include."""
+
+    sums: dict[str, np.ndarray]
+    """int64 arrays of the layout's shapes: Σ over the contributing clients, exact."""
+    contributors: list[int]
+    """Node ids whose masked arrays entered the sum (those that replied in the masking stage), ascending."""
+
+
+class _OneShotSum(Strategy):
+    """The legacy strategy the workflow needs: one fit round to fixed nodes; keeps the unmasked sum."""
+
+    def __init__(self, grid: Grid, run_id: int, node_ids: Sequence[int], config: dict[str, Scalar]) -> None:
+        self.proxies = [GridClientProxy(node_id, grid, run_id) for node_id in node_ids]
+        self.config = config
+        self.average: list[np.ndarray] | None = None
+        self.contributors: list[int] = []
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """Nothing to initialise: the sum has no global model."""
+        return None
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Every given node, with the request's config and no arrays."""
+        return [
+            (proxy, FitIns(Parameters(tensors=[], tensor_type=""), dict(self.config)))
+            for proxy in self.proxies
+        ]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Keep the workflow's dequantized average (the same array in every result) and the count."""
+        if results:
+            self.average = parameters_to_ndarrays(results[0][1].parameters)
+            self.contributors = sorted(int(proxy.node_id) for proxy, _ in results)  # type: ignore[attr-defined]
+        return None, {}
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, Any]]:
+        """No evaluation."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, results: list[Any], failures: list[Any]
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """No evaluation."""
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        """No evaluation."""
+        return None
+
+
+def _check_settings(
+    num_nodes: int, num_shares: int | float, threshold: int | float, word_bits: int, modulus_bits: int
+) -> None:
+    """One clear ValueError for settings under which SecAgg+ cannot run or the sum could wrap."""
+    if num_nodes < 2:
+        raise ValueError(f"secure aggregation needs at least 2 clients; got {num_nodes}")
+    shares = num_shares if isinstance(num_shares, int) else max(round(num_shares * num_nodes), 3)
+    if isinstance(num_shares, int) and num_shares > num_nodes:
+        raise ValueError(f"num_shares = {num_shares} is larger than the number of clients ({num_nodes})")
+    if isinstance(threshold, int) and threshold > min(shares, num_nodes):
+        raise ValueError(
+            f"reconstruction threshold {threshold} is larger than the number of clients ({num_nodes}) "
+            f"or of shares ({shares})"
+        )
+    if not 1 <= word_bits <= 30:
+        raise ValueError(f"word_bits = {word_bits}; Flower's quantizer holds at most 30 bits per entry here")
+    if num_nodes << word_bits >= 1 << modulus_bits:
+        raise ValueError(
+            f"{num_nodes} clients × 2^{word_bits} reach the modulus 2^{modulus_bits}: the sum would wrap"
+        )
+
+
+def secure_sum(
+    grid: Grid,
+    context: Context,
+    node_ids: Sequence[int],
+    layout: Mapping[str, Sequence[int]],
+    *,
+    word_bits: int = 24,
+    modulus_bits: int = 32,
+    num_shares: int | float = 1.0,
+    reconstruction_threshold: int | float = 0.5,
+    timeout: float | None = None,
+    config: Mapping[str, Scalar] | None = None,
+    server_round: int = 1,
+) -> SecureSum | None:
+    """Sum the clients' integer arrays (``layout``: key → shape, entries in [0, 2^word_bits)) with SecAgg+.
+
+    ``config`` reaches each client's handler with the layout (:func:`secure_request`). Returns None
+    when the protocol halts (too few clients left for the threshold); the server then has learnt nothing
+    about the arrays. ``num_shares`` and ``reconstruction_threshold`` are SecAgg+'s (a float is a share
+    of the clients, resp. of the shares).
+    """
+    nodes = sorted(set(node_ids))
+    _check_settings(len(nodes), num_shares, reconstruction_threshold, word_bits, modulus_bits)
+    request: dict[str, Scalar] = dict(config or {})
+    request[LAYOUT] = json.dumps({key: [int(n) for n in shape] for key, shape in layout.items()})
+    request[WORD_BITS] = word_bits
+    strategy = _OneShotSum(grid, context.run_id, nodes, request)
+    private = Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=dict(context.node_config),
+        state=RecordDict(),
+        run_config=dict(context.run_config),
+    )
+    legacy = LegacyContext(private, strategy=strategy)
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    workflow = SecAggPlusWorkflow(
+        num_shares,
+        reconstruction_threshold,
+        max_weight=1.0,
+        clipping_range=float(1 << (word_bits - 1)),
+        quantization_range=1 << word_bits,
+        modulus_range=1 << modulus_bits,
+        timeout=timeout,
+    )
+    workflow(grid, legacy)
+    if strategy.average is None:
+        return None
+    count = len(strategy.contributors)
+    offset = float(count << (word_bits - 1))
+    totals = [
+        np.rint(np.asarray(a, dtype=np.float64) * count + offset).astype(np.int64) for a in strategy.average
+    ]
+    if len(totals) != len(layout):
+        raise RuntimeError(f"SecAgg+ returned {len(totals)} arrays for a layout of {len(layout)}")
+    sums = {
+        key: total.reshape(tuple(shape)) for (key, shape), total in zip(layout.items(), totals, strict=True)
+    }
+    return SecureSum(sums=sums, contributors=strategy.contributors)
+
+
+# -- client side ------------------------------------------------------------------------------------
+def is_secure_message(message: Message) -> bool:
+    """True for the messages of Flower's SecAgg+ workflow (they carry its config record)."""
+    return RECORD_KEY_CONFIGS in message.content.config_records
+
+
+def optional_secaggplus_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``secaggplus_mod`` for SecAgg+ messages; every other message goes to the handler untouched.
+
+    The mod itself rejects any ``train`` message without a SecAgg+ stage, so this lets one ``train``
+    handler serve plain and secure steps.
+    """
+    if message.metadata.message_type == MessageType.TRAIN and is_secure_message(message):
+        return secaggplus_mod(message, context, call_next)
+    return call_next(message, context)
+
+
+def secure_request(message: Message) -> tuple[dict[str, tuple[int, ...]], int, dict[str, Scalar]]:
+    """The masking stage's request: (layout, word_bits, server config); ValueError without the mod."""
+    stage_config = message.content.config_records[RECORD_KEY_CONFIGS]
+    if Key.STAGE in stage_config:
+        raise ValueError(
+            f"SecAgg+ stage {stage_config[Key.STAGE]!r} reached the train handler: this ClientApp's train "
+            "handler needs optional_secaggplus_mod (Flower's secaggplus_mod)"
+        )
+    config = dict(message.content.config_records[FITINS_CONFIG])
+    layout = {key: tuple(shape) for key, shape in json.loads(str(config.pop(LAYOUT))).items()}
+    word_bits = int(config.pop(WORD_BITS))  # type: ignore[arg-type]
+    return layout, word_bits, config
+
+
+def secure_reply(message: Message, arrays: Mapping[str, np.ndarray]) -> Message:
+    """The reply to the masking stage: ``arrays`` (exactly the layout's keys, shapes, integers in range)."""
+    layout, word_bits, _ = secure_request(message)
+    if set(arrays) != set(layout):
+        raise ValueError(f"arrays have keys {sorted(arrays)}; the secure sum expects {sorted(layout)}")
+    half = float(1 << (word_bits - 1))
+    floats = []
+    for key, shape in layout.items():
+        array = np.asarray(arrays[key])
+        if array.shape != shape or array.dtype.kind not in "iu":
+            raise ValueError(
+                f"{key!r}: {array.dtype} of shape {array.shape}; expected integers of shape {shape}"
+            )
+        if array.size and (array.min() < 0 or array.max() >= 1 << word_bits):
+            raise ValueError(f"{key!r} has entries outside [0, 2^{word_bits})")
+        floats.append(array.astype(np.float64) - half)
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(floats), num_examples=1, metrics={})
+    return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=message)
