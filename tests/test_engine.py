@@ -20,7 +20,8 @@ from fedlorm.fcl import summarize
 from fedlorm.methods import add_arrays
 from fedlorm.methods.common import HEAD
 from fedlorm.runtime.experiment import build_experiment
-from fedlorm.runtime.simulator import METRICS_FIELDS, run_simulation
+from fedlorm.runtime.report import METRICS_FIELDS
+from fedlorm.runtime.simulator import run_simulation
 from fedlorm.seeding import torch_generator
 
 

@@ -15,8 +15,9 @@ from conftest import tiny_config
 from fedlorm.config import ConfigError, apply_overrides, config_to_dict, validate_config
 from fedlorm.fcl import clients_per_round, sample_clients
 from fedlorm.methods import Instruction, payload_bytes
+from fedlorm.runtime.engine import step_clients, step_plan
 from fedlorm.runtime.experiment import build_experiment
-from fedlorm.runtime.simulator import _run_step, resume_simulation, run_simulation, step_clients, step_plan
+from fedlorm.runtime.simulator import InProcess, resume_simulation, run_simulation
 from fedlorm.seeding import torch_generator
 
 # 4 clients, half of them per training round: 2 asked, different pairs in different rounds (seed 0).
@@ -31,9 +32,8 @@ def _keep_torch_threads():
     torch.set_num_threads(threads)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
+def _ignore(finished: int) -> None:
+    """A progress callback that shows nothing."""
 
 
 # -- the draw --------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_only_the_sampled_clients_compute_and_the_merge_is_theirs_alone():
     arrays = exp.server.arrays(instruction)
     download = payload_bytes(arrays)
 
-    row = _run_step(exp, instruction, shares, _NoBar())
+    row = InProcess().run_step(exp, instruction, step_clients(exp.cfg, instruction), _ignore)
 
     sampled = sample_clients(cfg.seed, 4, 0.5, 0, 0)
     assert [k for k, *_ in calls] == sampled and len(sampled) == 2
@@ -178,7 +178,7 @@ def test_only_the_sampled_clients_compute_and_the_merge_is_theirs_alone():
     # The others' factors would have moved the mean: the full-participation merge differs.
     everyone = build_experiment(apply_overrides(cfg, ["scenario.participation=1.0"]))
     everyone.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
-    full_row = _run_step(everyone, instruction, everyone.client_data(0), _NoBar())
+    full_row = InProcess().run_step(everyone, instruction, step_clients(everyone.cfg, instruction), _ignore)
     assert full_row["clients"] == 4 and full_row["download_bytes"] == 4 * download
     # (A has no gradient in the first round, where B starts at 0: its mean is the shared init.)
     assert any(not torch.equal(exp.server.B[k], everyone.server.B[k]) for k in exp.layers)
