@@ -49,6 +49,7 @@ from fedlorm.runtime.checkpoint import CheckpointError
 from fedlorm.runtime.engine import step_clients, step_plan
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.partitions import write_partitions
+from fedlorm.runtime.report import untimed
 from fedlorm.runtime.simulator import run_simulation
 from fedlorm.seeding import torch_generator
 
@@ -456,9 +457,7 @@ def test_a_flower_run_that_died_resumes_from_its_checkpoint_and_equals_an_uninte
     _, whole = run(tmp_path / "whole")
 
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"] and resumed["tasks_completed"] == 2
-    strip = [
-        [{k: v for k, v in r.items() if k != "merge_seconds"} for r in x["rounds"]] for x in (resumed, whole)
-    ]
+    strip = [untimed(x["rounds"]) for x in (resumed, whole)]
     assert strip[0] == strip[1] and [r["rejected"] for r in resumed["rounds"]] == [0, 1, 1, 1]
     for key in ("steps", "dropped", "federated_evaluation"):
         assert resumed["flower"][key] == whole["flower"][key], key
@@ -518,7 +517,7 @@ def test_a_sampled_run_reaches_only_the_sampled_nodes_and_equals_the_in_process_
     assert flower["accuracy_matrix"] == local["accuracy_matrix"]
 
     def rows(results):
-        return [{k: v for k, v in r.items() if k != "merge_seconds"} for r in results["rounds"]]
+        return untimed(results["rounds"])
 
     assert rows(flower) == rows(local)
     assert [r["clients"] for r in local["rounds"]] == [2, 2, 4] * 2
@@ -581,7 +580,7 @@ def test_a_run_over_partition_folders_loads_no_dataset_and_equals_the_in_process
     assert np.allclose(flat[0], flat[1], rtol=0, atol=1e-6)
 
     def rows(run):
-        return [{k: v for k, v in r.items() if k != "merge_seconds"} for r in run["rounds"]]
+        return untimed(run["rounds"])
 
     assert rows(results) == rows(local)
     merged, reference = exp.server.state_dict(), local_exp.server.state_dict()
@@ -744,10 +743,11 @@ def test_flower_simulation_equals_the_in_process_run(tmp_path):
     flat = [[v for row in results["accuracy_matrix"] for v in row] for results in (flower, local)]
     assert np.allclose(flat[0], flat[1], rtol=0, atol=1e-6)
     # Same files and rows as the simulator (timings aside): losses, accuracies, bytes, clients, rejections.
-    assert set(flower) - set(local) == {"runtime", "flower"} and set(local) <= set(flower)
+    assert set(flower) - set(local) == {"flower"} and set(local) <= set(flower)
+    assert (flower["runtime"], local["runtime"]) == ("flower", "in-process")
 
     def rows(results):
-        return [{k: v for k, v in r.items() if k != "merge_seconds"} for r in results["rounds"]]
+        return untimed(results["rounds"])
 
     assert rows(flower) == rows(local)
     assert flower["diagnostics"] == local["diagnostics"] and flower["upload_bytes"] == local["upload_bytes"]

@@ -40,6 +40,7 @@ from fedlorm.flower.settings import FlowerSettings, run_config_for
 from fedlorm.presets import preset_config
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.partitions import write_partitions
+from fedlorm.runtime.report import untimed
 from fedlorm.runtime.simulator import run_simulation
 
 pytestmark = pytest.mark.slow
@@ -226,9 +227,7 @@ def _assert_equals_in_process(results: dict, out: Path, cfg: RunConfig) -> None:
     assert len(flat[0]) == len(flat[1]) == 3
     assert np.allclose(flat[0], flat[1], rtol=0, atol=1e-6)
     assert results["task_test_sizes"] == local["task_test_sizes"]
-    strip = [
-        [{k: v for k, v in r.items() if k != "merge_seconds"} for r in x["rounds"]] for x in (results, local)
-    ]
+    strip = [untimed(x["rounds"]) for x in (results, local)]
     assert strip[0] == strip[1]
     merged = load_file(str(out / SERVER_STATE))
     assert merged.keys() == exp.server.state_dict().keys()

@@ -17,6 +17,7 @@ from fedlorm.fcl import clients_per_round, sample_clients
 from fedlorm.methods import Instruction, payload_bytes
 from fedlorm.runtime.engine import step_clients, step_plan
 from fedlorm.runtime.experiment import build_experiment
+from fedlorm.runtime.report import untimed
 from fedlorm.runtime.simulator import InProcess, resume_simulation, run_simulation
 from fedlorm.seeding import torch_generator
 
@@ -39,8 +40,16 @@ def _ignore(finished: int) -> None:
 # -- the draw --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("clients", "fraction", "asked"),
-    [(10, 1.0, 10), (10, 0.5, 5), (10, 0.01, 1), (10, 0.96, 10), (4, 0.3, 1), (4, 0.375, 2), (3, 0.5, 2),
-     (1, 0.1, 1)],
+    [
+        (10, 1.0, 10),
+        (10, 0.5, 5),
+        (10, 0.01, 1),
+        (10, 0.96, 10),
+        (4, 0.3, 1),
+        (4, 0.375, 2),
+        (3, 0.5, 2),
+        (1, 0.1, 1),
+    ],
 )
 def test_a_round_asks_the_fraction_rounded_half_up_and_at_least_one(clients, fraction, asked):
     assert clients_per_round(clients, fraction) == asked
@@ -204,7 +213,9 @@ def test_a_sampled_run_asks_the_sample_in_training_and_everyone_for_statistics(t
             expected += [(instruction.task, instruction.round, instruction.phase)] * len(asked)
     assert calls == expected
     assert [(r["phase"], r["clients"]) for r in results["rounds"]] == [
-        ("train", 2), ("train", 2), ("task_stats", 4)
+        ("train", 2),
+        ("train", 2),
+        ("task_stats", 4),
     ] * 2
     drawn = {tuple(step_clients(cfg, i)) for steps in step_plan(exp) for i in steps if i.phase == "train"}
     assert len(drawn) > 1, "every round drew the same clients; the resume test below would prove little"
@@ -243,6 +254,6 @@ def test_a_sampled_run_interrupted_mid_round_resumes_to_the_same_clients_and_num
     assert resumed["download_bytes"] == whole["download_bytes"]
 
     def rows(results):
-        return [{k: v for k, v in r.items() if k != "merge_seconds"} for r in results["rounds"]]
+        return untimed(results["rounds"])
 
     assert rows(resumed) == rows(whole)

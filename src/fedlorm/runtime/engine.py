@@ -55,6 +55,7 @@ from fedlorm.runtime.report import (
     task_diagnostics,
     task_test_sizes,
 )
+from fedlorm.runtime.tensorboard import open_board
 from fedlorm.seeding import derive_seed, torch_generator
 
 __all__ = [
@@ -274,6 +275,7 @@ class _Loop:
         exp, transport, out = self.exp, self.transport, self.out
         cfg, scenario, server = exp.cfg, exp.scenario, exp.server
         plan = step_plan(exp)
+        board = open_board(cfg.train.tensorboard, out, len(state.rounds))  # before any file is written
         csv = _metrics_csv(out, state.rounds) if out is not None else None
         asked = [len(step_clients(cfg, instruction)) for steps in plan for instruction in steps]
         bar = tqdm(
@@ -296,12 +298,20 @@ class _Loop:
             for step in range(state.step, len(steps)):
                 instruction, last = steps[step], step == len(steps) - 1
                 bar.set_description(f"task {task + 1}/{scenario.num_tasks} {round_name(instruction)}")
+                step_started = time.perf_counter()
                 row = transport.run_step(exp, instruction, step_clients(cfg, instruction), bar.update)
+                row["step_seconds"] = round(time.perf_counter() - step_started, 6)
                 note_divergence(exp, state, instruction, row)
                 if cfg.train.eval_every_round or last:
+                    eval_started = time.perf_counter()
                     evaluation = evaluate_step(exp, task, row)
+                    row["eval_seconds"] = round(time.perf_counter() - eval_started, 6)
                 state.step_done(row)
+                if board is not None:
+                    board.step(len(state.rounds), row)
                 if last:
+                    if board is not None:
+                        board.task(len(state.rounds), task, evaluation.class_il, evaluation.seen_accuracy)
                     state.task_done(
                         evaluation.class_il, evaluation.task_aware, task_diagnostics(exp, evaluation)
                     )
@@ -319,6 +329,8 @@ class _Loop:
                     csv.append(row)
                 kill_point(f"{step_point(instruction)}.done")
         bar.close()
+        if board is not None:
+            board.close()
         diagnostics = {"forgetting_diagnostics": self.probe.report(exp)} if self.probe is not None else {}
         results = self._results(state, test_sizes, wall(), diagnostics)
         if out is not None:
