@@ -30,8 +30,8 @@ from fedlorm.compare import (
 from fedlorm.config import ConfigError, RunConfig, config_to_dict
 from fedlorm.presets import published_accuracy
 from fedlorm.runtime.checkpoint import CHECKPOINT_RECORD, save_checkpoint
+from fedlorm.runtime.engine import KILL_ENV
 from fedlorm.runtime.experiment import build_experiment
-from fedlorm.runtime.simulator import KILL_ENV
 
 
 def _fake_results(cfg: RunConfig, accuracy: list[float]) -> dict:

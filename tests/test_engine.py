@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.metadata
 import json
+import sys
 
 import pytest
 import torch
@@ -16,11 +17,13 @@ from conftest import tiny_config
 
 from fedlorm import merging
 from fedlorm.adapters import InputStatistics
+from fedlorm.config import ConfigError
 from fedlorm.fcl import summarize
 from fedlorm.methods import add_arrays
 from fedlorm.methods.common import HEAD
 from fedlorm.runtime.experiment import build_experiment
-from fedlorm.runtime.simulator import METRICS_FIELDS, run_simulation
+from fedlorm.runtime.report import METRICS_FIELDS
+from fedlorm.runtime.simulator import run_simulation
 from fedlorm.seeding import torch_generator
 
 
@@ -70,6 +73,10 @@ def test_results_files_hold_the_promised_fields(tiny_run):
     assert list(rows[0]) == METRICS_FIELDS
     assert len(rows) == 2 * (cfg.train.rounds + 1)
     assert [r["factor"] for r in rows[:3]] == ["B", "A", "none"]
+    # Wall times: every step and every evaluation took time, the merge is part of its step.
+    for row in rows:
+        step, merge, evaluation = (float(row[k]) for k in ("step_seconds", "merge_seconds", "eval_seconds"))
+        assert step > 0 and evaluation > 0 and 0 <= merge <= step
     assert (out / "accuracy.png").stat().st_size > 1000
 
 
@@ -98,10 +105,7 @@ def _record_clients(exp, instruction, arrays):
         sums = add_arrays(sums, reply.summands)
         total += reply.num_examples
         factors.append(
-            {
-                n: (lay.lora_A.detach().clone(), lay.lora_B.detach().clone())
-                for n, lay in exp.layers.items()
-            }
+            {n: (lay.lora_A.detach().clone(), lay.lora_B.detach().clone()) for n, lay in exp.layers.items()}
         )
         heads.append(exp.model.head.weight.detach().clone())
         modules = {**exp.layers, HEAD: exp.model.head}
@@ -204,5 +208,37 @@ def test_evaluating_only_at_task_ends_leaves_the_numbers_unchanged(method):
     a, b = run_simulation(every.cfg, experiment=every), run_simulation(ends.cfg, experiment=ends)
     for key in ("accuracy_matrix", "task_aware_accuracy_matrix", "upload_bytes", "download_bytes"):
         assert a[key] == b[key], key
+    # Only the evaluated steps (each task's last) report an evaluation time.
+    rows = b["rounds"]
+    last = [i == len(rows) - 1 or rows[i + 1]["task"] != row["task"] for i, row in enumerate(rows)]
+    assert [r["eval_seconds"] > 0 for r in rows] == last and all(r["eval_seconds"] > 0 for r in a["rounds"])
     deployed_a, deployed_b = every.server.deployed_arrays(), ends.server.deployed_arrays()
     assert all(torch.equal(deployed_a[k], deployed_b[k]) for k in deployed_a)
+
+
+def test_tensorboard_scalars_are_the_metrics_rows_and_a_missing_package_is_one_clear_error(
+    tmp_path, monkeypatch
+):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    cfg = tiny_config("train.tensorboard=true", "train.rounds=1")
+    results = run_simulation(cfg, tmp_path / "run")
+    events = accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    rows = results["rounds"]
+    for name in ("seen_accuracy", "step_seconds", "upload_bytes"):
+        scalars = events.Scalars(f"step/{name}")
+        assert [s.step for s in scalars] == list(range(1, len(rows) + 1))
+        assert [s.value for s in scalars] == pytest.approx([r[name] for r in rows], rel=1e-6)
+    seen = events.Scalars("task/seen_accuracy")
+    assert [s.step for s in seen] == [1, 2]
+    assert [s.value for s in seen] == pytest.approx(
+        [r["seen_accuracy"] for r in rows if r["phase"] != "train"]
+    )
+    assert [s.value for s in events.Scalars("task_accuracy/task_1")] == pytest.approx(
+        [row[0] for row in results["accuracy_matrix"]]
+    )
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(ConfigError, match=r"pip install 'fedlorm\[tensorboard\]'"):
+        run_simulation(cfg, tmp_path / "again")
+    assert not (tmp_path / "again" / "results.json").exists()

@@ -43,11 +43,14 @@ from fedlorm.flower.settings import (
     settings_from_run_config,
 )
 from fedlorm.flower.strategy import FedlormStrategy
-from fedlorm.methods import add_arrays, payload_bytes
+from fedlorm.methods import Instruction, add_arrays, payload_bytes
 from fedlorm.presets import preset_config
+from fedlorm.runtime.checkpoint import CheckpointError
+from fedlorm.runtime.engine import step_clients, step_plan
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.partitions import write_partitions
-from fedlorm.runtime.simulator import run_simulation, step_clients, step_plan
+from fedlorm.runtime.report import untimed
+from fedlorm.runtime.simulator import run_simulation
 from fedlorm.seeding import torch_generator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,6 +229,17 @@ def test_the_wrapper_rejects_bad_input_before_starting_flower(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip() == "fedlorm: error: --min-clients 9 is not in 1..4 (the run's clients)"
     assert not (tmp_path / "o").exists() and not (tmp_path / "flwr-home").exists()
+    (tmp_path / "empty").mkdir()
+    empty = str(tmp_path / "empty")
+    for args, message in [
+        (["deploy-local", "--resume", empty], f"{empty!r} holds no checkpoint.json: nothing to resume"),
+        (["simulate", "--resume", empty, "--seed", "1"], "--resume takes the run's config and directory"),
+        (["deploy-local", "--resume", str(tmp_path / "absent")], "is not a directory"),
+    ]:
+        bad = subprocess.run([*command, *args], env=env, capture_output=True, text=True)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+        assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("fedlorm: error: ")
+    assert list((tmp_path / "empty").iterdir()) == [] and not (tmp_path / "flwr-home").exists()
     table = subprocess.run([*command, "app-config"], env=env, capture_output=True, text=True, check=True)
     declared = tomllib.loads(table.stdout)["tool"]["flwr"]["app"]["config"]
     assert _flatten(declared) == default_run_config()
@@ -406,6 +420,69 @@ def test_a_run_with_a_vanished_client_completes_and_reports_it(fault_setup, tmp_
         torch.testing.assert_close(saved.model(images), exp.model(images), rtol=0, atol=1e-5)
 
 
+class _ServerCrashError(Exception):
+    """Stands for the ServerApp's process dying (an in-process grid cannot SIGKILL the test)."""
+
+
+def test_a_flower_run_that_died_resumes_from_its_checkpoint_and_equals_an_uninterrupted_one(
+    fault_setup, tmp_path
+):
+    """Client 3 vanishes after the first step; the server dies while task 1's round is out. Resumed
+    over a fresh grid (a new ServerApp, the same SuperNodes), the run gives the uninterrupted run's
+    numbers, files, drop records and merged state."""
+    cfg, run_config = fault_setup
+    crash = [True]
+
+    def fault(step, partition, request, reply):
+        sent = None
+        if request.metadata.message_type == MessageType.TRAIN:
+            instruction = Instruction.from_record(request.content.config_records[CONFIG])
+            sent = (instruction.task, instruction.phase)
+        if sent == (1, "train") and crash[0]:
+            crash[0] = False
+            raise _ServerCrashError
+        return None if partition == 3 and sent != (0, "train") else reply
+
+    def run(out, resume=False):
+        settings = FlowerSettings(out=str(out), min_clients=2, reply_timeout=30.0, federated_eval=True)
+        exp = build_experiment(cfg)
+        grid = LoopbackGrid(run_config, range(4), fault)
+        return exp, run_federation(grid, exp, settings, out, resume=resume)
+
+    with pytest.raises(_ServerCrashError):
+        run(tmp_path / "split")
+    checkpoint = json.loads((tmp_path / "split" / "checkpoint.json").read_text())
+    assert checkpoint["completed_step"] == "task0.stats" and checkpoint["transport"]["step_index"] == 2
+    exp, resumed = run(tmp_path / "split", resume=True)
+    _, whole = run(tmp_path / "whole")
+
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"] and resumed["tasks_completed"] == 2
+    strip = [untimed(x["rounds"]) for x in (resumed, whole)]
+    assert strip[0] == strip[1] and [r["rejected"] for r in resumed["rounds"]] == [0, 1, 1, 1]
+    for key in ("steps", "dropped", "federated_evaluation"):
+        assert resumed["flower"][key] == whole["flower"][key], key
+    assert [d["partition"] for d in resumed["flower"]["dropped"]] == [3, 3, 3]
+    assert not list((tmp_path / "split").glob("checkpoint*"))
+    states = [load_file(str(tmp_path / d / SERVER_STATE)) for d in ("split", "whole")]
+    assert states[0].keys() == states[1].keys() == exp.server.state_dict().keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    saved = [sorted((tmp_path / d / "model").iterdir()) for d in ("split", "whole")]
+    assert [p.name for p in saved[0]] == [p.name for p in saved[1]] and saved[0]
+    for split, whole_file in zip(*saved, strict=True):
+        if split.suffix == ".safetensors":
+            assert split.read_bytes() == whole_file.read_bytes(), split.name
+
+
+def test_resuming_a_flower_run_without_a_checkpoint_is_one_clear_error(fault_setup, tmp_path):
+    cfg, run_config = fault_setup
+    settings = FlowerSettings(out=str(tmp_path), federated_eval=False, resume=True)
+    with pytest.raises(CheckpointError, match=r"holds no checkpoint\.json: nothing to resume"):
+        run_federation(
+            LoopbackGrid(run_config, range(4)), build_experiment(cfg), settings, tmp_path, resume=True
+        )
+
+
 def test_a_sampled_run_reaches_only_the_sampled_nodes_and_equals_the_in_process_run(tmp_path):
     """``scenario.participation`` 0.5 over the loopback grid vs ``run_simulation`` (same seed).
 
@@ -440,7 +517,7 @@ def test_a_sampled_run_reaches_only_the_sampled_nodes_and_equals_the_in_process_
     assert flower["accuracy_matrix"] == local["accuracy_matrix"]
 
     def rows(results):
-        return [{k: v for k, v in r.items() if k != "merge_seconds"} for r in results["rounds"]]
+        return untimed(results["rounds"])
 
     assert rows(flower) == rows(local)
     assert [r["clients"] for r in local["rounds"]] == [2, 2, 4] * 2
@@ -503,7 +580,7 @@ def test_a_run_over_partition_folders_loads_no_dataset_and_equals_the_in_process
     assert np.allclose(flat[0], flat[1], rtol=0, atol=1e-6)
 
     def rows(run):
-        return [{k: v for k, v in r.items() if k != "merge_seconds"} for r in run["rounds"]]
+        return untimed(run["rounds"])
 
     assert rows(results) == rows(local)
     merged, reference = exp.server.state_dict(), local_exp.server.state_dict()
@@ -580,18 +657,18 @@ def test_the_launchers_give_each_node_its_folder_and_the_server_its_own(tiny_par
     tiny = [f"--partitions={tiny_parts}", *TINY_ARGS]
     assert main(["flower", "deploy-local", "--out", str(tmp_path / "a"), "--supernodes", "4", *tiny]) == 1
     assert started == [(k % 3, 3, tiny_parts / f"client-{k % 3}") for k in range(4)]
-    (run_config, _), = runs
+    ((run_config, _),) = runs
     assert run_config["server-data"] == str(tiny_parts / "server") and run_config["client-data"] == ""
     runs.clear()
     assert main(["flower", "simulate", "--out", str(tmp_path / "b"), *tiny]) == 1
-    (run_config, federation), = runs
+    ((run_config, federation),) = runs
     assert federation == ["num-supernodes=3"]
     assert run_config["server-data"] == str(tiny_parts / "server")
     assert run_config["client-data"] == str(tiny_parts)
     assert len(started) == 4  # simulation starts no SuperNode process
     runs.clear()
     assert main(["flower", "deploy-local", "--out", str(tmp_path / "c"), *TINY_ARGS]) == 1
-    (run_config, _), = runs
+    ((run_config, _),) = runs
     assert run_config["server-data"] == run_config["client-data"] == ""
     assert started[-3:] == [(k, 3, None) for k in range(3)]
 
@@ -666,10 +743,11 @@ def test_flower_simulation_equals_the_in_process_run(tmp_path):
     flat = [[v for row in results["accuracy_matrix"] for v in row] for results in (flower, local)]
     assert np.allclose(flat[0], flat[1], rtol=0, atol=1e-6)
     # Same files and rows as the simulator (timings aside): losses, accuracies, bytes, clients, rejections.
-    assert set(flower) - set(local) == {"runtime", "flower"} and set(local) <= set(flower)
+    assert set(flower) - set(local) == {"flower"} and set(local) <= set(flower)
+    assert (flower["runtime"], local["runtime"]) == ("flower", "in-process")
 
     def rows(results):
-        return [{k: v for k, v in r.items() if k != "merge_seconds"} for r in results["rounds"]]
+        return untimed(results["rounds"])
 
     assert rows(flower) == rows(local)
     assert flower["diagnostics"] == local["diagnostics"] and flower["upload_bytes"] == local["upload_bytes"]

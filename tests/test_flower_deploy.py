@@ -40,6 +40,7 @@ from fedlorm.flower.settings import FlowerSettings, run_config_for
 from fedlorm.presets import preset_config
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.partitions import write_partitions
+from fedlorm.runtime.report import untimed
 from fedlorm.runtime.simulator import run_simulation
 
 pytestmark = pytest.mark.slow
@@ -60,9 +61,9 @@ def _keep_torch_threads():
 @contextmanager
 def _loopback_processes(
     home: Path, data_dirs: Sequence[Path | None] = (None,) * CLIENTS
-) -> Iterator[list[FlowerProcess]]:
+) -> Iterator[tuple[FlowerProcess, list[FlowerProcess]]]:
     """A SuperLink and SuperNode k (with ``data_dirs[k]`` as its data-dir) on 127.0.0.1, connection
-    "loopback" in ``home``; every process stopped by pid afterwards."""
+    "loopback" in ``home``, as (SuperLink, SuperNodes); every process stopped by pid afterwards."""
     processes = []
     try:
         link, address = start_superlink(home)
@@ -72,7 +73,7 @@ def _loopback_processes(
         ]
         processes += nodes
         write_connection(home, "loopback", address)
-        yield nodes
+        yield link, nodes
     finally:
         for process in processes:
             process.stop()
@@ -83,13 +84,15 @@ def _loopback_processes(
 def loopback(tmp_path):
     """A SuperLink and one SuperNode per client on 127.0.0.1; every process stopped by pid afterwards."""
     home = tmp_path / "flwr-home"
-    with _loopback_processes(home) as nodes:
+    with _loopback_processes(home) as (_, nodes):
         yield home, nodes
 
 
-def _run(home: Path, out: Path, log: Path, reply_timeout: float) -> int:
+def _run(home: Path, out: Path, log: Path, reply_timeout: float, resume: bool = False) -> int:
     cfg = apply_overrides(preset_config("smoke"), OVERRIDES)
-    settings = FlowerSettings(preset="smoke", out=str(out), reply_timeout=reply_timeout, federated_eval=False)
+    settings = FlowerSettings(
+        preset="smoke", out=str(out), reply_timeout=reply_timeout, federated_eval=False, resume=resume
+    )
     return flwr_run(ROOT, "loopback", run_config_for(cfg, settings), flwr_home=home, log=log, timeout=500)
 
 
@@ -143,6 +146,46 @@ def test_a_supernode_killed_mid_run_is_dropped_and_the_run_completes(loopback, t
     assert all(0.0 <= v <= 100.0 for row in results["accuracy_matrix"] for v in row)
 
 
+def test_a_deployed_run_sigkilled_at_the_superlink_resumes_and_equals_the_in_process_run(tmp_path):
+    """The SuperLink (with its ServerApp) is SIGKILLed once the run's first task is checkpointed; a
+    fresh SuperLink and SuperNodes, given ``resume``, finish the run with the uninterrupted numbers."""
+    out = tmp_path / "out"
+    with _loopback_processes(tmp_path / "flwr-home") as (link, _):
+        runner = threading.Thread(
+            target=lambda: _run(tmp_path / "flwr-home", out, tmp_path / "run.log", 300.0)
+        )
+        runner.start()
+        deadline = time.monotonic() + 400
+        while _checkpointed_step(out) != "task0.stats":
+            assert runner.is_alive() and time.monotonic() < deadline, (tmp_path / "run.log").read_text()[
+                -3000:
+            ]
+            time.sleep(0.1)
+        link.kill()
+        runner.join(timeout=120)
+    assert not runner.is_alive()
+    # Killed mid-run: the checkpoint is there and results.json holds task 1 only.
+    assert _checkpointed_step(out) in ("task0.stats", "task1.round0")
+    assert json.loads((out / "results.json").read_text())["tasks_completed"] == 1
+
+    with _loopback_processes(tmp_path / "flwr-home-2"):
+        code = _run(tmp_path / "flwr-home-2", out, tmp_path / "resumed.log", 300.0, resume=True)
+    assert code == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks_completed"] == 2 and not (out / "checkpoint.json").exists()
+    assert [s["merged"] for s in results["flower"]["steps"]] == [[0, 1, 2]] * 4
+    assert results["flower"]["dropped"] == []
+    _assert_equals_in_process(results, out, apply_overrides(preset_config("smoke"), OVERRIDES))
+
+
+def _checkpointed_step(out: Path) -> str | None:
+    """The last step the run in ``out`` checkpointed, or None."""
+    try:
+        return json.loads((out / "checkpoint.json").read_text())["completed_step"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def test_deployed_nodes_reading_only_their_own_folders_equal_the_in_process_run(tmp_path):
     """Tiny config, 2 tasks: SuperNode k holds only a copy of client-k/, the server only a copy of
     server/, and data.root names no folder, so no process could load a dataset."""
@@ -161,7 +204,7 @@ def test_deployed_nodes_reading_only_their_own_folders_equal_the_in_process_run(
     )
     run_config = run_config_for(blind, settings)
     started = time.perf_counter()
-    with _loopback_processes(home, [own[f"client-{k}"] for k in range(CLIENTS)]) as nodes:
+    with _loopback_processes(home, [own[f"client-{k}"] for k in range(CLIENTS)]) as (_, nodes):
         code = flwr_run(ROOT, "loopback", run_config, flwr_home=home, log=log, timeout=500)
         node_logs = "\n".join(node.tail(200) for node in nodes)
     print(f"deployed with per-node folders (3 SuperNodes, loopback): {time.perf_counter() - started:.1f} s")
@@ -184,9 +227,7 @@ def _assert_equals_in_process(results: dict, out: Path, cfg: RunConfig) -> None:
     assert len(flat[0]) == len(flat[1]) == 3
     assert np.allclose(flat[0], flat[1], rtol=0, atol=1e-6)
     assert results["task_test_sizes"] == local["task_test_sizes"]
-    strip = [
-        [{k: v for k, v in r.items() if k != "merge_seconds"} for r in x["rounds"]] for x in (results, local)
-    ]
+    strip = [untimed(x["rounds"]) for x in (results, local)]
     assert strip[0] == strip[1]
     merged = load_file(str(out / SERVER_STATE))
     assert merged.keys() == exp.server.state_dict().keys()

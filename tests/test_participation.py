@@ -15,8 +15,10 @@ from conftest import tiny_config
 from fedlorm.config import ConfigError, apply_overrides, config_to_dict, validate_config
 from fedlorm.fcl import clients_per_round, sample_clients
 from fedlorm.methods import Instruction, payload_bytes
+from fedlorm.runtime.engine import step_clients, step_plan
 from fedlorm.runtime.experiment import build_experiment
-from fedlorm.runtime.simulator import _run_step, resume_simulation, run_simulation, step_clients, step_plan
+from fedlorm.runtime.report import untimed
+from fedlorm.runtime.simulator import InProcess, resume_simulation, run_simulation
 from fedlorm.seeding import torch_generator
 
 # 4 clients, half of them per training round: 2 asked, different pairs in different rounds (seed 0).
@@ -31,16 +33,23 @@ def _keep_torch_threads():
     torch.set_num_threads(threads)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
+def _ignore(finished: int) -> None:
+    """A progress callback that shows nothing."""
 
 
 # -- the draw --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("clients", "fraction", "asked"),
-    [(10, 1.0, 10), (10, 0.5, 5), (10, 0.01, 1), (10, 0.96, 10), (4, 0.3, 1), (4, 0.375, 2), (3, 0.5, 2),
-     (1, 0.1, 1)],
+    [
+        (10, 1.0, 10),
+        (10, 0.5, 5),
+        (10, 0.01, 1),
+        (10, 0.96, 10),
+        (4, 0.3, 1),
+        (4, 0.375, 2),
+        (3, 0.5, 2),
+        (1, 0.1, 1),
+    ],
 )
 def test_a_round_asks_the_fraction_rounded_half_up_and_at_least_one(clients, fraction, asked):
     assert clients_per_round(clients, fraction) == asked
@@ -159,7 +168,7 @@ def test_only_the_sampled_clients_compute_and_the_merge_is_theirs_alone():
     arrays = exp.server.arrays(instruction)
     download = payload_bytes(arrays)
 
-    row = _run_step(exp, instruction, shares, _NoBar())
+    row = InProcess().run_step(exp, instruction, step_clients(exp.cfg, instruction), _ignore)
 
     sampled = sample_clients(cfg.seed, 4, 0.5, 0, 0)
     assert [k for k, *_ in calls] == sampled and len(sampled) == 2
@@ -178,7 +187,7 @@ def test_only_the_sampled_clients_compute_and_the_merge_is_theirs_alone():
     # The others' factors would have moved the mean: the full-participation merge differs.
     everyone = build_experiment(apply_overrides(cfg, ["scenario.participation=1.0"]))
     everyone.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
-    full_row = _run_step(everyone, instruction, everyone.client_data(0), _NoBar())
+    full_row = InProcess().run_step(everyone, instruction, step_clients(everyone.cfg, instruction), _ignore)
     assert full_row["clients"] == 4 and full_row["download_bytes"] == 4 * download
     # (A has no gradient in the first round, where B starts at 0: its mean is the shared init.)
     assert any(not torch.equal(exp.server.B[k], everyone.server.B[k]) for k in exp.layers)
@@ -204,7 +213,9 @@ def test_a_sampled_run_asks_the_sample_in_training_and_everyone_for_statistics(t
             expected += [(instruction.task, instruction.round, instruction.phase)] * len(asked)
     assert calls == expected
     assert [(r["phase"], r["clients"]) for r in results["rounds"]] == [
-        ("train", 2), ("train", 2), ("task_stats", 4)
+        ("train", 2),
+        ("train", 2),
+        ("task_stats", 4),
     ] * 2
     drawn = {tuple(step_clients(cfg, i)) for steps in step_plan(exp) for i in steps if i.phase == "train"}
     assert len(drawn) > 1, "every round drew the same clients; the resume test below would prove little"
@@ -243,6 +254,6 @@ def test_a_sampled_run_interrupted_mid_round_resumes_to_the_same_clients_and_num
     assert resumed["download_bytes"] == whole["download_bytes"]
 
     def rows(results):
-        return [{k: v for k, v in r.items() if k != "merge_seconds"} for r in results["rounds"]]
+        return untimed(results["rounds"])
 
     assert rows(resumed) == rows(whole)

@@ -28,8 +28,9 @@ from fedlorm.runtime.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from fedlorm.runtime.engine import KILL_ENV, fold_replies, step_clients
 from fedlorm.runtime.experiment import build_experiment
-from fedlorm.runtime.simulator import KILL_ENV, _client_replies, fold_replies
+from fedlorm.runtime.simulator import InProcess
 from fedlorm.seeding import torch_generator
 
 # With the forgetting probe on, its per-task features must survive the checkpoint too.
@@ -132,7 +133,8 @@ def test_server_state_round_trips_exactly(method):
     server, classes = exp.server, exp.scenario.task_classes(0)
     server.start_task(0, classes, torch_generator(0, "server"))
     for instruction in server.instructions(0, classes):
-        fold_replies(server, instruction, _client_replies(exp, instruction, exp.client_data(0), _NoBar()))
+        arrays, clients = server.arrays(instruction), step_clients(exp.cfg, instruction)
+        fold_replies(server, instruction, InProcess.replies(exp, instruction, arrays, clients))
     state = server.state_dict()
     fresh = build_experiment(exp.cfg).server
     fresh.load_state_dict(state)
@@ -172,8 +174,3 @@ def test_checkpoint_write_is_all_or_nothing(tmp_path):
     tensors.write_bytes(tensors.read_bytes()[:-3])
     with pytest.raises(CheckpointError, match="truncated or replaced"):
         load_checkpoint(tmp_path)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass

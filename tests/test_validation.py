@@ -8,8 +8,9 @@ from conftest import tiny_config
 
 from fedlorm.methods import ClientReply, add_arrays
 from fedlorm.methods.validation import InvalidReplyError, check_reply, reply_spec
+from fedlorm.runtime.engine import fold_replies, step_clients
 from fedlorm.runtime.experiment import build_experiment
-from fedlorm.runtime.simulator import _client_replies, _run_step, fold_replies
+from fedlorm.runtime.simulator import InProcess
 from fedlorm.seeding import torch_generator
 
 F64 = torch.float64
@@ -123,7 +124,8 @@ def first_round(request):
     server, classes = exp.server, exp.scenario.task_classes(0)
     server.start_task(0, classes, torch_generator(0, "server"))
     instruction = next(iter(server.instructions(0, classes)))
-    replies = list(_client_replies(exp, instruction, exp.client_data(0), _NoBar()))
+    arrays, clients = exp.server.arrays(instruction), step_clients(exp.cfg, instruction)
+    replies = list(InProcess.replies(exp, instruction, arrays, clients))
     return exp, instruction, replies, _copy(server.state_dict())
 
 
@@ -195,7 +197,7 @@ def test_the_simulator_drops_a_poisoned_client(first_round, monkeypatch, caplog)
         return _poison(reply, "nan") if len(calls) == 2 else reply
 
     monkeypatch.setattr(exp.client, "update", update)
-    row = _run_step(exp, instruction, exp.client_data(0), _NoBar())
+    row = InProcess().run_step(exp, instruction, step_clients(exp.cfg, instruction), _ignore)
     assert (row["clients"], row["rejected"]) == (3, 1)
     assert "client 1 rejected" in caplog.text and "holds NaN or Inf" in caplog.text
     merged = _copy(server.state_dict())
@@ -206,6 +208,5 @@ def test_the_simulator_drops_a_poisoned_client(first_round, monkeypatch, caplog)
     _assert_same_state(merged, server.state_dict())
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
+def _ignore(finished: int) -> None:
+    """A progress callback that shows nothing."""

@@ -194,8 +194,10 @@ def _output_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
     return out
 
 
-def _resume_dir(args: argparse.Namespace) -> Path:
-    """The directory to resume; options that would change the checkpointed run are errors."""
+def resume_dir(args: argparse.Namespace) -> Path:
+    """``--resume``'s directory, holding a readable checkpoint; options that would change the
+    checkpointed run are errors (ConfigError / CheckpointError, one line). ``fedlorm run`` and
+    ``fedlorm flower`` share it."""
     from fedlorm.runtime.checkpoint import load_record
 
     given = {
@@ -228,7 +230,7 @@ def _command_run(args: argparse.Namespace) -> int:
     from fedlorm.runtime.simulator import resume_simulation, run_simulation
 
     if args.resume is not None:
-        out = _resume_dir(args)
+        out = resume_dir(args)
         results = resume_simulation(out, progress=not args.quiet)
         print(summary_table(results))
         print(f"results: {out / 'results.json'}")

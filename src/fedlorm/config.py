@@ -104,7 +104,8 @@ class TrainConfig:
     ``precision``: ``32``, ``bf16-mixed`` (autocast to bfloat16) or ``16-mixed`` (autocast to
     float16 with a gradient scaler, CUDA only); statistics always accumulate in float64.
     ``forgetting_diagnostics``: feature drift and an oracle head at the end of an in-process run
-    (:mod:`fedlorm.runtime.forgetting`).
+    (:mod:`fedlorm.runtime.forgetting`). ``tensorboard``: also write every step's metrics as
+    TensorBoard scalars to ``OUT/tensorboard`` (the ``tensorboard`` extra).
     """
 
     rounds: int = 4
@@ -118,6 +119,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     eval_every_round: bool = True
     forgetting_diagnostics: bool = False
+    tensorboard: bool = False
     device: str = "auto"
     threads: int | None = None
     precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"

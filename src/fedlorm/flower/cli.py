@@ -11,8 +11,9 @@ partition`` wrote: SuperNode k reads only ``DIR/client-k`` and the ServerApp onl
 
 The experiment is chosen as for ``fedlorm run`` (preset, TOML file, ``key=value`` overrides); the
 resolved config travels in full as the run config, and results land in ``--out`` as for ``fedlorm run``
-(results.json, metrics.csv, accuracy.png) plus ``server_state.safetensors`` and the Flower process logs.
-Imports no flwr or torch until a command runs.
+(results.json, metrics.csv, accuracy.png, model/) plus ``server_state.safetensors`` and the Flower process
+logs. The ServerApp checkpoints ``--out`` after every step; ``--resume DIR`` continues a run that was
+killed there (its config comes from the checkpoint). Imports no flwr or torch until a command runs.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="default", help="named configuration (see `fedlorm presets`)")
+    parser.add_argument("--preset", help="named configuration (see `fedlorm presets`; default: default)")
     parser.add_argument("--config", type=Path, help="TOML file applied on top of the preset")
     parser.add_argument("--method", help="federated method (default: lorm)")
     parser.add_argument("--seed", type=int, help="seed of every random choice in the run")
@@ -90,6 +91,13 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, help="output directory (default: runs/flower-PRESET-METHOD-sSEED)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the run checkpointed in DIR (a killed ServerApp or SuperLink); its config "
+        "comes from the checkpoint",
+    )
     parser.add_argument(
         "--min-clients",
         type=int,
@@ -152,11 +160,32 @@ def _check_partitions(given: Path, clients: int) -> Path:
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    return resolve_config(args.preset, args.config, args.overrides, method=args.method, seed=args.seed)
+    if args.resume is not None:
+        return _checkpointed_config(args)
+    return resolve_config(
+        args.preset or "default", args.config, args.overrides, method=args.method, seed=args.seed
+    )
+
+
+def _checkpointed_config(args: argparse.Namespace) -> RunConfig:
+    """The config of the run checkpointed in ``--resume`` (ConfigError, one line, if there is none, it
+    is damaged, or the command also chose a config or an output directory)."""
+    from fedlorm.cli import resume_dir
+    from fedlorm.config import config_from_plain
+    from fedlorm.runtime.checkpoint import load_record
+
+    out = resume_dir(args)
+    try:
+        return config_from_plain(load_record(out)["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"--resume: the checkpoint in {str(out)!r} is damaged: {err}") from None
 
 
 def _output_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
-    out = (args.out or Path("runs") / f"flower-{args.preset}-{cfg.method}-s{cfg.seed}").expanduser().resolve()
+    if args.resume is not None:
+        return args.resume.expanduser().resolve()
+    preset = args.preset or "default"
+    out = (args.out or Path("runs") / f"flower-{preset}-{cfg.method}-s{cfg.seed}").expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
     existing = [name for name in RESULT_FILES if (out / name).exists()]
@@ -196,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg = _config(args)
     settings = FlowerSettings(
-        preset=args.preset,
+        preset=args.preset or "default",
+        resume=args.resume is not None,
         min_clients=args.min_clients,
         reply_timeout=args.reply_timeout,
         node_wait=args.node_wait,

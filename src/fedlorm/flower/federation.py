@@ -1,22 +1,24 @@
-"""The ServerApp's main loop: tasks × protocol steps over a Flower grid, evaluation and results files.
+"""The Flower transport of the engine's run loop, and the ServerApp's run over a Flower grid.
 
-It mirrors the in-process simulator step for step (same plan, same server random stream, same
-evaluation after each step, same results.json and metrics.csv, same clients asked in each step:
-:func:`step_clients`), so for the same config and seed the two runtimes give the same numbers; the
-only difference is the transport of the messages. On top it
-records which clients each step dropped and why (``results["flower"]``), and saves the server's final
-state (``server_state.safetensors``) so that merged adapters can be compared across runtimes. Like
-the simulator, it leaves the deployed model in ``model/``.
+:class:`FlowerTransport` carries each step of :func:`fedlorm.runtime.engine.run` as Flower messages:
+the broadcast travels as an ``ArrayRecord`` to the SuperNodes whose clients the step asks
+(:class:`FedlormStrategy`), their replies come back, are checked and folded exactly as in process. So
+for the same config and seed the two runtimes give the same numbers and write the same files; the
+engine checkpoints after every step, and :func:`run_federation` with ``resume`` continues a run whose
+ServerApp (or SuperLink) was killed. On top the transport records which clients each step dropped
+and why (``results["flower"]``, kept across a resume), runs the optional federated evaluation after
+each task, and saves the server's final state (``server_state.safetensors``) so that merged adapters
+can be compared across runtimes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
@@ -25,156 +27,161 @@ from fedlorm.flower.messages import to_array_record
 from fedlorm.flower.settings import FlowerSettings
 from fedlorm.flower.strategy import FedlormStrategy, StepReport
 from fedlorm.methods import Instruction
-from fedlorm.results import MetricsCSV, plot_run, write_json_atomic
+from fedlorm.runtime.engine import checkpoint_config, resume_run, run, step_clients
 from fedlorm.runtime.experiment import Experiment
-from fedlorm.runtime.progress import RunProgress
-from fedlorm.runtime.report import (
-    METRICS_FIELDS,
-    evaluate_step,
-    metrics_row,
-    note_divergence,
-    run_results,
-    save_run_model,
-    task_diagnostics,
-    task_test_sizes,
-)
-from fedlorm.runtime.simulator import step_clients, step_plan
-from fedlorm.seeding import derive_seed, torch_generator
+from fedlorm.runtime.report import metrics_row
 
-__all__ = ["SERVER_STATE", "run_federation"]
+__all__ = ["SERVER_STATE", "FlowerTransport", "run_federation"]
 
 logger = logging.getLogger(__name__)
 
 SERVER_STATE = "server_state.safetensors"
 
+_LISTS = ("steps", "dropped", "federated_evaluation")
+"""The lists of results["flower"] that a resumed run continues."""
 
-def run_federation(grid: Grid, exp: Experiment, settings: FlowerSettings, out: Path | None) -> dict[str, Any]:
-    """Run every task over ``grid``; return (and write to ``out``) the results dict."""
-    started = time.perf_counter()
-    cfg, scenario, server = exp.cfg, exp.scenario, exp.server
-    torch.manual_seed(derive_seed(cfg.seed, "torch"))
-    server_rng = torch_generator(cfg.seed, "server")
-    strategy = FedlormStrategy(
-        server,
-        cfg.scenario.num_clients,
-        settings.min_clients,
-        settings.reply_timeout,
-        participants=lambda instruction: step_clients(cfg, instruction),
-    )
-    strategy.summary()
-    served = strategy.discover(grid, wait=settings.node_wait)
-    logger.info("%d of %d clients have a SuperNode", len(served), cfg.scenario.num_clients)
-    plan = step_plan(exp)
-    csv = MetricsCSV(out / "metrics.csv", METRICS_FIELDS) if out is not None else None
-    state = RunProgress()
-    flower: dict[str, Any] = {
-        "min_clients": settings.min_clients,
-        "reply_timeout": settings.reply_timeout,
-        "clients_at_start": served,
-        "steps": [],
-        "dropped": [],
-        "federated_evaluation": [],
-        "ignored_nodes": strategy.ignored,
-    }
-    extra = {"runtime": "flower", "flower": flower}  # results.json's Flower-only keys
-    test_sizes = task_test_sizes(exp)
-    step_index = 0
-    for task, steps in enumerate(plan):
-        server.start_task(task, scenario.task_classes(task), server_rng)
-        for step, instruction in enumerate(steps):
-            step_index += 1
-            last = step == len(steps) - 1
-            report = _run_step(grid, strategy, step_index, instruction, settings.reply_timeout)
-            row = _row(exp, instruction, report)
-            note_divergence(exp, state, instruction, row)
-            _record_report(flower, instruction, report)
-            if cfg.train.eval_every_round or last:
-                evaluation = evaluate_step(exp, task, row)
-            state.step_done(row)
-            if csv is not None:
-                csv.append(row)
-        state.task_done(evaluation.class_il, evaluation.task_aware, task_diagnostics(exp, evaluation))
-        logger.info("task %d: accuracy on seen classes %.2f%%", task + 1, evaluation.seen_accuracy)
-        if settings.federated_eval:
-            flower["federated_evaluation"].append(
-                _federated_evaluation(grid, strategy, step_index, task, settings.reply_timeout)
+
+class FlowerTransport:
+    """The engine's transport over a Flower grid: one message per SuperNode per step."""
+
+    name = "flower"
+
+    def __init__(self, grid: Grid, settings: FlowerSettings) -> None:
+        self.grid, self.settings = grid, settings
+        self.strategy: FedlormStrategy | None = None
+        self.step_index = 0
+        """Flower's round number of the last message group (counts every step, across sessions)."""
+        self.flower: dict[str, Any] = {
+            "min_clients": settings.min_clients,
+            "reply_timeout": settings.reply_timeout,
+            "clients_at_start": [],
+            "steps": [],
+            "dropped": [],
+            "federated_evaluation": [],
+            "ignored_nodes": {},
+        }
+
+    def begin(self, exp: Experiment) -> None:
+        """Identify the connected SuperNodes (waiting up to ``node_wait`` s for one per client)."""
+        cfg = exp.cfg
+        self.strategy = FedlormStrategy(
+            exp.server,
+            cfg.scenario.num_clients,
+            self.settings.min_clients,
+            self.settings.reply_timeout,
+            participants=lambda instruction: step_clients(cfg, instruction),
+        )
+        self.strategy.summary()
+        served = self.strategy.discover(self.grid, wait=self.settings.node_wait)
+        logger.info("%d of %d clients have a SuperNode", len(served), cfg.scenario.num_clients)
+        self.flower["clients_at_start"] = served
+        self.flower["ignored_nodes"] = self.strategy.ignored
+
+    def run_step(
+        self, exp: Experiment, instruction: Instruction, clients: list[int], advance: Callable[[int], None]
+    ) -> dict[str, Any]:
+        """Broadcast one step, wait for the replies (at most ``reply_timeout`` s), merge what is valid."""
+        strategy = self._strategy()
+        started = time.perf_counter()
+        self.step_index += 1
+        strategy.discover(self.grid)
+        arrays = to_array_record(exp.server.arrays(instruction))
+        messages = strategy.configure_train(
+            self.step_index, arrays, ConfigRecord(instruction.to_record()), self.grid
+        )
+        replies = self.grid.send_and_receive(messages, timeout=self.settings.reply_timeout)
+        strategy.aggregate_train(self.step_index, replies)
+        report = strategy.report
+        assert report is not None
+        advance(len(report.asked))
+        logger.info(
+            "%s: merged clients %s, dropped %d (%.1f s)",
+            report.step,
+            report.merged,
+            len(report.dropped),
+            time.perf_counter() - started,
+        )
+        self._record(instruction, report)
+        # Every client the step asked counts; each one not merged counts as rejected.
+        return metrics_row(
+            exp,
+            instruction,
+            report.tally,
+            upload_bytes=report.upload_bytes,
+            download_bytes=report.download_bytes,
+            clients=len(report.asked),
+            rejected=len(report.asked) - len(report.merged),
+        )
+
+    def task_end(self, exp: Experiment, task: int) -> None:
+        """With ``federated_eval``, the clients score the merged model on their own training shares."""
+        if self.settings.federated_eval:
+            self.flower["federated_evaluation"].append(self._federated_evaluation(exp, task))
+
+    def results_extra(self) -> dict[str, Any]:
+        """results.json's Flower keys: the runtime and what happened to every client in every step."""
+        return {"runtime": self.name, "flower": self.flower}
+
+    def record(self) -> dict[str, Any]:
+        """The step counter and the per-step records so far (checkpoint)."""
+        return {"step_index": self.step_index, **{key: self.flower[key] for key in _LISTS}}
+
+    def load_record(self, record: Mapping[str, Any]) -> None:
+        """Continue the step counter and the per-step records of the checkpointed session."""
+        self.step_index = int(record.get("step_index", 0))
+        for key in _LISTS:
+            self.flower[key] = list(record.get(key, []))
+
+    def finish(self, exp: Experiment, out: Path) -> None:
+        """Save the server's final state (``server_state.safetensors``)."""
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in exp.server.state_dict().items()}
+        save_file(state, str(out / SERVER_STATE))
+
+    def _strategy(self) -> FedlormStrategy:
+        if self.strategy is None:
+            raise RuntimeError("FlowerTransport.run_step called before begin")
+        return self.strategy
+
+    def _record(self, instruction: Instruction, report: StepReport) -> None:
+        self.flower["steps"].append(report.to_record())
+        for dropped in report.dropped:
+            self.flower["dropped"].append(
+                {
+                    "task": instruction.task,
+                    "round": instruction.round,
+                    "phase": instruction.phase,
+                    "node_id": dropped.node_id,
+                    "partition": dropped.partition,
+                    "reason": dropped.reason,
+                }
             )
-        if out is not None:
-            results = run_results(exp, state, test_sizes, time.perf_counter() - started, extra)
-            write_json_atomic(out / "results.json", results)
-    results = run_results(exp, state, test_sizes, time.perf_counter() - started, extra)
-    if out is not None:
-        write_json_atomic(out / "results.json", results)
-        save_file(
-            {k: v.detach().cpu().contiguous().clone() for k, v in server.state_dict().items()},
-            str(out / SERVER_STATE),
-        )
-        plot_run(results, out / "accuracy.png")
-        save_run_model(exp, out)
-    return results
+
+    def _federated_evaluation(self, exp: Experiment, task: int) -> dict[str, Any]:
+        strategy, grid = self._strategy(), self.grid
+        strategy.discover(grid)
+        arrays = to_array_record(exp.server.deployed_arrays())
+        messages = strategy.configure_evaluate(self.step_index, arrays, ConfigRecord({"task": task}), grid)
+        replies = grid.send_and_receive(messages, timeout=self.settings.reply_timeout)
+        metrics = strategy.aggregate_evaluate(self.step_index, replies)
+        if metrics is None:
+            logger.warning("task %d: no client evaluated the merged model", task + 1)
+            return {"task": task, "accuracy": None, "partitions": [], "accuracies": []}
+        logger.info("task %d: clients' accuracy on their own data %.2f%%", task + 1, metrics["accuracy"])
+        return {"task": task, **{key: metrics[key] for key in ("accuracy", "partitions", "accuracies")}}
 
 
-def _run_step(
-    grid: Grid, strategy: FedlormStrategy, step_index: int, instruction: Instruction, timeout: float
-) -> StepReport:
-    """Broadcast one step, wait for the replies (at most ``timeout`` s), merge what is valid."""
-    started = time.perf_counter()
-    strategy.discover(grid)
-    arrays = to_array_record(strategy.server.arrays(instruction))
-    config = ConfigRecord(instruction.to_record())
-    messages = strategy.configure_train(step_index, arrays, config, grid)
-    replies = grid.send_and_receive(messages, timeout=timeout)
-    strategy.aggregate_train(step_index, replies)
-    report = strategy.report
-    assert report is not None
-    logger.info(
-        "%s: merged clients %s, dropped %d (%.1f s)",
-        report.step,
-        report.merged,
-        len(report.dropped),
-        time.perf_counter() - started,
-    )
-    return report
-
-
-def _federated_evaluation(
-    grid: Grid, strategy: FedlormStrategy, step_index: int, task: int, timeout: float
+def run_federation(
+    grid: Grid, exp: Experiment, settings: FlowerSettings, out: Path | None, *, resume: bool = False
 ) -> dict[str, Any]:
-    strategy.discover(grid)
-    arrays = to_array_record(strategy.server.deployed_arrays())
-    messages = strategy.configure_evaluate(step_index, arrays, ConfigRecord({"task": task}), grid)
-    metrics = strategy.aggregate_evaluate(step_index, grid.send_and_receive(messages, timeout=timeout))
-    if metrics is None:
-        logger.warning("task %d: no client evaluated the merged model", task + 1)
-        return {"task": task, "accuracy": None, "partitions": [], "accuracies": []}
-    logger.info("task %d: clients' accuracy on their own data %.2f%%", task + 1, metrics["accuracy"])
-    return {"task": task, **{key: metrics[key] for key in ("accuracy", "partitions", "accuracies")}}
+    """Run every task over ``grid``; return (and write to ``out``) the results dict.
 
-
-def _row(exp: Experiment, instruction: Instruction, report: StepReport) -> dict[str, Any]:
-    """The step's metrics.csv row: every client the step asked counts, each one not merged as rejected."""
-    clients = len(report.asked)
-    return metrics_row(
-        exp,
-        instruction,
-        report.tally,
-        upload_bytes=report.upload_bytes,
-        download_bytes=report.download_bytes,
-        clients=clients,
-        rejected=clients - len(report.merged),
-    )
-
-
-def _record_report(flower: dict[str, Any], instruction: Instruction, report: StepReport) -> None:
-    flower["steps"].append(report.to_record())
-    for dropped in report.dropped:
-        flower["dropped"].append(
-            {
-                "task": instruction.task,
-                "round": instruction.round,
-                "phase": instruction.phase,
-                "node_id": dropped.node_id,
-                "partition": dropped.partition,
-                "reason": dropped.reason,
-            }
-        )
+    With ``resume``, continue the run checkpointed in ``out`` (CheckpointError, a ValueError, if
+    there is none or it was written for another config than ``exp``'s).
+    """
+    transport = FlowerTransport(grid, settings)
+    if not resume:
+        return run(exp, transport, out)
+    if out is None:
+        raise ValueError("resuming a Flower run needs its output directory")
+    _, checkpoint = checkpoint_config(out)
+    return resume_run(exp, transport, out, checkpoint=checkpoint)

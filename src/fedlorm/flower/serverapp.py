@@ -1,7 +1,10 @@
 """The Flower ServerApp: builds the run from the run config, then runs :func:`run_federation`.
 
-With the run-config key ``server-data`` (the ``server/`` folder ``fedlorm partition`` wrote), the
-ServerApp evaluates on that folder and loads no dataset, so the server host needs nothing but it.
+With ``resume = true`` it continues the run checkpointed in ``out`` from its last completed step
+(the engine checkpoints after every step), so a ServerApp or SuperLink that was killed loses at most
+the step in flight. With the run-config key ``server-data`` (the ``server/`` folder ``fedlorm
+partition`` wrote), the ServerApp evaluates on that folder and loads no dataset, so the server host
+needs nothing but it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from fedlorm.config import RunConfig
 from fedlorm.flower.federation import SERVER_STATE, run_federation
 from fedlorm.flower.logs import use_flower_logging
 from fedlorm.flower.settings import FlowerSettings, settings_from_run_config
+from fedlorm.runtime.checkpoint import CheckpointError
 from fedlorm.runtime.experiment import Experiment, build_experiment
 
 __all__ = ["app", "output_dir", "server_experiment"]
@@ -28,7 +32,8 @@ app = ServerApp()
 
 
 def output_dir(cfg: RunConfig, settings: FlowerSettings) -> Path:
-    """``out`` or runs/flower-PRESET-METHOD-sSEED: absolute, created, earlier results removed."""
+    """``out`` or runs/flower-PRESET-METHOD-sSEED: absolute, created, earlier results removed (kept
+    when resuming: the checkpoint and metrics.csv are the run's own)."""
     out = (
         Path(settings.out)
         if settings.out
@@ -36,6 +41,8 @@ def output_dir(cfg: RunConfig, settings: FlowerSettings) -> Path:
     )
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if settings.resume:
+        return out
     stale = [out / name for name in RESULT_FILES if (out / name).exists()]
     if stale:
         logger.warning("replacing the results of an earlier run in %s", out)
@@ -67,7 +74,11 @@ def main(grid: Grid, context: Context) -> None:
     exp = server_experiment(cfg, settings)
     out = output_dir(exp.cfg, settings)
     logger.info("fedlorm %s on Flower; results in %s", exp.cfg.method, out)
-    results = run_federation(grid, exp, settings, out)
+    try:
+        results = run_federation(grid, exp, settings, out, resume=settings.resume)
+    except CheckpointError as err:
+        logger.error("resume: %s", err)
+        raise
     logger.info(
         "fedlorm run finished: final accuracy %.2f%%, %d clients dropped over the run; results in %s",
         results["final_accuracy"],

@@ -42,6 +42,7 @@ RUNTIME_DEFAULTS: dict[str, bool | float | int | str] = {
     "federated-eval": True,
     "server-data": "",
     "client-data": "",
+    "resume": False,
 }
 """Run-config keys of the Flower runtime itself (not fedlorm config keys), with their defaults."""
 
@@ -72,6 +73,9 @@ class FlowerSettings:
     """A folder holding ``client-K/`` per client (``fedlorm partition``'s ``DIR``): a SuperNode whose
     node config sets no ``data-dir`` reads ``client_data/client-K``. For simulation, where virtual
     SuperNodes cannot be given node configs of their own; "" means such a node loads the datasets."""
+    resume: bool = False
+    """Continue the run checkpointed in ``out`` (after a killed ServerApp or SuperLink) instead of
+    starting over; the config must be the checkpoint's."""
 
 
 def config_keys() -> list[str]:
@@ -114,6 +118,7 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, 
         federated_eval=_boolean(values["federated-eval"], "federated-eval"),
         server_data=str(values["server-data"]),
         client_data=str(values["client-data"]),
+        resume=_boolean(values["resume"], "resume"),
     )
     from fedlorm.fcl.participation import clients_per_round  # imports torch, needed only here
 
@@ -149,6 +154,7 @@ def run_config_for(cfg: RunConfig, settings: FlowerSettings) -> dict[str, Scalar
         "federated-eval": settings.federated_eval,
         "server-data": settings.server_data,
         "client-data": settings.client_data,
+        "resume": settings.resume,
     }
     for key, value in _flatten(config_to_dict(cfg)).items():
         if key not in preset or value != preset[key]:

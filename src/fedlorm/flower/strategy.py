@@ -36,8 +36,8 @@ from fedlorm.flower.messages import (
 )
 from fedlorm.methods import ClientReply, Instruction, Server
 from fedlorm.methods.validation import InvalidReplyError, check_reply, reply_spec
+from fedlorm.runtime.engine import fold_replies
 from fedlorm.runtime.report import StepTally, step_name
-from fedlorm.runtime.simulator import fold_replies
 
 __all__ = ["Dropped", "FedlormStrategy", "StepReport"]
 

@@ -25,6 +25,7 @@ from fedlorm.runtime.progress import RunProgress
 
 __all__ = [
     "METRICS_FIELDS",
+    "TIMING_FIELDS",
     "StepTally",
     "divergence_limit",
     "evaluate_step",
@@ -36,6 +37,7 @@ __all__ = [
     "step_name",
     "task_diagnostics",
     "task_test_sizes",
+    "untimed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,13 +53,21 @@ METRICS_FIELDS = [
     "train_loss",
     "seen_accuracy",
     "newest_task_fraction",
+    "step_seconds",
     "merge_seconds",
+    "eval_seconds",
     "upload_bytes",
     "download_bytes",
     "clients",
     "rejected",
 ]
 """The columns of metrics.csv, one row per step (:func:`metrics_row`)."""
+
+TIMING_FIELDS = ("step_seconds", "merge_seconds", "eval_seconds")
+"""The wall-time columns: the whole step (broadcast, the clients' local work, replies, checks and
+merge; for a training step that is training plus the statistics the merge needs), the server's merge
+alone, and the evaluation after the step (0 where none ran). They differ between runs of the same
+seed; every other column is reproducible."""
 
 
 @dataclass
@@ -108,12 +118,19 @@ def metrics_row(
         "train_loss": _mean_loss(tally) if train else "",
         "seen_accuracy": "",
         "newest_task_fraction": "",
+        "step_seconds": 0.0,
         "merge_seconds": round(tally.merge_seconds, 6) if tally is not None else 0.0,
+        "eval_seconds": 0.0,
         "upload_bytes": upload_bytes,
         "download_bytes": download_bytes,
         "clients": clients,
         "rejected": rejected,
     }
+
+
+def untimed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` without the wall-time columns (:data:`TIMING_FIELDS`): what two runs of a seed share."""
+    return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in rows]
 
 
 def _mean_loss(tally: StepTally | None) -> float | str:
