@@ -138,7 +138,7 @@ def test_verbose_shows_the_engine_info_lines_and_leaves_logging_as_it_was(capsys
     before = (list(root.handlers), root.level, logging.getLogger("fedlorm").level)
     code, _, err = _run(capsys, "run", "--quiet", "-v", "--out", str(tmp_path / "run"), *TINY)
     assert code == 0, err
-    assert "INFO fedlorm.runtime.simulator: task 1: accuracy on seen classes" in err
+    assert "INFO fedlorm.runtime.engine: task 1: accuracy on seen classes" in err
     assert "task 2: accuracy on seen classes" in err and "diverged" not in err
     assert json.loads((tmp_path / "run" / "results.json").read_text())["diverged"] is None
     assert (list(root.handlers), root.level, logging.getLogger("fedlorm").level) == before

@@ -149,7 +149,7 @@ class FlowerTransport:
                 {
                     "task": instruction.task,
                     "round": instruction.round,
-                    "phase": instruction.phase,
+                    "phase": instruction.phase.value,
                     "node_id": dropped.node_id,
                     "partition": dropped.partition,
                     "reason": dropped.reason,

@@ -35,6 +35,7 @@ from fedlorm.flower.messages import (
     to_array_record,
 )
 from fedlorm.methods import ClientReply, Instruction, Server
+from fedlorm.methods.steps import Phase
 from fedlorm.methods.validation import InvalidReplyError, check_reply, reply_spec
 from fedlorm.runtime.engine import fold_replies
 from fedlorm.runtime.report import StepTally, step_name
@@ -269,7 +270,7 @@ class FedlormStrategy(Strategy):
             "download-bytes": report.download_bytes,
         }
         tally = report.tally
-        if tally is not None and instruction.phase == "train" and tally.examples:
+        if tally is not None and instruction.phase is Phase.TRAIN and tally.examples:
             metrics["train-loss"] = tally.loss_sum / tally.examples
         return MetricRecord(metrics)
 
@@ -330,6 +331,7 @@ class FedlormStrategy(Strategy):
 def _check_identity(instruction: Instruction, partition: int, reply: TrainReply) -> None:
     if reply.partition != partition:
         raise InvalidReplyError(f"reply names client {reply.partition}, but the node serves {partition}")
-    sent = (instruction.task, instruction.round, instruction.phase)
-    if (reply.task, reply.round, reply.phase) != sent:
-        raise InvalidReplyError(f"reply answers step {(reply.task, reply.round, reply.phase)}, not {sent}")
+    sent = (instruction.task, instruction.round, instruction.phase.value)
+    answered = (reply.task, reply.round, str(reply.phase))
+    if answered != sent:
+        raise InvalidReplyError(f"reply answers step {answered}, not {sent}")

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from fedlorm.config import RunConfig, config_from_plain, config_to_dict
 from fedlorm.fcl import sample_clients
 from fedlorm.methods import ClientReply, Instruction, Server, add_arrays
+from fedlorm.methods.steps import Phase, step_label
 from fedlorm.methods.validation import InvalidReplyError, check_reply, reply_spec
 from fedlorm.results import MetricsCSV, plot_run, write_json_atomic
 from fedlorm.runtime.checkpoint import (
@@ -48,7 +49,6 @@ from fedlorm.runtime.report import (
     StepTally,
     evaluate_step,
     note_divergence,
-    round_name,
     run_results,
     save_run_model,
     step_name,
@@ -68,7 +68,6 @@ __all__ = [
     "run",
     "step_clients",
     "step_plan",
-    "step_point",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,7 +76,8 @@ KILL_ENV = "FEDLORM_TEST_KILL_AT"
 """Test hook for the crash-and-resume tests; unset in normal use.
 
 When it names a point, the process SIGKILLs itself there. Points (0-based; ``STEP`` is
-:func:`step_point`, e.g. ``task1.round0`` or ``task0.stats``): ``STEP.clientK`` after client K's reply
+:func:`~fedlorm.methods.steps.step_label` with ``stable=True``, e.g. ``task1.round0``,
+``task0.stats`` or ``task0.head``): ``STEP.clientK`` after client K's reply
 was folded (mid-round, in-process transport), ``STEP.done`` after the step's checkpoint was committed
 (between rounds), ``STEP.checkpoint.tensors`` / ``STEP.checkpoint.record`` after the checkpoint's
 temporary tensor / record file was written and before its rename (mid-write).
@@ -197,16 +197,9 @@ def step_clients(cfg: RunConfig, instruction: Instruction) -> list[int]:
     the cross-task merge and the analytic head need the sums over every client's data.
     """
     clients = cfg.scenario.num_clients
-    if instruction.phase != "train":
+    if instruction.phase is not Phase.TRAIN:
         return list(range(clients))
     return sample_clients(cfg.seed, clients, cfg.scenario.participation, instruction.task, instruction.round)
-
-
-def step_point(instruction: Instruction) -> str:
-    """Stable name of a step, e.g. ``task1.round0`` or ``task0.stats`` (0-based; checkpoints, test hooks)."""
-    if instruction.phase == "task_stats":
-        return f"task{instruction.task}.stats"
-    return f"task{instruction.task}.round{instruction.round}"
 
 
 def fold_replies(
@@ -297,7 +290,7 @@ class _Loop:
                 server.start_task(task, scenario.task_classes(task), self.server_rng)
             for step in range(state.step, len(steps)):
                 instruction, last = steps[step], step == len(steps) - 1
-                bar.set_description(f"task {task + 1}/{scenario.num_tasks} {round_name(instruction)}")
+                bar.set_description(f"task {task + 1}/{scenario.num_tasks} {step_label(instruction)}")
                 step_started = time.perf_counter()
                 row = transport.run_step(exp, instruction, step_clients(cfg, instruction), bar.update)
                 row["step_seconds"] = round(time.perf_counter() - step_started, 6)
@@ -324,10 +317,10 @@ class _Loop:
                 if out is not None:
                     if last:
                         write_json_atomic(out / "results.json", self._results(state, test_sizes, wall()))
-                    self._save(state, wall(), step_point(instruction))
+                    self._save(state, wall(), step_label(instruction, stable=True))
                     assert csv is not None
                     csv.append(row)
-                kill_point(f"{step_point(instruction)}.done")
+                kill_point(f"{step_label(instruction, stable=True)}.done")
         bar.close()
         if board is not None:
             board.close()
@@ -377,11 +370,20 @@ def _check_position(state: RunProgress, plan: list[list[Instruction]], completed
             last = plan[task - 1][-1]
     elif task == len(plan) and step == 0:
         last = plan[-1][-1]
-    if last is None or step_point(last) != completed:
+    if last is None or completed not in _stable_ids(last):
         raise CheckpointError(
             f"checkpoint position (task {task + 1}, step {step + 1}, after {completed!r}) does not fit "
             "this run's plan of steps"
         )
+
+
+def _stable_ids(instruction: Instruction) -> tuple[str, ...]:
+    """The ids a checkpoint may name ``instruction`` by: its stable label, and for a head-statistics
+    step also ``taskT.round-1``, the id checkpoints written before steps had labels carry."""
+    label = step_label(instruction, stable=True)
+    if instruction.phase is Phase.HEAD_STATS:
+        return label, f"task{instruction.task}.round-1"
+    return (label,)
 
 
 def _metrics_csv(out: Path, rows: list[dict[str, Any]]) -> MetricsCSV:

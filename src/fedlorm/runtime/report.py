@@ -18,6 +18,7 @@ from fedlorm.export import MODEL_DIR, save_model
 from fedlorm.fcl import summarize
 from fedlorm.methods import Instruction
 from fedlorm.methods.common import HEAD, apply_arrays
+from fedlorm.methods.steps import Phase, step_label
 from fedlorm.results import versions
 from fedlorm.runtime.evaluation import Evaluation, evaluate
 from fedlorm.runtime.experiment import Experiment
@@ -31,7 +32,6 @@ __all__ = [
     "evaluate_step",
     "metrics_row",
     "note_divergence",
-    "round_name",
     "run_results",
     "save_run_model",
     "step_name",
@@ -82,16 +82,9 @@ class StepTally:
     merge_seconds: float = 0.0
 
 
-def round_name(instruction: Instruction) -> str:
-    """A step's name within its task, e.g. ``round 2 (A)`` or ``statistics`` (progress bar, logs)."""
-    if instruction.phase == "task_stats":
-        return "statistics"
-    return f"round {instruction.round + 1} ({instruction.factor})"
-
-
 def step_name(instruction: Instruction) -> str:
     """A step's readable name, e.g. ``task 1 round 2 (A)`` (1-based; logs, Flower's step reports)."""
-    return f"task {instruction.task + 1} {round_name(instruction)}"
+    return f"task {instruction.task + 1} {step_label(instruction)}"
 
 
 def metrics_row(
@@ -109,12 +102,12 @@ def metrics_row(
     ``upload_bytes``: the replies' tensor payload; ``download_bytes``: the broadcast's, summed over
     the clients it was sent to.
     """
-    train = instruction.phase == "train"
+    train = instruction.phase is Phase.TRAIN
     return {
         "task": instruction.task,
         "round": instruction.round if train else exp.cfg.train.rounds,
-        "phase": instruction.phase,
-        "factor": instruction.factor,
+        "phase": instruction.phase.value,
+        "factor": instruction.factor.value,
         "train_loss": _mean_loss(tally) if train else "",
         "seen_accuracy": "",
         "newest_task_fraction": "",
@@ -161,7 +154,7 @@ def note_divergence(
     ``row`` is the step's metrics row; its loss is not finite or above :func:`divergence_limit`.
     """
     loss = row.get("train_loss", "")
-    if state.diverged is not None or instruction.phase != "train" or loss == "":
+    if state.diverged is not None or instruction.phase is not Phase.TRAIN or loss == "":
         return
     limit = divergence_limit(len(instruction.classes))
     if math.isfinite(float(loss)) and float(loss) <= limit:

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from fedlorm.config import RunConfig
 from fedlorm.methods import ClientReply, Instruction, payload_bytes
-from fedlorm.runtime.engine import checkpoint_config, fold_replies, kill_point, resume_run, run, step_point
+from fedlorm.methods.steps import step_label
+from fedlorm.runtime.engine import checkpoint_config, fold_replies, kill_point, resume_run, run
 from fedlorm.runtime.experiment import Experiment, build_experiment
 from fedlorm.runtime.report import metrics_row
 from fedlorm.seeding import torch_generator
@@ -67,7 +68,7 @@ class InProcess:
             reply = exp.client.update(arrays, instruction, exp.client_share(instruction.task, k), generator)
             advance(1)
             yield k, reply
-            kill_point(f"{step_point(instruction)}.client{k}")
+            kill_point(f"{step_label(instruction, stable=True)}.client{k}")
 
     def task_end(self, exp: Experiment, task: int) -> None:
         """No client-side evaluation in process: the server's evaluation is the run's."""
