@@ -119,6 +119,27 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path, capsys, unint
         assert all(torch.equal(resumed_model[k], expected_model[k]) for k in resumed_model), name
 
 
+@pytest.mark.parametrize("label", ["task0.head", "task0.round-1"])
+def test_a_run_killed_after_the_analytic_head_step_resumes_under_its_label_or_the_old_one(
+    tmp_path, capsys, label
+):
+    """The analytic head's step is checkpointed as ``task0.head``; checkpoints written before steps
+    had labels call it ``task0.round-1`` and still resume."""
+    args = [*TINY, "train.threads=1", "train.rounds=1", "lorm.head_merge=analytic"]
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert main(["run", "--quiet", "--out", str(whole), *args]) == 0, capsys.readouterr().err
+    proc = _fedlorm("run", "--quiet", "--out", str(out), *args, kill_at="task0.head.done")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    record = json.loads((out / CHECKPOINT_RECORD).read_text())
+    assert record["completed_step"] == "task0.head"
+    record["completed_step"] = label
+    (out / CHECKPOINT_RECORD).write_text(json.dumps(record))
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0, capsys.readouterr().err
+    resumed, expected = (json.loads((d / "results.json").read_text()) for d in (out, whole))
+    assert resumed["accuracy_matrix"] == expected["accuracy_matrix"]
+    assert _stable_rows(out) == _stable_rows(whole)
+
+
 def test_resume_refuses_options_that_change_the_run(tmp_path, capsys):
     save_checkpoint(tmp_path, {"config": {}, "completed_step": "task0.round0", "progress": {}}, {})
     for extra in (["--seed", "1"], ["train.rounds=3"], ["--method", "finetune"], ["--overwrite"]):
