@@ -3,7 +3,9 @@
 It calls exactly what the in-process simulator calls for client k (:meth:`Client.update` with the
 stream ``torch_generator(seed, "client", task, round, k)``), so a reply's summands are the same bits.
 A node given ``data_dir`` (its folder from ``fedlorm partition``) reads only that folder and loads
-no dataset; its shares are the simulator's, so the replies are the same bits too.
+no dataset; its shares are the simulator's, so the replies are the same bits too. A node without it
+loads the dataset once and then reads its own shares from the node cache
+(:mod:`fedlorm.flower.node_cache`), the same way: in deployment every message is a fresh process.
 """
 
 from __future__ import annotations
@@ -30,16 +32,27 @@ def client_experiment(cfg: RunConfig, data_dir: str | None = None, partition: in
     """The experiment for ``cfg``, built once per process (simulation workers serve many messages).
 
     With ``data_dir``: client ``partition``'s own folder is read (ValueError, one line, if it is
-    missing, unreadable, or of another run or client) and no dataset is loaded.
+    missing, unreadable, or of another run or client) and no dataset is loaded. Without it: client
+    ``partition``'s node-cache entry if there is one, else the dataset (which also writes the entry).
     """
-    key = json.dumps([config_to_dict(cfg), data_dir, data_dir and partition], sort_keys=True)
+    config = config_to_dict(cfg)
+    whole = json.dumps([config, None, None], sort_keys=True)  # a full build serves every partition
+    key = json.dumps([config, data_dir, partition], sort_keys=True)
+    if whole in _CACHE and not data_dir:
+        return _CACHE[whole]
     if key not in _CACHE:
         if data_dir:
             from fedlorm.runtime.partitions import node_experiment
 
             exp = node_experiment(cfg, data_dir, partition)
         else:
-            exp = build_experiment(cfg)
+            from fedlorm.flower import node_cache
+
+            exp = node_cache.load_inputs(cfg, partition)
+            if exp is None:
+                exp = build_experiment(cfg)
+                node_cache.store_inputs(cfg, exp, partition)
+                key = whole
         _CACHE.clear()
         _CACHE[key] = exp
         torch.manual_seed(derive_seed(cfg.seed, "torch"))

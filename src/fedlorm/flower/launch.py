@@ -4,7 +4,8 @@ Used by ``fedlorm flower ...`` and by the loopback tests. Every process is start
 group and stopped through its pid (its children, e.g. ``flower-superexec`` and app processes, go with
 it). Flower's runtime dependency installation, telemetry and update check are switched off unless the
 environment says otherwise: with installation on, ``flwr run`` would build a fresh environment and
-download torch. Imports neither flwr nor torch.
+download torch. A SuperNode's SuperExec polls for messages every 0.2 s instead of Flower's 1 s
+(``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``). Imports neither flwr nor torch.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ FLOWER_ENV_DEFAULTS = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # How often a SuperNode's SuperExec asks for a new message to run (Flower's default: 1 s; every
+    # message waits half of it on average). 0.2 s costs little CPU on loopback.
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
 }
 
 APP_COMPONENTS = {

@@ -40,6 +40,7 @@ from fedlorm.runtime.experiment import (
 )
 
 __all__ = [
+    "client_manifest",
     "data_config",
     "folder_source",
     "load_partition",
@@ -83,6 +84,23 @@ def write_partitions(cfg: RunConfig, out: str | os.PathLike[str], *, overwrite: 
     return write_folders(out, _folders(cfg, data), overwrite=overwrite)
 
 
+def client_manifest(
+    cfg: RunConfig, scenario: Scenario, class_names: list[str], client: int
+) -> dict[str, Any]:
+    """The manifest of client ``client``'s folder for the run ``cfg`` (as :func:`effective_config`
+    returns it) with this scenario and class names."""
+    spans = [scenario.task_classes(t) for t in range(scenario.num_tasks)]
+    return make_manifest(
+        client,
+        split="train",
+        config=data_config(cfg, client),
+        num_clients=cfg.scenario.num_clients,
+        class_order=scenario.class_order,
+        task_classes=spans,
+        class_names=class_names,
+    )
+
+
 def _folders(cfg: RunConfig, data: RunData) -> Iterator[tuple[dict[str, Any], list[TaskData]]]:
     """Each participant's manifest and per-task data, one at a time (only one copy in memory)."""
     scenario = data.scenario
@@ -96,7 +114,7 @@ def _folders(cfg: RunConfig, data: RunData) -> Iterator[tuple[dict[str, Any], li
     train = data.train
     for k in range(cfg.scenario.num_clients):
         tasks = [(train.images[part[k]], train.labels[part[k]]) for part in data.partitions]
-        yield make_manifest(k, split="train", config=data_config(cfg, k), **common), tasks
+        yield client_manifest(cfg, scenario, data.class_names, k), tasks
     split = "test" if cfg.data.validation_per_class is None else "validation"
     labels = data.test.labels
     tasks = []
