@@ -7,6 +7,7 @@ be repeated from it. Unknown keys and values of the wrong type are errors, never
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -20,8 +21,10 @@ __all__ = [
     "DataConfig",
     "LormConfig",
     "ModelConfig",
+    "PromptConfig",
     "RunConfig",
     "ScenarioConfig",
+    "SecureConfig",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
@@ -29,6 +32,9 @@ __all__ = [
     "load_toml",
     "validate_config",
 ]
+
+
+_INF = float("inf")
 
 
 class ConfigError(ValueError):
@@ -106,6 +112,8 @@ class TrainConfig:
     ``forgetting_diagnostics``: feature drift and an oracle head at the end of an in-process run
     (:mod:`fedlorm.runtime.forgetting`). ``tensorboard``: also write every step's metrics as
     TensorBoard scalars to ``OUT/tensorboard`` (the ``tensorboard`` extra).
+    ``lwf_lambda``, ``lwf_temperature``: the weight λ and temperature T of ``lwf``'s distillation
+    term (Li & Hoiem's 1 and 2). ``ewc_lambda``: the weight λ of ``ewc``'s penalty.
     """
 
     rounds: int = 4
@@ -123,6 +131,9 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    lwf_lambda: float = 1.0
+    lwf_temperature: float = 2.0
+    ewc_lambda: float = 5000.0
 
 
 @dataclass
@@ -135,13 +146,63 @@ class LormConfig:
 
     alpha_backbone: float = 0.0
     alpha_head: float = 0.5
-    head_merge: Literal["regmean", "fedavg", "analytic"] = "fedavg"
+    head_merge: Literal["regmean", "fedavg", "analytic", "ccvr"] = "fedavg"
     head_ridge: float = 1e-3
     stats_model: Literal["trained", "reference"] = "reference"
     task_start: Literal["pretrained", "merged"] = "pretrained"
-    cross_task: Literal["closed_form", "simple_mean", "task_arithmetic"] = "closed_form"
+    cross_task: Literal["closed_form", "simple_mean", "task_arithmetic", "ties"] = "closed_form"
     ridge: float = 1e-10
     adapt_tasks: int | None = None
+    ties_density: float = 0.2
+    """``cross_task = ties``: the share of each task delta's entries (largest magnitudes) kept."""
+    ties_scale: float = 1.0
+    """``cross_task = ties``: λ, the factor on the merged update."""
+    ccvr_samples: int = 100
+    """``head_merge = ccvr``: virtual features drawn per seen class at each task's end."""
+    ccvr_epochs: int = 10
+    """``head_merge = ccvr``: SGD epochs of the head's calibration on the virtual features."""
+    ccvr_lr: float = 0.01
+    """``head_merge = ccvr``: the calibration's SGD learning rate."""
+
+
+@dataclass
+class PromptConfig:
+    """The prompt methods' pools (``l2p``, ``coda-p``; ViT backbones only, docs/methods.md)."""
+
+    pool_size: int = 10
+    """``l2p``: M, the prompts in the pool (each with a learnable key)."""
+    length: int = 5
+    """``l2p``: L_p, the tokens of one prompt."""
+    top_k: int = 5
+    """``l2p``: N, the prompts selected per image (their N·L_p tokens are prepended)."""
+    key_weight: float = 0.1
+    """``l2p``: λ, the weight of the key–query term λ·Σ(1 − cos) in the loss."""
+    coda_components: int = 10
+    """``coda-p``: prompt components added per task (each with a key and an attention vector)."""
+    coda_length: int = 8
+    """``coda-p``: the prefix length per layer (even: half keys, half values)."""
+    coda_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    """``coda-p``: the transformer blocks that get a prefix (0-based)."""
+
+
+@dataclass
+class SecureConfig:
+    """Secure aggregation (Flower's SecAgg+): the server learns only the sums of the clients' replies.
+
+    ``aggregation``: on or off (off: every number is as without this section). Each summand entry is
+    sent as ``words`` fixed-point digits of ``word_bits`` bits under the public bound
+    2^``bound_exponent`` on any one client's |entry| (docs/secure-aggregation.md); the digits are
+    summed modulo 2^``modulus_bits``. ``num_shares`` and ``reconstruction_threshold`` are SecAgg+'s:
+    an integer count, or a float in (0, 1] (a share of a step's clients, resp. of the shares).
+    """
+
+    aggregation: bool = False
+    words: int = 4
+    word_bits: int = 24
+    modulus_bits: int = 32
+    bound_exponent: int = 40
+    num_shares: int | float = 1.0
+    reconstruction_threshold: int | float = 0.5
 
 
 @dataclass
@@ -155,6 +216,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lorm: LormConfig = field(default_factory=LormConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    secure: SecureConfig = field(default_factory=SecureConfig)
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -377,6 +440,14 @@ def validate_config(cfg: RunConfig) -> None:
             cfg.train.eval_batch_size >= 1,
             "an integer >= 1",
         ),
+        ("train.lwf_lambda", cfg.train.lwf_lambda, 0 <= cfg.train.lwf_lambda < _INF, "a finite number >= 0"),
+        (
+            "train.lwf_temperature",
+            cfg.train.lwf_temperature,
+            0 < cfg.train.lwf_temperature < _INF,
+            "a finite number > 0",
+        ),
+        ("train.ewc_lambda", cfg.train.ewc_lambda, 0 <= cfg.train.ewc_lambda < _INF, "a finite number >= 0"),
         (
             "train.weight_decay",
             cfg.train.weight_decay,
@@ -405,6 +476,16 @@ def validate_config(cfg: RunConfig) -> None:
             "an integer >= 1 with lorm.head_merge = 'analytic' (later tasks' classes reach the head "
             "only through its sums), or none",
         ),
+        (
+            "lorm.ties_density",
+            cfg.lorm.ties_density,
+            0 < cfg.lorm.ties_density <= 1,
+            "a number in (0, 1] (the share of each task delta's entries TIES keeps)",
+        ),
+        ("lorm.ties_scale", cfg.lorm.ties_scale, cfg.lorm.ties_scale > 0, "a number > 0"),
+        ("lorm.ccvr_samples", cfg.lorm.ccvr_samples, cfg.lorm.ccvr_samples >= 1, "an integer >= 1"),
+        ("lorm.ccvr_epochs", cfg.lorm.ccvr_epochs, cfg.lorm.ccvr_epochs >= 1, "an integer >= 1"),
+        ("lorm.ccvr_lr", cfg.lorm.ccvr_lr, cfg.lorm.ccvr_lr > 0, "a number > 0"),
         ("data.crop_pct", cfg.data.crop_pct, 0 < cfg.data.crop_pct <= 1, "a number in (0, 1]"),
         (
             "data.augment_scale",
@@ -436,6 +517,112 @@ def validate_config(cfg: RunConfig) -> None:
                 "an integer >= 1 or a non-empty list of positive class counts",
             )
         )
+    checks.extend(_prompt_checks(cfg.prompt))
+    checks.extend(_secure_checks(cfg))
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key} = {value!r} is not allowed; expected {allowed}")
+
+
+def _prompt_checks(p: PromptConfig) -> list[tuple[str, Any, bool, str]]:
+    """The ``prompt`` section's ranges (the layers' upper bound is checked against the model)."""
+    layers = p.coda_layers
+    return [
+        ("prompt.pool_size", p.pool_size, p.pool_size >= 1, "an integer >= 1"),
+        ("prompt.length", p.length, p.length >= 1, "an integer >= 1"),
+        (
+            "prompt.top_k",
+            p.top_k,
+            1 <= p.top_k <= p.pool_size,
+            f"an integer in [1, prompt.pool_size = {p.pool_size}]",
+        ),
+        ("prompt.key_weight", p.key_weight, 0 <= p.key_weight < _INF, "a finite number >= 0"),
+        ("prompt.coda_components", p.coda_components, p.coda_components >= 1, "an integer >= 1"),
+        (
+            "prompt.coda_length",
+            p.coda_length,
+            p.coda_length >= 2 and p.coda_length % 2 == 0,
+            "an even integer >= 2 (half key, half value prefix)",
+        ),
+        (
+            "prompt.coda_layers",
+            layers,
+            len(layers) >= 1 and len(set(layers)) == len(layers) and min(layers) >= 0,
+            "a non-empty list of distinct block indices >= 0",
+        ),
+    ]
+
+
+def _secure_checks(cfg: RunConfig) -> list[tuple[str, Any, bool, str]]:
+    """The ``secure`` section's ranges; with aggregation on, also what every step's clients allow."""
+    sec = cfg.secure
+    bits = sec.word_bits
+    checks: list[tuple[str, Any, bool, str]] = [
+        ("secure.words", sec.words, sec.words >= 1, "an integer >= 1"),
+        ("secure.word_bits", bits, 2 <= bits <= 30, "an integer in [2, 30] (Flower's quantizer)"),
+        (
+            "secure.modulus_bits",
+            sec.modulus_bits,
+            bits < sec.modulus_bits <= 32,
+            f"an integer in (secure.word_bits = {bits}, 32]",
+        ),
+        (
+            "secure.bound_exponent",
+            sec.bound_exponent,
+            -64 <= sec.bound_exponent <= 512,
+            "an integer in [-64, 512]",
+        ),
+        (
+            "secure.num_shares",
+            sec.num_shares,
+            _is_share(sec.num_shares) and sec.num_shares != 2,
+            "an integer >= 3 or a fraction in (0, 1] of a step's clients",
+        ),
+        (
+            "secure.reconstruction_threshold",
+            sec.reconstruction_threshold,
+            _is_share(sec.reconstruction_threshold)
+            and not (
+                isinstance(sec.num_shares, int)
+                and isinstance(sec.reconstruction_threshold, int)
+                and sec.reconstruction_threshold >= sec.num_shares > 1
+            ),
+            "an integer below secure.num_shares or a fraction in (0, 1] of the shares",
+        ),
+    ]
+    if not sec.aggregation:
+        return checks
+    clients = cfg.scenario.num_clients
+    asked = min(clients, max(1, math.floor(cfg.scenario.participation * clients + 0.5)))
+    most = (1 << (sec.modulus_bits - bits)) - 1 if bits < sec.modulus_bits else 0
+    checks += [
+        (
+            "scenario.num_clients",
+            clients,
+            asked >= 2 and clients <= most,
+            f"at least 2 clients in every step (a training round asks {asked}) and at most {most} "
+            f"(n·2^secure.word_bits < 2^secure.modulus_bits) with secure.aggregation = true",
+        ),
+    ]
+    for key in ("num_shares", "reconstruction_threshold"):
+        value = getattr(sec, key)
+        if isinstance(value, int) and value > 1:
+            checks.append(
+                (
+                    f"secure.{key}",
+                    value,
+                    value <= asked,
+                    f"at most the {asked} clients a step asks (scenario.num_clients = {clients}, "
+                    f"scenario.participation = {cfg.scenario.participation:g})",
+                )
+            )
+    return checks
+
+
+def _is_share(value: int | float) -> bool:
+    """SecAgg+'s share settings: a positive integer count, or a fraction in (0, 1]."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 1
+    return 0 < value <= 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from fedlorm.precision import autocast, grad_scaler
 
 __all__ = [
     "HEAD",
+    "Penalty",
     "apply_arrays",
     "collect_statistics",
     "factor_key",
@@ -25,6 +26,9 @@ __all__ = [
 ]
 
 HEAD = "head"
+
+Penalty = Callable[[Tensor, Tensor], Tensor]
+"""A term added to the local loss: (batch inputs, logits over every class) → a scalar (LwF, EWC)."""
 
 
 def factor_key(layer: str, factor: str) -> str:
@@ -82,6 +86,7 @@ def train_locally(
     generator: torch.Generator,
     train_head: bool = True,
     precision: str = "32",
+    penalty: Penalty | None = None,
 ) -> float:
     """Train the chosen LoRA factor(s) and the current task's head rows; return the mean loss.
 
@@ -89,7 +94,8 @@ def train_locally(
     through the model's training augmentation (seeded by ``generator``) and run at ``precision``.
     The backbone stays in eval mode: its normalisation statistics are pretrained and frozen, and
     every client must see the same function. Head rows of other tasks are restored after training,
-    so AdamW's decoupled weight decay cannot shrink them.
+    so AdamW's decoupled weight decay cannot shrink them. ``penalty`` is added to each batch's
+    loss (computed under the same autocast); the returned mean is the cross-entropy alone.
     """
     model.eval()
     model.requires_grad_(False)
@@ -116,8 +122,10 @@ def train_locally(
             images = model.training_input(data.images[batch].to(device, non_blocking=True), generator)
             targets = data.labels[batch].to(device) - start
             with autocast(device, precision):
-                logits = model(images)[:, start:stop]
-            loss = F.cross_entropy(logits.float(), targets)
+                logits = model(images)
+                extra = None if penalty is None else penalty(images, logits).float()
+            cross_entropy = F.cross_entropy(logits[:, start:stop].float(), targets)
+            loss = cross_entropy if extra is None else cross_entropy + extra
             optimizer.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
@@ -126,7 +134,7 @@ def train_locally(
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-            total += float(loss.detach()) * len(batch)
+            total += float(cross_entropy.detach()) * len(batch)
             count += len(batch)
     model.requires_grad_(False)
     _restore_other_rows(model.head, head_before, classes)
@@ -142,6 +150,7 @@ def train_with_config(
     factor: Factor,
     classes: range,
     generator: torch.Generator,
+    penalty: Penalty | None = None,
 ) -> float:
     """:func:`train_locally` with the run's training settings (per-factor lr default to ``lr``)."""
     return train_locally(
@@ -158,6 +167,7 @@ def train_with_config(
         weight_decay=train.weight_decay,
         generator=generator,
         precision=train.precision,
+        penalty=penalty,
     )
 
 

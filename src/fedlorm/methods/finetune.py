@@ -18,6 +18,7 @@ from fedlorm.backbones import Backbone
 from fedlorm.config import RunConfig
 from fedlorm.methods.base import Arrays, Client, ClientData, ClientReply, Instruction, Server
 from fedlorm.methods.common import (
+    Penalty,
     apply_arrays,
     factor_key,
     shared_model_arrays,
@@ -49,6 +50,7 @@ class FinetuneClient(Client):
             factor=Factor.BOTH,
             classes=instruction.classes,
             generator=generator,
+            penalty=self.penalty(arrays, instruction),
         )
         n = len(data)
         summands = {
@@ -57,6 +59,10 @@ class FinetuneClient(Client):
         }
         summands["n"] = torch.tensor(float(n), dtype=torch.float64)
         return ClientReply(summands=summands, num_examples=n, metrics={"train_loss": loss})
+
+    def penalty(self, arrays: Mapping[str, Tensor], instruction: Instruction) -> Penalty | None:
+        """A term added to the local loss (none here; the regularised baselines add one)."""
+        return None
 
 
 class FinetuneServer(Server):

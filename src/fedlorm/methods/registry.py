@@ -8,15 +8,25 @@ config, unless the entry fixes the latter. docs/methods.md shows how to add one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedlorm.config import LormConfig, RunConfig
 from fedlorm.methods.base import Client, Server
-from fedlorm.methods.cross_task import ClosedFormTasks, CrossTaskRule, SimpleMeanTasks, TaskArithmetic
+from fedlorm.methods.cross_task import (
+    ClosedFormTasks,
+    CrossTaskRule,
+    SimpleMeanTasks,
+    TaskArithmetic,
+    TiesMerge,
+)
+from fedlorm.methods.ewc import EWCClient, EWCServer
 from fedlorm.methods.finetune import FinetuneClient, FinetuneServer
-from fedlorm.methods.heads import AnalyticHead, HeadStrategy, RegMeanHead, TrainedAverageHead
+from fedlorm.methods.heads import AnalyticHead, CCVRHead, HeadStrategy, RegMeanHead, TrainedAverageHead
 from fedlorm.methods.joint import joint_config
+from fedlorm.methods.lwf import LwFClient, LwFServer
+from fedlorm.methods.prompts import CodaClient, CodaServer, L2PClient, L2PServer, require_vit
 from fedlorm.methods.steps import Factor
 from fedlorm.methods.task_lora import TaskLoRAClient, TaskLoRAServer
 from fedlorm.methods.within_task import (
@@ -24,6 +34,7 @@ from fedlorm.methods.within_task import (
     AlternatingClosedForm,
     DeltaRegMean,
     FactorAverage,
+    FisherAverage,
     ProductAverage,
     WithinTaskMerge,
 )
@@ -50,10 +61,16 @@ class Method:
     """Train the adapters on the first N tasks only (``lorm.adapt_tasks`` overrides it)."""
     run_config: Callable[[RunConfig], RunConfig] = _as_given
     """The config the run really uses (e.g. joint's one task of all classes on one client)."""
+    vit_only: bool = False
+    """Runs on ViT backbones only (its ``run_config`` refuses others); the CNN smoke pins skip it."""
+    exportable: bool = True
+    """Its deployed model is LoRA factors, frozen updates and a head, which ``model/`` holds exactly;
+    False: a run leaves no ``model/`` rather than one that computes something else."""
 
-    def __iter__(self) -> Iterator[type[Server] | type[Client]]:
-        """Unpacks as ``(server, client)``, as the registry's entries did before they had parts."""
-        return iter((self.server, self.client))
+
+def ccvr_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``lorm.head_merge = ccvr`` (a copy): the method is its head."""
+    return dataclasses.replace(cfg, lorm=dataclasses.replace(cfg.lorm, head_merge="ccvr"))
 
 
 def _task_lora(summary: str, merge: WithinTaskMerge, **parts: object) -> Method:
@@ -74,12 +91,41 @@ METHODS: dict[str, Method] = {
     "lorm-fsa": _task_lora(
         "LoRM on the first task, analytic head after", AlternatingClosedForm(), adapt_tasks=1
     ),
+    # Federated TIES: FedAvg-LoRA within a task (its clients share the task), TIES across tasks.
+    "ties": _task_lora(
+        "FedIT per task, TIES-merging of the task deltas", FactorAverage((Factor.BOTH,)), cross_task="ties"
+    ),
+    "fisher": _task_lora("A and B Fisher-weighted averaged (diagonal empirical Fisher)", FisherAverage()),
+    "ccvr": _task_lora(
+        "FedIT, head calibrated on virtual features (CCVR)",
+        FactorAverage((Factor.BOTH,)),
+        run_config=ccvr_config,
+    ),
     "finetune": Method(FinetuneServer, FinetuneClient, "one adapter fine-tuned across tasks (lower bound)"),
+    "lwf": Method(LwFServer, LwFClient, "finetune plus LwF distillation on old classes' logits"),
+    "ewc": Method(EWCServer, EWCClient, "finetune plus an EWC penalty on the factors (federated Fisher)"),
     "joint": Method(
         FinetuneServer,
         FinetuneClient,
         "all classes on one client at once (upper bound)",
         run_config=joint_config,
+    ),
+    # Prompt methods put tokens into a ViT's sequence: the CNN benchmark refuses them (require_vit).
+    "l2p": Method(
+        L2PServer,
+        L2PClient,
+        "L2P: top-N prompts from a keyed pool (ViT backbone only)",
+        run_config=require_vit,
+        vit_only=True,
+        exportable=False,
+    ),
+    "coda-p": Method(
+        CodaServer,
+        CodaClient,
+        "CODA-Prompt: attention-weighted prefix components (ViT backbone only)",
+        run_config=require_vit,
+        vit_only=True,
+        exportable=False,
     ),
 }
 """Method name → its registry entry."""
@@ -93,12 +139,14 @@ HEADS: dict[str, Callable[[LormConfig, int, int], HeadStrategy]] = {
     "fedavg": TrainedAverageHead,
     "regmean": RegMeanHead,
     "analytic": AnalyticHead,
+    "ccvr": CCVRHead,
 }
 """``lorm.head_merge`` → head strategy (built with the run's LoRM config, classes, features)."""
 
-CROSS_TASK_RULES: dict[str, Callable[[float], CrossTaskRule]] = {
+CROSS_TASK_RULES: dict[str, type[CrossTaskRule]] = {
     "closed_form": ClosedFormTasks,
     "simple_mean": SimpleMeanTasks,
     "task_arithmetic": TaskArithmetic,
+    "ties": TiesMerge,
 }
-"""``lorm.cross_task`` → cross-task rule (built with ``lorm.ridge``)."""
+"""``lorm.cross_task`` → cross-task rule (built by ``from_config`` with the run's LoRM config)."""

@@ -20,6 +20,8 @@ class Phase(StrEnum):
     """Clients send the Grams of the adapted layers' inputs, for the cross-task merge."""
     HEAD_STATS = "head_stats"
     """Clients send their deployed features' sums, for the analytic head."""
+    FISHER_STATS = "fisher_stats"
+    """Clients send their summed squared per-sample gradients (diagonal Fisher), for EWC."""
 
 
 class Factor(StrEnum):
@@ -36,7 +38,11 @@ class Factor(StrEnum):
         return {Factor.BOTH: ("A", "B"), Factor.NONE: ()}.get(self, (self.value,))
 
 
-_STEP_WORDS = {Phase.TASK_STATS: ("layer statistics", "stats"), Phase.HEAD_STATS: ("head statistics", "head")}
+_STEP_WORDS = {
+    Phase.TASK_STATS: ("layer statistics", "stats"),
+    Phase.HEAD_STATS: ("head statistics", "head"),
+    Phase.FISHER_STATS: ("Fisher statistics", "fisher"),
+}
 """Non-training phases: (readable label, word in the stable id)."""
 
 _TRAINS = {Factor.A: "A", Factor.B: "B", Factor.BOTH: "A+B", Factor.NONE: "head"}

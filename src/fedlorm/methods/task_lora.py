@@ -50,7 +50,7 @@ def _parts(
     assert method.within_task is not None, f"{cfg.method!r} is not a task-structured LoRA method"
     classes, features = head_shape
     head = HEADS[cfg.lorm.head_merge](cfg.lorm, classes, features)
-    cross = CROSS_TASK_RULES[method.cross_task or cfg.lorm.cross_task](cfg.lorm.ridge)
+    cross = CROSS_TASK_RULES[method.cross_task or cfg.lorm.cross_task].from_config(cfg.lorm)
     return method.within_task, head, cross, cfg.lorm.adapt_tasks or method.adapt_tasks
 
 
@@ -95,10 +95,15 @@ class TaskLoRAClient(Client):
                 classes=instruction.classes,
                 generator=generator,
             )
+        data_summands: Arrays = {}
+        if instruction.phase is Phase.TRAIN:
+            data_summands = self.within.data_summands(
+                self.model, self.layers, data, instruction, batch_size=train.eval_batch_size
+            )
         layer_grams = instruction.phase is Phase.TASK_STATS or self.within.needs_grams
         stats_rng = generator if self.cfg.data.augment_statistics else None
         grams = self._statistics(arrays, instruction, data, layer_grams, stats_rng)
-        summands: Arrays = {}
+        summands: Arrays = dict(data_summands)
         for name, layer in self.layers.items():
             layer_gram = (
                 merging.shrink_gram(grams[name], self.cfg.lorm.alpha_backbone) if layer_grams else None
@@ -215,14 +220,14 @@ class TaskLoRAServer(Server):
 
     def start_task(self, task: int, classes: range, generator: torch.Generator) -> None:
         self.task = task
-        if not self.adapts(task):  # the deployed backbone stays as the adapted tasks left it
-            return
-        self.task_finished = False
-        for name, (d_out, d_in, rank) in self.shapes.items():
-            a = torch.empty(rank, d_in, dtype=torch.float32)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-            self.A[name] = a.to(device=self.device, dtype=self.dtype)
-            self.B[name] = torch.zeros(d_out, rank, device=self.device, dtype=self.dtype)
+        if self.adapts(task):  # otherwise the deployed backbone stays as the adapted tasks left it
+            self.task_finished = False
+            for name, (d_out, d_in, rank) in self.shapes.items():
+                a = torch.empty(rank, d_in, dtype=torch.float32)
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+                self.A[name] = a.to(device=self.device, dtype=self.dtype)
+                self.B[name] = torch.zeros(d_out, rank, device=self.device, dtype=self.dtype)
+        self.head.start_task(task, generator)
 
     def instructions(self, task: int, classes: range) -> Iterator[Instruction]:
         def step(phase: Phase, round_index: int = -1, factor: Factor = Factor.NONE) -> Instruction:

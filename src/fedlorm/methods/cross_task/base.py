@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from fedlorm.config import LormConfig
 from fedlorm.methods.base import Arrays
 from fedlorm.methods.replies import ReplySpec, Summand
 
@@ -28,6 +29,11 @@ class CrossTaskRule(ABC):
         self.ridge = ridge
         self.P: dict[str, Tensor] = {}
         self.Q: dict[str, Tensor] = {}
+
+    @classmethod
+    def from_config(cls, lorm: LormConfig) -> CrossTaskRule:
+        """The rule with the run's settings (``lorm.ridge``; a rule with its own keys reads them too)."""
+        return cls(lorm.ridge)
 
     def factored(self, alpha_backbone: float) -> bool:
         """Whether the deployed ΔW is Σ_t s·B_t A_t diag(w_t) (sent as a factor pair)."""

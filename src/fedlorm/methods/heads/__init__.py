@@ -3,6 +3,7 @@
 from fedlorm.methods.heads.analytic import AnalyticHead
 from fedlorm.methods.heads.average import TrainedAverageHead
 from fedlorm.methods.heads.base import HeadStrategy
+from fedlorm.methods.heads.ccvr import CCVRHead
 from fedlorm.methods.heads.regmean import RegMeanHead
 
-__all__ = ["AnalyticHead", "HeadStrategy", "RegMeanHead", "TrainedAverageHead"]
+__all__ = ["AnalyticHead", "CCVRHead", "HeadStrategy", "RegMeanHead", "TrainedAverageHead"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from fedlorm.backbones import Backbone
@@ -33,6 +34,11 @@ class HeadStrategy(ABC):
     @property
     def gram_mode(self) -> str | None:
         """The head-input Gram clients collect in a training round (``full``/``diag``), or None."""
+        return None
+
+    def start_task(self, task: int, generator: torch.Generator) -> None:
+        """Called when the server starts ``task``, after it drew the task's adapters from
+        ``generator`` (the server's seeded stream); a strategy that needs randomness draws here."""
         return None
 
     @abstractmethod

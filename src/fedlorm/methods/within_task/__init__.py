@@ -7,6 +7,7 @@ together (:class:`~fedlorm.methods.within_task.base.WithinTaskMerge`).
 from fedlorm.methods.within_task.average import FactorAverage
 from fedlorm.methods.within_task.base import ALTERNATE, LayerShape, WithinTaskMerge
 from fedlorm.methods.within_task.closed_form import AlternatingClosedForm
+from fedlorm.methods.within_task.fisher import FisherAverage
 from fedlorm.methods.within_task.product import ProductAverage
 from fedlorm.methods.within_task.regmean import DeltaRegMean
 
@@ -15,6 +16,7 @@ __all__ = [
     "AlternatingClosedForm",
     "DeltaRegMean",
     "FactorAverage",
+    "FisherAverage",
     "LayerShape",
     "ProductAverage",
     "WithinTaskMerge",

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from torch import Tensor
 
 from fedlorm.adapters import LoRALayer
-from fedlorm.methods.base import Arrays
+from fedlorm.backbones import Backbone
+from fedlorm.methods.base import Arrays, ClientData, Instruction
 from fedlorm.methods.replies import ReplySpec, Summand
 from fedlorm.methods.steps import Factor
 
@@ -52,6 +54,19 @@ class WithinTaskMerge(ABC):
     @abstractmethod
     def summands(self, name: str, layer: LoRALayer, factor: Factor, gram: Tensor | None, n: int) -> Arrays:
         """One client's additive reply for layer ``name`` after training ``factor`` on ``n`` samples."""
+
+    def data_summands(
+        self,
+        model: Backbone,
+        layers: Mapping[str, LoRALayer],
+        data: ClientData,
+        instruction: Instruction,
+        *,
+        batch_size: int,
+    ) -> Arrays:
+        """Summands that need the client's data after training (e.g. a Fisher), for every layer at
+        once; sent besides :meth:`summands` (none by default). :meth:`spec` declares them too."""
+        return {}
 
     @abstractmethod
     def spec(self, name: str, shape: LayerShape, factor: Factor, gram: Summand) -> ReplySpec:
