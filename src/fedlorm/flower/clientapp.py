@@ -2,7 +2,8 @@
 
 Every SuperNode sets ``partition-id`` (0-based) and ``num-partitions`` (= the run's clients).
 ``query`` tells the server which client this node serves; ``train`` runs one protocol step with the
-in-process simulator's client code and replies with the summands; ``evaluate`` reports the broadcast
+in-process simulator's client code and replies with the summands (under secure aggregation, Flower's
+``secaggplus_mod`` wraps it and the summands go out encoded and masked); ``evaluate`` reports the broadcast
 model's class-IL accuracy on the client's own training shares of the tasks seen so far.
 
 A SuperNode may also set ``data-dir``: its own folder written by ``fedlorm partition``
@@ -33,6 +34,14 @@ from flwr.common.constant import ErrorCode
 
 from fedlorm.flower.identity import encode_identity, identity_of
 from fedlorm.flower.logs import use_flower_logging
+from fedlorm.flower.secure_client import (
+    REPLY_SPEC,
+    is_secure_message,
+    optional_secaggplus_mod,
+    secure_broadcast,
+    secure_reply,
+    secure_request,
+)
 from fedlorm.flower.settings import settings_from_run_config
 
 if TYPE_CHECKING:
@@ -53,13 +62,15 @@ def identify(message: Message, context: Context) -> Message:
     return Message(encode_identity(identity_of(context.node_config)), reply_to=message)
 
 
-@app.train()
+@app.train(mods=[optional_secaggplus_mod])
 def train(message: Message, context: Context) -> Message:
     """One protocol step: load the broadcast, train or collect statistics, reply with the summands."""
     from fedlorm.flower import client
     from fedlorm.flower.messages import ARRAYS, CONFIG, encode_train_reply, from_array_record
     from fedlorm.methods import Instruction
 
+    if is_secure_message(message):
+        return _secure_train(message, context)
     try:
         exp, partition = _experiment(context)
     except ValueError as err:
@@ -84,6 +95,27 @@ def evaluate(message: Message, context: Context) -> Message:
     arrays = from_array_record(message.content.array_records[ARRAYS])
     accuracy, examples = client.local_accuracy(exp, partition, task, arrays)
     return Message(encode_evaluation_reply(partition, accuracy, examples), reply_to=message)
+
+
+def _secure_train(message: Message, context: Context) -> Message:
+    """A secure step's masking stage: check the own reply, encode it, let the mod mask it.
+
+    Any failure (setup, the reply's checks, a value above the agreed bound) raises: Flower turns it
+    into an error reply and SecAgg+ goes on without this client.
+    """
+    import torch
+
+    from fedlorm.flower import client
+    from fedlorm.methods import Instruction
+    from fedlorm.secure.contribution import contribution, encoding_spec, spec_from_json
+
+    _, _, config = secure_request(message)
+    exp, partition = _experiment(context)
+    instruction = Instruction.from_record(config)  # type: ignore[arg-type]
+    expected = spec_from_json(str(config[REPLY_SPEC]))
+    arrays = {key: torch.from_numpy(value) for key, value in secure_broadcast(message).items()}
+    reply = client.local_update(exp, partition, instruction, arrays)
+    return secure_reply(message, contribution(reply, expected, encoding_spec(exp.cfg.secure)))
 
 
 def _experiment(context: Context) -> tuple[Experiment, int]:

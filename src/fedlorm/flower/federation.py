@@ -5,10 +5,11 @@ the broadcast travels as an ``ArrayRecord`` to the SuperNodes whose clients the 
 (:class:`FedlormStrategy`), their replies come back, are checked and folded exactly as in process. So
 for the same config and seed the two runtimes give the same numbers and write the same files; the
 engine checkpoints after every step, and :func:`run_federation` with ``resume`` continues a run whose
-ServerApp (or SuperLink) was killed. On top the transport records which clients each step dropped
-and why (``results["flower"]``, kept across a resume), runs the optional federated evaluation after
-each task, and saves the server's final state (``server_state.safetensors``) so that merged adapters
-can be compared across runtimes.
+ServerApp (or SuperLink) was killed. With ``secure.aggregation`` each step is instead one SecAgg+
+secure sum (:mod:`fedlorm.flower.secure_step`): the server sees only the sums. On top the transport
+records which clients each step dropped and why (``results["flower"]``, kept across a resume), runs
+the optional federated evaluation after each task, and saves the server's final state
+(``server_state.safetensors``) so that merged adapters can be compared across runtimes.
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
+from fedlorm.config import validate_config
 from fedlorm.flower.messages import to_array_record
+from fedlorm.flower.secure_step import run_secure_step
 from fedlorm.flower.settings import FlowerSettings
 from fedlorm.flower.strategy import FedlormStrategy, StepReport
 from fedlorm.methods import Instruction
 from fedlorm.runtime.engine import checkpoint_config, resume_run, run, step_clients
 from fedlorm.runtime.experiment import Experiment
 from fedlorm.runtime.report import metrics_row
+from fedlorm.secure.contribution import secure_record
 
 __all__ = ["SERVER_STATE", "FlowerTransport", "run_federation"]
 
@@ -46,8 +50,11 @@ class FlowerTransport:
 
     name = "flower"
 
-    def __init__(self, grid: Grid, settings: FlowerSettings) -> None:
+    def __init__(self, grid: Grid, settings: FlowerSettings, context: Context | None = None) -> None:
         self.grid, self.settings = grid, settings
+        blank = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        self.context = context or blank
+        """The ServerApp's context (SecAgg+'s workflow runs in a private copy of it)."""
         self.strategy: FedlormStrategy | None = None
         self.step_index = 0
         """Flower's round number of the last message group (counts every step, across sessions)."""
@@ -64,6 +71,9 @@ class FlowerTransport:
     def begin(self, exp: Experiment) -> None:
         """Identify the connected SuperNodes (waiting up to ``node_wait`` s for one per client)."""
         cfg = exp.cfg
+        if cfg.secure.aggregation:
+            validate_config(cfg)  # the method's own config (e.g. joint's one client) must allow it
+            self.flower["secure_aggregation"] = secure_record(cfg)
         self.strategy = FedlormStrategy(
             exp.server,
             cfg.scenario.num_clients,
@@ -85,14 +95,26 @@ class FlowerTransport:
         started = time.perf_counter()
         self.step_index += 1
         strategy.discover(self.grid)
-        arrays = to_array_record(exp.server.arrays(instruction))
-        messages = strategy.configure_train(
-            self.step_index, arrays, ConfigRecord(instruction.to_record()), self.grid
-        )
-        replies = self.grid.send_and_receive(messages, timeout=self.settings.reply_timeout)
-        strategy.aggregate_train(self.step_index, replies)
-        report = strategy.report
-        assert report is not None
+        if exp.cfg.secure.aggregation:
+            report = run_secure_step(
+                strategy,
+                self.grid,
+                self.context,
+                exp.server,
+                instruction,
+                exp.cfg.secure,
+                server_round=self.step_index,
+                timeout=self.settings.reply_timeout,
+            )
+        else:
+            arrays = to_array_record(exp.server.arrays(instruction))
+            messages = strategy.configure_train(
+                self.step_index, arrays, ConfigRecord(instruction.to_record()), self.grid
+            )
+            replies = self.grid.send_and_receive(messages, timeout=self.settings.reply_timeout)
+            strategy.aggregate_train(self.step_index, replies)
+            assert strategy.report is not None
+            report = strategy.report
         advance(len(report.asked))
         logger.info(
             "%s: merged clients %s, dropped %d (%.1f s)",
@@ -171,14 +193,21 @@ class FlowerTransport:
 
 
 def run_federation(
-    grid: Grid, exp: Experiment, settings: FlowerSettings, out: Path | None, *, resume: bool = False
+    grid: Grid,
+    exp: Experiment,
+    settings: FlowerSettings,
+    out: Path | None,
+    *,
+    resume: bool = False,
+    context: Context | None = None,
 ) -> dict[str, Any]:
     """Run every task over ``grid``; return (and write to ``out``) the results dict.
 
     With ``resume``, continue the run checkpointed in ``out`` (CheckpointError, a ValueError, if
-    there is none or it was written for another config than ``exp``'s).
+    there is none or it was written for another config than ``exp``'s). ``context``: the
+    ServerApp's (secure aggregation runs SecAgg+ in a copy of it).
     """
-    transport = FlowerTransport(grid, settings)
+    transport = FlowerTransport(grid, settings, context)
     if not resume:
         return run(exp, transport, out)
     if out is None:

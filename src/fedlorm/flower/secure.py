@@ -26,21 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import (
-    Code,
-    FitIns,
-    FitRes,
-    Parameters,
-    Scalar,
-    Status,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -51,6 +38,18 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from fedlorm.flower.secure_client import (
+    BROADCAST,
+    FITINS_CONFIG,
+    LAYOUT,
+    WORD_BITS,
+    is_secure_message,
+    optional_secaggplus_mod,
+    secure_broadcast,
+    secure_reply,
+    secure_request,
+)
+
 __all__ = [
     "FITINS_CONFIG",
     "LAYOUT",
@@ -58,17 +57,11 @@ __all__ = [
     "SecureSum",
     "is_secure_message",
     "optional_secaggplus_mod",
+    "secure_broadcast",
     "secure_reply",
     "secure_request",
     "secure_sum",
 ]
-
-FITINS_CONFIG = "fitins.config"
-"""The record of the masking-stage message that carries the request's config (legacy FitIns layout)."""
-LAYOUT = "fedlorm-secure-layout"
-"""Config key: JSON {array key: shape}; the client's arrays, in this key order, are what is summed."""
-WORD_BITS = "fedlorm-secure-word-bits"
-"""Config key: each client's entries must lie in [0, 2^word_bits)."""
 
 
 @dataclass(frozen=True)
@@ -84,9 +77,17 @@ class SecureSum:
 class _OneShotSum(Strategy):
     """The legacy strategy the workflow needs: one fit round to fixed nodes; keeps the unmasked sum."""
 
-    def __init__(self, grid: Grid, run_id: int, node_ids: Sequence[int], config: dict[str, Scalar]) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        run_id: int,
+        node_ids: Sequence[int],
+        config: dict[str, Scalar],
+        parameters: Parameters,
+    ) -> None:
         self.proxies = [GridClientProxy(node_id, grid, run_id) for node_id in node_ids]
         self.config = config
+        self.parameters = parameters
         self.average: list[np.ndarray] | None = None
         self.contributors: list[int] = []
 
@@ -97,11 +98,8 @@ class _OneShotSum(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Every given node, with the request's config and no arrays."""
-        return [
-            (proxy, FitIns(Parameters(tensors=[], tensor_type=""), dict(self.config)))
-            for proxy in self.proxies
-        ]
+        """Every given node, with the request's config and broadcast arrays."""
+        return [(proxy, FitIns(self.parameters, dict(self.config))) for proxy in self.proxies]
 
     def aggregate_fit(
         self,
@@ -167,10 +165,12 @@ def secure_sum(
     timeout: float | None = None,
     config: Mapping[str, Scalar] | None = None,
     server_round: int = 1,
+    arrays: Mapping[str, np.ndarray] | None = None,
 ) -> SecureSum | None:
     """Sum the clients' integer arrays (``layout``: key → shape, entries in [0, 2^word_bits)) with SecAgg+.
 
-    ``config`` reaches each client's handler with the layout (:func:`secure_request`). Returns None
+    ``config`` reaches each client's handler with the layout (:func:`secure_request`), ``arrays``
+    (the step's broadcast) with it (:func:`secure_broadcast`); both only in the masking stage. Returns None
     when the protocol halts (too few clients left for the threshold); the server then has learnt nothing
     about the arrays. ``num_shares`` and ``reconstruction_threshold`` are SecAgg+'s (a float is a share
     of the clients, resp. of the shares).
@@ -180,7 +180,10 @@ def secure_sum(
     request: dict[str, Scalar] = dict(config or {})
     request[LAYOUT] = json.dumps({key: [int(n) for n in shape] for key, shape in layout.items()})
     request[WORD_BITS] = word_bits
-    strategy = _OneShotSum(grid, context.run_id, nodes, request)
+    broadcast = dict(arrays or {})
+    request[BROADCAST] = json.dumps(list(broadcast))
+    parameters = ndarrays_to_parameters([np.asarray(a) for a in broadcast.values()])
+    strategy = _OneShotSum(grid, context.run_id, nodes, request, parameters)
     private = Context(
         run_id=context.run_id,
         node_id=context.node_id,
@@ -214,54 +217,3 @@ def secure_sum(
         key: total.reshape(tuple(shape)) for (key, shape), total in zip(layout.items(), totals, strict=True)
     }
     return SecureSum(sums=sums, contributors=strategy.contributors)
-
-
-# -- client side ------------------------------------------------------------------------------------
-def is_secure_message(message: Message) -> bool:
-    """True for the messages of Flower's SecAgg+ workflow (they carry its config record)."""
-    return RECORD_KEY_CONFIGS in message.content.config_records
-
-
-def optional_secaggplus_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's ``secaggplus_mod`` for SecAgg+ messages; every other message goes to the handler untouched.
-
-    The mod itself rejects any ``train`` message without a SecAgg+ stage, so this lets one ``train``
-    handler serve plain and secure steps.
-    """
-    if message.metadata.message_type == MessageType.TRAIN and is_secure_message(message):
-        return secaggplus_mod(message, context, call_next)
-    return call_next(message, context)
-
-
-def secure_request(message: Message) -> tuple[dict[str, tuple[int, ...]], int, dict[str, Scalar]]:
-    """The masking stage's request: (layout, word_bits, server config); ValueError without the mod."""
-    stage_config = message.content.config_records[RECORD_KEY_CONFIGS]
-    if Key.STAGE in stage_config:
-        raise ValueError(
-            f"SecAgg+ stage {stage_config[Key.STAGE]!r} reached the train handler: this ClientApp's train "
-            "handler needs optional_secaggplus_mod (Flower's secaggplus_mod)"
-        )
-    config = dict(message.content.config_records[FITINS_CONFIG])
-    layout = {key: tuple(shape) for key, shape in json.loads(str(config.pop(LAYOUT))).items()}
-    word_bits = int(config.pop(WORD_BITS))  # type: ignore[arg-type]
-    return layout, word_bits, config
-
-
-def secure_reply(message: Message, arrays: Mapping[str, np.ndarray]) -> Message:
-    """The reply to the masking stage: ``arrays`` (exactly the layout's keys, shapes, integers in range)."""
-    layout, word_bits, _ = secure_request(message)
-    if set(arrays) != set(layout):
-        raise ValueError(f"arrays have keys {sorted(arrays)}; the secure sum expects {sorted(layout)}")
-    half = float(1 << (word_bits - 1))
-    floats = []
-    for key, shape in layout.items():
-        array = np.asarray(arrays[key])
-        if array.shape != shape or array.dtype.kind not in "iu":
-            raise ValueError(
-                f"{key!r}: {array.dtype} of shape {array.shape}; expected integers of shape {shape}"
-            )
-        if array.size and (array.min() < 0 or array.max() >= 1 << word_bits):
-            raise ValueError(f"{key!r} has entries outside [0, 2^{word_bits})")
-        floats.append(array.astype(np.float64) - half)
-    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(floats), num_examples=1, metrics={})
-    return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=message)

@@ -75,7 +75,7 @@ def main(grid: Grid, context: Context) -> None:
     out = output_dir(exp.cfg, settings)
     logger.info("fedlorm %s on Flower; results in %s", exp.cfg.method, out)
     try:
-        results = run_federation(grid, exp, settings, out, resume=settings.resume)
+        results = run_federation(grid, exp, settings, out, resume=settings.resume, context=context)
     except CheckpointError as err:
         logger.error("resume: %s", err)
         raise

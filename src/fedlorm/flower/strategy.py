@@ -72,10 +72,12 @@ class StepReport:
     upload_bytes: int = 0
     download_bytes: int = 0
     """The broadcast's tensor payload times the SuperNodes it was sent to."""
+    secure: bool = False
+    """The step ran as a SecAgg+ secure sum: the server saw only the sum of ``merged``'s replies."""
 
     def to_record(self) -> dict[str, Any]:
-        """Plain form for results.json."""
-        return {
+        """Plain form for results.json (``secure`` only for a secure step)."""
+        record = {
             "step": self.step,
             "nodes": len(self.nodes),
             "asked": self.asked,
@@ -83,6 +85,7 @@ class StepReport:
             "dropped": [asdict(d) for d in self.dropped],
             "state_kept": self.tally is None,
         }
+        return {**record, "secure": True} if self.secure else record
 
 
 class FedlormStrategy(Strategy):
@@ -189,20 +192,20 @@ class FedlormStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One train message per connected SuperNode whose client the step asks: ``arrays`` and ``config``."""
-        instruction = Instruction.from_record(config)
+        report = self.begin_step(Instruction.from_record(config), grid)
+        report.download_bytes = payload_bytes(arrays) * len(report.nodes)
+        return self._messages(
+            report.nodes, RecordDict({ARRAYS: arrays, CONFIG: config}), MessageType.TRAIN, server_round
+        )
+
+    def begin_step(self, instruction: Instruction, grid: Grid) -> StepReport:
+        """The step's report: the connected SuperNodes whose clients ``instruction`` asks."""
         asked = self.asked(instruction)
         wanted = set(asked)
         nodes = {n: p for n, p in self._connected(grid).items() if p in wanted}
         self._instruction = instruction
-        self.report = StepReport(
-            step=step_name(instruction),
-            nodes=nodes,
-            asked=asked,
-            download_bytes=payload_bytes(arrays) * len(nodes),
-        )
-        return self._messages(
-            nodes, RecordDict({ARRAYS: arrays, CONFIG: config}), MessageType.TRAIN, server_round
-        )
+        self.report = StepReport(step=step_name(instruction), nodes=nodes, asked=asked)
+        return self.report
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -243,21 +246,26 @@ class FedlormStrategy(Strategy):
                 _check_identity(instruction, partition, reply)
                 check_reply(reply.reply, expected)
             except InvalidReplyError as err:
-                self._drop(report, node, partition, str(err))
+                self.drop(report, node, partition, str(err))
                 continue
             if expected is None:
                 expected = reply_spec(reply.reply.summands)
             accepted[partition] = reply.reply
+        self.drop_unreached(report)
+        return accepted
+
+    def drop_unreached(self, report: StepReport) -> None:
+        """Every asked client without a connected SuperNode goes to ``report.dropped``."""
         reached = set(report.nodes.values())
         last_node = {p: n for n, p in self.partitions.items()}
         for partition in report.asked:
             if partition not in reached:
                 node = last_node.get(partition, NO_NODE)
                 gone = f"its SuperNode (node {node}) is no longer connected"
-                self._drop(report, node, partition, gone if node != NO_NODE else "no SuperNode serves it")
-        return accepted
+                self.drop(report, node, partition, gone if node != NO_NODE else "no SuperNode serves it")
 
-    def _drop(self, report: StepReport, node: int, partition: int, reason: str) -> None:
+    def drop(self, report: StepReport, node: int, partition: int, reason: str) -> None:
+        """Record (and log) that ``partition``'s reply is not in the step's merge, and why."""
         report.dropped.append(Dropped(node_id=node, partition=partition, reason=reason))
         logger.warning("%s: client %d (node %d) dropped: %s", report.step, partition, node, reason)
 

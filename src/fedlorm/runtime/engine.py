@@ -15,6 +15,7 @@ give the same numbers for the same config and seed, and both resume after a cras
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -56,6 +57,8 @@ from fedlorm.runtime.report import (
     task_test_sizes,
 )
 from fedlorm.runtime.tensorboard import open_board
+from fedlorm.secure.contribution import contribution, digit_layout, secure_expected, unpack
+from fedlorm.secure.encoding import EncodingSpec, decode, modular_sum
 from fedlorm.seeding import derive_seed, torch_generator
 
 __all__ = [
@@ -63,9 +66,12 @@ __all__ = [
     "Transport",
     "checkpoint_config",
     "fold_replies",
+    "fold_secure_replies",
+    "fold_sums",
     "kill_point",
     "resume_run",
     "run",
+    "secure_upload_bytes",
     "step_clients",
     "step_plan",
 ]
@@ -235,6 +241,70 @@ def fold_replies(
         )
     else:
         server.aggregate(instruction, sums, tally.examples)
+    tally.merge_seconds = time.perf_counter() - started
+    return tally
+
+
+def fold_secure_replies(
+    server: Server, instruction: Instruction, replies: Iterable[tuple[int, ClientReply]], spec: EncodingSpec
+) -> tuple[StepTally, list[int]]:
+    """The secure-aggregation fold in process: what SecAgg+ computes, without the masks.
+
+    Each client checks and encodes its own reply (:func:`~fedlorm.secure.contribution.contribution`;
+    one that fails contributes nothing, as a client that errors out of SecAgg+), the digits are
+    summed modulo 2^modulus_bits and decoded, and the sums folded by :func:`fold_sums`. Returns the
+    tally and the contributing clients; the numbers are the bits a Flower run's secure sum gives.
+    """
+    expected = secure_expected(server, instruction)
+    layout = digit_layout(expected, spec)
+    encodings, contributors, clients = [], [], 0
+    for k, reply in replies:
+        clients += 1
+        try:
+            encodings.append(contribution(reply, expected, spec))
+        except ValueError as err:
+            logger.warning("%s: client %d contributes nothing: %s", step_name(instruction), k, err)
+            continue
+        contributors.append(k)
+    if not encodings:
+        logger.warning("%s: no client contributed; the previous global state stays", step_name(instruction))
+        return StepTally(clients=clients, rejected=clients), contributors
+    decoded = decode(modular_sum(encodings, spec), spec, len(encodings))
+    upload = len(encodings) * secure_upload_bytes(layout)
+    tally = fold_sums(
+        server, instruction, decoded, clients=clients, contributors=len(encodings), upload_bytes=upload
+    )
+    return tally, contributors
+
+
+def secure_upload_bytes(layout: Mapping[str, tuple[int, ...]]) -> int:
+    """One client's masked upload: an int64 per digit of the layout."""
+    return 8 * sum(math.prod(shape) for shape in layout.values())
+
+
+def fold_sums(
+    server: Server,
+    instruction: Instruction,
+    decoded: Mapping[str, Any],
+    *,
+    clients: int,
+    contributors: int,
+    upload_bytes: int,
+) -> StepTally:
+    """Hand decoded secure sums (summands, count, loss sum) to the server: :func:`fold_replies` on sums.
+
+    ``clients`` were asked and ``contributors`` of them are in the sums; the rest count as rejected.
+    """
+    sums, examples, loss_sum = unpack(decoded)
+    tally = StepTally(
+        clients=clients,
+        rejected=clients - contributors,
+        examples=examples,
+        loss_sum=loss_sum,
+        upload_bytes=upload_bytes,
+    )
+    started = time.perf_counter()
+    server.aggregate(instruction, sums, examples)
     tally.merge_seconds = time.perf_counter() - started
     return tally
 

@@ -17,12 +17,20 @@ from typing import Any
 
 from torch import Tensor
 
-from fedlorm.config import RunConfig
+from fedlorm.config import RunConfig, validate_config
 from fedlorm.methods import ClientReply, Instruction, payload_bytes
 from fedlorm.methods.steps import step_label
-from fedlorm.runtime.engine import checkpoint_config, fold_replies, kill_point, resume_run, run
+from fedlorm.runtime.engine import (
+    checkpoint_config,
+    fold_replies,
+    fold_secure_replies,
+    kill_point,
+    resume_run,
+    run,
+)
 from fedlorm.runtime.experiment import Experiment, build_experiment
 from fedlorm.runtime.report import metrics_row
+from fedlorm.secure.contribution import encoding_spec, secure_record
 from fedlorm.seeding import torch_generator
 
 __all__ = ["InProcess", "resume_simulation", "run_simulation"]
@@ -33,17 +41,31 @@ class InProcess:
 
     name = "in-process"
 
+    def __init__(self) -> None:
+        self.secure: dict[str, Any] | None = None
+        """With ``secure.aggregation``: results.json's record of it (SecAgg+'s settings, the encoding)."""
+
     def begin(self, exp: Experiment) -> None:
-        """Nothing to connect."""
+        """Nothing to connect; with secure aggregation, check the run's config allows it."""
+        if exp.cfg.secure.aggregation:
+            validate_config(exp.cfg)  # the method's own config (e.g. joint's one client) must allow it
+            self.secure = secure_record(exp.cfg)
 
     def run_step(
         self, exp: Experiment, instruction: Instruction, clients: list[int], advance: Callable[[int], None]
     ) -> dict[str, Any]:
-        """One broadcast → local work on ``clients`` → checked, summed replies → server merge."""
+        """One broadcast → local work on ``clients`` → checked, summed replies → server merge.
+
+        With ``secure.aggregation`` the replies are encoded, summed modulo 2^k and decoded as
+        SecAgg+ would (:func:`fold_secure_replies`), so the numbers are a Flower secure run's.
+        """
         arrays = exp.server.arrays(instruction)
-        tally = fold_replies(
-            exp.server, instruction, self.replies(exp, instruction, arrays, clients, advance)
-        )
+        replies = self.replies(exp, instruction, arrays, clients, advance)
+        if self.secure is not None:
+            spec = encoding_spec(exp.cfg.secure)
+            tally, _ = fold_secure_replies(exp.server, instruction, replies, spec)
+        else:
+            tally = fold_replies(exp.server, instruction, replies)
         return metrics_row(
             exp,
             instruction,
@@ -74,8 +96,10 @@ class InProcess:
         """No client-side evaluation in process: the server's evaluation is the run's."""
 
     def results_extra(self) -> dict[str, Any]:
-        """results.json names the runtime."""
-        return {"runtime": self.name}
+        """results.json names the runtime (and records secure aggregation when it is on)."""
+        if self.secure is None:
+            return {"runtime": self.name}
+        return {"runtime": self.name, "secure_aggregation": self.secure}
 
     def record(self) -> dict[str, Any]:
         """No bookkeeping of its own to checkpoint."""

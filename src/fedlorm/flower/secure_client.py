@@ -1,0 +1,104 @@
+"""The ClientApp's side of a secure sum: Flower's ``secaggplus_mod`` where needed, request and reply.
+
+The masking stage of SecAgg+ hands the wrapped ``train`` handler the request in the legacy ``FitIns``
+layout (``fitins.config``, ``fitins.parameters``); the handler answers in the ``FitRes`` layout with
+integer arrays the mod masks (:func:`secure_reply`). The server side is :mod:`fedlorm.flower.secure`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Context, Message, MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
+
+__all__ = [
+    "BROADCAST",
+    "FITINS_CONFIG",
+    "LAYOUT",
+    "REPLY_SPEC",
+    "WORD_BITS",
+    "is_secure_message",
+    "optional_secaggplus_mod",
+    "secure_broadcast",
+    "secure_reply",
+    "secure_request",
+]
+
+FITINS_CONFIG = "fitins.config"
+"""The record of the masking-stage message that carries the request's config (legacy FitIns layout)."""
+LAYOUT = "fedlorm-secure-layout"
+"""Config key: JSON {array key: shape}; the client's arrays, in this key order, are what is summed."""
+WORD_BITS = "fedlorm-secure-word-bits"
+"""Config key: each client's entries must lie in [0, 2^word_bits)."""
+REPLY_SPEC = "fedlorm-secure-reply-spec"
+"""Config key: the step's reply spec as JSON (:func:`fedlorm.secure.contribution.spec_to_json`)."""
+BROADCAST = "fedlorm-secure-broadcast"
+"""Config key: JSON list of the broadcast's array keys, in the order of ``fitins.parameters``."""
+
+
+def is_secure_message(message: Message) -> bool:
+    """True for the messages of Flower's SecAgg+ workflow (they carry its config record)."""
+    return RECORD_KEY_CONFIGS in message.content.config_records
+
+
+def optional_secaggplus_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``secaggplus_mod`` for SecAgg+ messages; every other message goes to the handler untouched.
+
+    The mod itself rejects any ``train`` message without a SecAgg+ stage, so this lets one ``train``
+    handler serve plain and secure steps.
+    """
+    if message.metadata.message_type == MessageType.TRAIN and is_secure_message(message):
+        return secaggplus_mod(message, context, call_next)
+    return call_next(message, context)
+
+
+def secure_request(message: Message) -> tuple[dict[str, tuple[int, ...]], int, dict[str, Scalar]]:
+    """The masking stage's request: (layout, word_bits, server config); ValueError without the mod."""
+    stage_config = message.content.config_records[RECORD_KEY_CONFIGS]
+    if Key.STAGE in stage_config:
+        raise ValueError(
+            f"SecAgg+ stage {stage_config[Key.STAGE]!r} reached the train handler: this ClientApp's train "
+            "handler needs optional_secaggplus_mod (Flower's secaggplus_mod)"
+        )
+    config = dict(message.content.config_records[FITINS_CONFIG])
+    layout = {key: tuple(shape) for key, shape in json.loads(str(config.pop(LAYOUT))).items()}
+    word_bits = int(config.pop(WORD_BITS))  # type: ignore[arg-type]
+    config.pop(BROADCAST, None)
+    return layout, word_bits, config
+
+
+def secure_broadcast(message: Message) -> dict[str, np.ndarray]:
+    """The arrays the server sent with the masking stage's request (empty when it sent none)."""
+    fitins = recorddict_to_fitins(message.content, keep_input=True)
+    keys = json.loads(str(fitins.config.get(BROADCAST, "[]")))
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    if len(arrays) != len(keys):
+        raise ValueError(f"the request carries {len(arrays)} arrays for {len(keys)} broadcast keys")
+    return dict(zip(keys, arrays, strict=True))
+
+
+def secure_reply(message: Message, arrays: Mapping[str, np.ndarray]) -> Message:
+    """The reply to the masking stage: ``arrays`` (exactly the layout's keys, shapes, integers in range)."""
+    layout, word_bits, _ = secure_request(message)
+    if set(arrays) != set(layout):
+        raise ValueError(f"arrays have keys {sorted(arrays)}; the secure sum expects {sorted(layout)}")
+    half = float(1 << (word_bits - 1))
+    floats = []
+    for key, shape in layout.items():
+        array = np.asarray(arrays[key])
+        if array.shape != shape or array.dtype.kind not in "iu":
+            raise ValueError(
+                f"{key!r}: {array.dtype} of shape {array.shape}; expected integers of shape {shape}"
+            )
+        if array.size and (array.min() < 0 or array.max() >= 1 << word_bits):
+            raise ValueError(f"{key!r} has entries outside [0, 2^{word_bits})")
+        floats.append(array.astype(np.float64) - half)
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(floats), num_examples=1, metrics={})
+    return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=message)

@@ -1,0 +1,257 @@
+"""Secure aggregation wired into the engine: in process and over Flower's SecAgg+ (loopback grid).
+
+The loopback grid runs the real ClientApp (with Flower's ``secaggplus_mod``) in this process, copies
+every message as serialisation would, turns a ClientApp exception into an error reply as Flower does,
+and records every reply that reaches the server, so the tests can assert what the server saw.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from conftest import tiny_config
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlorm.config import ConfigError, apply_overrides, validate_config
+from fedlorm.flower import client, clientapp, strategy
+from fedlorm.flower.federation import run_federation
+from fedlorm.flower.secure_step import run_secure_step
+from fedlorm.flower.settings import FlowerSettings, run_config_for
+from fedlorm.flower.strategy import FedlormStrategy
+from fedlorm.runtime.engine import fold_secure_replies
+from fedlorm.runtime.experiment import build_experiment
+from fedlorm.runtime.simulator import InProcess, run_simulation
+from fedlorm.secure.contribution import encoding_spec
+from fedlorm.seeding import torch_generator
+
+NODE0 = 301
+TOLERANCE = 1e-6
+"""Relative Frobenius error allowed on every merged factor against the run without secure aggregation."""
+
+
+@pytest.fixture(autouse=True)
+def _isolation():
+    """Torch threads, the ClientApp's experiment cache, fedlorm's logger and Flower's message identity."""
+    threads = torch.get_num_threads()
+    logger = logging.getLogger("fedlorm")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    torch.set_num_threads(threads)
+    logger.handlers[:], logger.level, logger.propagate = saved
+    client._CACHE.clear()
+
+
+class SecureLoopbackGrid(Grid):
+    """SuperNodes NODE0.. serving clients 0..n-1; ``drop(step, partition, stage)`` withholds a reply."""
+
+    def __init__(self, run_config, partitions, drop=None):
+        self.contexts = {
+            NODE0 + p: Context(
+                run_id=1,
+                node_id=NODE0 + p,
+                node_config={"partition-id": p, "num-partitions": partitions},
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            for p in range(partitions)
+        }
+        self.drop = drop
+        self.step = 0
+        self.seen: list[Message] = []
+        """Every train reply that reached the server."""
+
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        raise NotImplementedError
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in list(messages):
+            node = message.metadata.dst_node_id
+            secure = message.content.config_records.get(RECORD_KEY_CONFIGS)
+            stage = secure.get(Key.STAGE) if secure is not None else None
+            self.step += stage == Stage.SETUP and node == min(self.contexts)
+            if self.drop is not None and self.drop(self.step, node - NODE0, stage):
+                continue
+            try:
+                reply = clientapp.app(copy.deepcopy(message), self.contexts[node])
+            except Exception as err:  # Flower turns a ClientApp exception into an error reply
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(err)), reply_to=message)
+            if message.metadata.message_type == "train":
+                self.seen.append(reply)
+            replies.append(reply)
+        return replies
+
+
+def _factors(state):
+    return {k: v for k, v in state.items() if v.is_floating_point() and v.ndim >= 1}
+
+
+def _relative(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / max(float(a.norm()), 1e-300))
+
+
+@pytest.fixture(scope="module")
+def plain_and_secure():
+    """The in-process run without and with secure aggregation (server states and results)."""
+    out = {}
+    for on in ("false", "true"):
+        cfg = tiny_config("train.threads=1", f"secure.aggregation={on}")
+        exp = build_experiment(cfg)
+        results = run_simulation(cfg, experiment=exp)
+        out[on] = (cfg, exp.server.state_dict(), results)
+    return out
+
+
+def test_in_process_secure_run_matches_the_plain_run(plain_and_secure):
+    _, plain, plain_results = plain_and_secure["false"]
+    _, secure, results = plain_and_secure["true"]
+    assert results["accuracy_matrix"] == plain_results["accuracy_matrix"]
+    worst = max(_relative(plain[k], secure[k]) for k in _factors(plain))
+    assert worst <= TOLERANCE, worst
+    assert results["secure_aggregation"]["protocol"] == "SecAgg+"
+    assert "secure_aggregation" not in plain_results
+    # 4 words of int64 per float64 summand entry, plus two encoded scalars per client.
+    for row, plain_row in zip(results["rounds"], plain_results["rounds"], strict=True):
+        assert row["upload_bytes"] == 4 * plain_row["upload_bytes"] + 2 * 4 * 8 * row["clients"]
+
+
+def test_flower_secure_run_sees_only_sums_and_equals_the_in_process_secure_run(
+    plain_and_secure, tmp_path, monkeypatch
+):
+    cfg, secure_state, secure_results = plain_and_secure["true"]
+    _, plain_state, plain_results = plain_and_secure["false"]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the server looked at a single client's reply")
+
+    monkeypatch.setattr(strategy, "fold_replies", forbidden)
+    monkeypatch.setattr(strategy, "check_reply", forbidden)
+    monkeypatch.setattr(strategy, "decode_train_reply", forbidden)
+    run_config = run_config_for(cfg, FlowerSettings(out="", federated_eval=False))
+    grid = SecureLoopbackGrid(run_config, cfg.scenario.num_clients)
+    exp = build_experiment(cfg)
+    aggregated = []
+    aggregate = exp.server.aggregate
+    monkeypatch.setattr(
+        exp.server, "aggregate", lambda i, sums, n: (aggregated.append(sorted(sums)), aggregate(i, sums, n))
+    )
+    settings = FlowerSettings(out=str(tmp_path), min_clients=2, reply_timeout=60.0, federated_eval=False)
+    results = run_federation(grid, exp, settings, tmp_path)
+    # What reached the server: SecAgg+ protocol records only; the handler's arrays were emptied.
+    assert grid.seen and all(not m.has_error() for m in grid.seen)
+    for message in grid.seen:
+        assert all(len(record) == 0 for record in message.content.array_records.values())
+        assert set(message.content.config_records) <= {RECORD_KEY_CONFIGS, "fitres.metrics", "fitres.status"}
+        metrics = {k: dict(r) for k, r in message.content.metric_records.items()}
+        assert metrics in ({}, {"fitres.num_examples": {"num_examples": 1}})  # the constant weight only
+    assert len(aggregated) == len(results["rounds"])
+    # Bit for bit the in-process secure run; within TOLERANCE of the plain run, same accuracies.
+    state = exp.server.state_dict()
+    for key, value in secure_state.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+    assert results["accuracy_matrix"] == secure_results["accuracy_matrix"] == plain_results["accuracy_matrix"]
+    assert max(_relative(plain_state[k], state[k]) for k in _factors(plain_state)) <= TOLERANCE
+    steps = results["flower"]["steps"]
+    assert all(s["secure"] and s["merged"] == [0, 1, 2] for s in steps)
+    assert results["flower"]["secure_aggregation"]["words"] == 4
+    assert [r["upload_bytes"] for r in results["rounds"]] == [
+        r["upload_bytes"] for r in secure_results["rounds"]
+    ]
+
+
+def test_a_client_lost_after_key_sharing_is_left_out_and_the_survivors_merge_exactly():
+    cfg = tiny_config("train.threads=1", "secure.aggregation=true")
+    run_config = run_config_for(cfg, FlowerSettings(out="", federated_eval=False))
+
+    def first_step():
+        exp = build_experiment(cfg)
+        classes = exp.scenario.task_classes(0)
+        exp.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
+        return exp, next(iter(exp.server.instructions(0, classes)))
+
+    exp, instruction = first_step()
+    grid = SecureLoopbackGrid(
+        run_config,
+        3,
+        drop=lambda step, partition, stage: partition == 2 and stage == Stage.COLLECT_MASKED_VECTORS,
+    )
+    strat = FedlormStrategy(exp.server, 3, 1, reply_timeout=30.0)
+    assert strat.discover(grid) == [0, 1, 2]
+    report = run_secure_step(
+        strat,
+        grid,
+        Context(1, 0, {}, RecordDict(), {}),
+        exp.server,
+        instruction,
+        cfg.secure,
+        server_round=1,
+        timeout=30.0,
+    )
+    assert report.merged == [0, 1] and [d.partition for d in report.dropped] == [2]
+    assert "not in the secure sum" in report.dropped[0].reason
+    # The same step in process, over the survivors only.
+    reference, instruction = first_step()
+    arrays = reference.server.arrays(instruction)
+    replies = InProcess.replies(reference, instruction, arrays, [0, 1])
+    _, contributors = fold_secure_replies(reference.server, instruction, replies, encoding_spec(cfg.secure))
+    assert contributors == [0, 1]
+    for key, value in reference.server.state_dict().items():
+        torch.testing.assert_close(exp.server.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["secure.reconstruction_threshold=4", "secure.num_shares=5"],
+            "secure.num_shares = 5 is not allowed",
+        ),
+        (
+            ["secure.reconstruction_threshold=4"],
+            "secure.reconstruction_threshold = 4 is not allowed; expected at most the 3",
+        ),
+        (["scenario.num_clients=1"], "at least 2 clients in every step"),
+        (["secure.word_bits=31"], r"secure.word_bits = 31 is not allowed; expected an integer in \[2, 30\]"),
+        (["secure.modulus_bits=24"], "secure.modulus_bits = 24 is not allowed"),
+        (["secure.num_shares=2"], "an integer >= 3 or a fraction"),
+    ],
+)
+def test_bad_secure_configuration_is_one_clear_error(overrides, message):
+    cfg = apply_overrides(tiny_config(), ["secure.aggregation=true", *overrides])
+    with pytest.raises(ConfigError, match=message) as err:
+        validate_config(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_joint_cannot_run_securely_and_says_why():
+    cfg = tiny_config("train.threads=1", "secure.aggregation=true", "method=joint")
+    with pytest.raises(ConfigError, match="at least 2 clients in every step"):
+        run_simulation(cfg)
