@@ -14,6 +14,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # (Flower, kill-and-resume) more threads than cores made the suite 10-30x slower.
 torch.set_num_threads(1)
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _node_cache_of_this_session(tmp_path_factory):
+    """SuperNodes' node caches (fedlorm.flower.node_cache) go to a folder of this test session, not
+    to the user's ~/.flwr; the Flower processes the tests start inherit it."""
+    saved = os.environ.get("FEDLORM_NODE_CACHE")
+    os.environ["FEDLORM_NODE_CACHE"] = str(tmp_path_factory.mktemp("node-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("FEDLORM_NODE_CACHE", None)
+    else:
+        os.environ["FEDLORM_NODE_CACHE"] = saved
+
+
 TINY = [
     "data.datasets=mnist",
     "data.image_size=32",

@@ -269,7 +269,7 @@ def _first_step(cfg):
 def _protocol_state(cfg, partitions):
     """The server state after the first step merged exactly the given clients' summands (no Flower)."""
     exp, instruction, arrays = _first_step(cfg)
-    client_exp = client.client_experiment(cfg)
+    client_exp = build_experiment(cfg)  # every client's data (a node's cached experiment holds one)
     sums, examples = None, 0
     for k in partitions:
         reply = client.local_update(client_exp, k, instruction, arrays)
