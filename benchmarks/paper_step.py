@@ -83,7 +83,7 @@ def measure(preset: str, backbone: str, precision: str, device: torch.device, ba
     cfg.train.batch_size = cfg.train.eval_batch_size = batch
     dataset = cfg.data.datasets[0]
     model, layers = build_model(cfg, SPLITS[dataset][2], device)
-    server_cls, client_cls = METHODS["lorm"]
+    server_cls, client_cls = METHODS["lorm"].server, METHODS["lorm"].client
     server, client = server_cls(cfg, model, layers), client_cls(cfg, model, layers)
     classes = range(0, 10)
     server.start_task(0, classes, torch.Generator().manual_seed(0))

@@ -7,7 +7,7 @@ with LoRA on attn.qkv 768→2304, attn.proj 768→768, mlp.fc1 768→3072, mlp.f
 768→classes; rank, rounds, tasks, head merge, head shrink and statistics model from the preset) it
 counts, per client:
 
-- ours: a real ``LoRMServer`` on a real (randomly initialised) ViT is driven through the preset's
+- ours: a real ``TaskLoRAServer`` on a real (randomly initialised) ViT is driven through the preset's
   plan of steps (``start_task``, ``instructions``, ``arrays``, ``aggregate``) with synthetic sums of
   the shapes ``expected_reply`` gives (positive Grams). Upload = the payload of one expected reply
   (float64 summands), download = the payload of ``arrays(instruction)``;
@@ -39,7 +39,8 @@ from fedlorm.config import RunConfig, apply_overrides
 from fedlorm.fcl import make_scenario
 from fedlorm.methods import payload_bytes
 from fedlorm.methods.base import Arrays, ReplySpec
-from fedlorm.methods.lorm import LoRMServer
+from fedlorm.methods.replies import Kind
+from fedlorm.methods.task_lora import TaskLoRAServer
 from fedlorm.presets import PAPER_PRESETS, PAPER_SETTINGS, preset_config
 
 F32 = 4  # bytes per float32 value: what the reference sends
@@ -77,14 +78,15 @@ def build_model(cfg: RunConfig, classes: int, width: int | None, blocks: int | N
 
 
 def synthetic_sums(spec: ReplySpec, generator: torch.Generator) -> Arrays:
-    """Random sums of the expected reply's shapes: Grams (``.G``, ``.H``) positive definite, ``n`` > 0."""
+    """Random sums of the expected reply's shapes and kinds: Grams positive definite, counts > 0."""
     out: Arrays = {}
-    for key, (shape, dtype) in spec.items():
-        if key.endswith(".n"):
-            out[key] = torch.tensor(1000.0, dtype=dtype)
-        elif key.endswith((".G", ".H")) and len(shape) == 1:
+    for key, summand in spec.items():
+        shape, dtype = summand.shape, summand.dtype
+        if summand.kind is Kind.COUNT:
+            out[key] = torch.full(shape, 1000.0, dtype=dtype)
+        elif summand.kind is Kind.GRAM and len(shape) == 1:
             out[key] = torch.rand(shape, generator=generator, dtype=dtype) + 0.5
-        elif key.endswith((".G", ".H")):
+        elif summand.kind is Kind.GRAM:
             low = torch.randn(shape[0], 8, generator=generator, dtype=dtype)
             out[key] = low @ low.T + torch.eye(shape[0], dtype=dtype)
         else:
@@ -94,12 +96,12 @@ def synthetic_sums(spec: ReplySpec, generator: torch.Generator) -> Arrays:
 
 def spec_bytes(spec: ReplySpec) -> int:
     """Payload of one reply of this spec."""
-    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in spec.values())
+    return sum(math.prod(s.shape) * s.dtype.itemsize for s in spec.values())
 
 
 def ours(cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer], classes: int) -> Traffic:
-    """Drive a real LoRMServer through the preset's steps; bytes per client per step."""
-    server = LoRMServer(cfg, model, layers)
+    """Drive a real TaskLoRAServer through the preset's steps; bytes per client per step."""
+    server = TaskLoRAServer(cfg, model, layers)
     scenario = make_scenario(classes, cfg.scenario.tasks, "natural")
     rng, sums_rng = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     traffic = Traffic()
@@ -117,7 +119,7 @@ def ours(cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer], class
     return traffic
 
 
-def factor_form_error(server: LoRMServer) -> float | None:
+def factor_form_error(server: TaskLoRAServer) -> float | None:
     """Largest relative difference between the broadcast's factor products and the server's dense ΔW.
 
     None when no layer's deployed ΔW goes as factors.
@@ -190,7 +192,7 @@ def main() -> None:
     width, blocks = (96, 2) if args.quick else (None, None)
     names = args.presets or ([ACCEPTANCE, "eurosat-b1.0"] if args.quick else list(PAPER_PRESETS))
     shape = "ViT width 96, 2 blocks (--quick)" if args.quick else "ViT-B/16, 12 blocks"
-    print(f"Per-client traffic, {shape}, LoRA on qkv/proj/fc1/fc2; ours: real LoRMServer, reference:")
+    print(f"Per-client traffic, {shape}, LoRA on qkv/proj/fc1/fc2; ours: real TaskLoRAServer, reference:")
     print("fed-mammoth's protocol by arithmetic (float32, dense Grams and dense earlier-task deltas).")
     print("Per step: mean over the run's steps (training rounds and statistics passes); ×: ref / ours.")
     head = (

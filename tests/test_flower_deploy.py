@@ -178,6 +178,25 @@ def test_a_deployed_run_sigkilled_at_the_superlink_resumes_and_equals_the_in_pro
     _assert_equals_in_process(results, out, apply_overrides(preset_config("smoke"), OVERRIDES))
 
 
+def test_a_deployed_secure_run_equals_the_in_process_secure_run(loopback, tmp_path):
+    """secure.aggregation on real SuperNodes: every step is a SecAgg+ sum (several message rounds per
+    step, the mod's keys kept in each node's context between them) and the run's numbers are the
+    in-process secure run's."""
+    home, _ = loopback
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    cfg = apply_overrides(preset_config("smoke"), [*OVERRIDES, "secure.aggregation=true"])
+    settings = FlowerSettings(preset="smoke", out=str(out), reply_timeout=300.0, federated_eval=False)
+    started = time.perf_counter()
+    code = flwr_run(ROOT, "loopback", run_config_for(cfg, settings), flwr_home=home, log=log, timeout=800)
+    print(f"deployed secure run (3 SuperNodes, loopback): {time.perf_counter() - started:.1f} s")
+    assert code == 0, log.read_text()[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks_completed"] == 2, log.read_text()[-3000:]
+    assert all(s["secure"] and s["merged"] == [0, 1, 2] for s in results["flower"]["steps"])
+    assert len(results["flower"]["steps"]) == 4 and results["flower"]["dropped"] == []
+    _assert_equals_in_process(results, out, cfg)
+
+
 def _checkpointed_step(out: Path) -> str | None:
     """The last step the run in ``out`` checkpointed, or None."""
     try:
