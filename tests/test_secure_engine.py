@@ -187,17 +187,64 @@ def test_flower_secure_run_sees_only_sums_and_equals_the_in_process_secure_run(
     ]
 
 
+def _secure_first_step(cfg):
+    exp = build_experiment(cfg)
+    classes = exp.scenario.task_classes(0)
+    exp.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
+    return exp, next(iter(exp.server.instructions(0, classes)))
+
+
+def _assert_survivors_merged(cfg, exp, survivors):
+    """``exp``'s server state equals the in-process secure fold of ``survivors``' replies, bit for bit."""
+    reference, instruction = _secure_first_step(cfg)
+    arrays = reference.server.arrays(instruction)
+    replies = InProcess.replies(reference, instruction, arrays, survivors)
+    _, contributors = fold_secure_replies(reference.server, instruction, replies, encoding_spec(cfg.secure))
+    assert contributors == survivors
+    for key, value in reference.server.state_dict().items():
+        torch.testing.assert_close(exp.server.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fault", ["nan", "out-of-range"])
+def test_a_malformed_contribution_is_refused_by_its_client_and_the_others_merge(fault, monkeypatch):
+    """A client whose reply holds NaN, or a value beyond the public bound, cannot encode it: it answers
+    the masking stage with an error, SecAgg+ treats it as dropped, the run goes on with the others."""
+    cfg = tiny_config("train.threads=1", "secure.aggregation=true")
+    run_config = run_config_for(cfg, FlowerSettings(out="", federated_eval=False))
+    honest = client.local_update
+
+    def poisoned(exp, partition, instruction, arrays):
+        reply = honest(exp, partition, instruction, arrays)
+        if partition == 2:
+            key = sorted(reply.summands)[0]
+            bad = float("nan") if fault == "nan" else 2.0**60
+            reply.summands[key] = torch.full_like(reply.summands[key], bad)
+        return reply
+
+    monkeypatch.setattr(client, "local_update", poisoned)
+    exp, instruction = _secure_first_step(cfg)
+    grid = SecureLoopbackGrid(run_config, 3)
+    strat = FedlormStrategy(exp.server, 3, 1, reply_timeout=30.0)
+    assert strat.discover(grid) == [0, 1, 2]
+    report = run_secure_step(
+        strat,
+        grid,
+        Context(1, 0, {}, RecordDict(), {}),
+        exp.server,
+        instruction,
+        cfg.secure,
+        server_round=1,
+        timeout=30.0,
+    )
+    assert report.merged == [0, 1] and [d.partition for d in report.dropped] == [2]
+    monkeypatch.setattr(client, "local_update", honest)
+    _assert_survivors_merged(cfg, exp, [0, 1])
+
+
 def test_a_client_lost_after_key_sharing_is_left_out_and_the_survivors_merge_exactly():
     cfg = tiny_config("train.threads=1", "secure.aggregation=true")
     run_config = run_config_for(cfg, FlowerSettings(out="", federated_eval=False))
-
-    def first_step():
-        exp = build_experiment(cfg)
-        classes = exp.scenario.task_classes(0)
-        exp.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
-        return exp, next(iter(exp.server.instructions(0, classes)))
-
-    exp, instruction = first_step()
+    exp, instruction = _secure_first_step(cfg)
     grid = SecureLoopbackGrid(
         run_config,
         3,
@@ -217,14 +264,7 @@ def test_a_client_lost_after_key_sharing_is_left_out_and_the_survivors_merge_exa
     )
     assert report.merged == [0, 1] and [d.partition for d in report.dropped] == [2]
     assert "not in the secure sum" in report.dropped[0].reason
-    # The same step in process, over the survivors only.
-    reference, instruction = first_step()
-    arrays = reference.server.arrays(instruction)
-    replies = InProcess.replies(reference, instruction, arrays, [0, 1])
-    _, contributors = fold_secure_replies(reference.server, instruction, replies, encoding_spec(cfg.secure))
-    assert contributors == [0, 1]
-    for key, value in reference.server.state_dict().items():
-        torch.testing.assert_close(exp.server.state_dict()[key], value, rtol=0, atol=0)
+    _assert_survivors_merged(cfg, exp, [0, 1])  # the same step in process, over the survivors only
 
 
 @pytest.mark.parametrize(
