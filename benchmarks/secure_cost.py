@@ -13,17 +13,14 @@ the largest relative error of a merged array against the plain run.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.app import Context, Message
 from flwr.common.serde import recorddict_to_proto
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -31,54 +28,25 @@ from conftest import tiny_config
 
 from fedlorm.flower import clientapp
 from fedlorm.flower.federation import run_federation
+from fedlorm.flower.local_grid import LocalGrid
 from fedlorm.flower.settings import FlowerSettings, run_config_for
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.simulator import run_simulation
 
 
-class CountingGrid(Grid):
+class CountingGrid(LocalGrid):
     """SuperNodes 1..n running the real ClientApp here; counts each message's serialised bytes."""
 
     def __init__(self, run_config: dict, partitions: int) -> None:
-        self.contexts = {
-            1 + p: Context(
-                1 + p, 1 + p, {"partition-id": p, "num-partitions": partitions}, RecordDict(), run_config
-            )
-            for p in range(partitions)
-        }
+        super().__init__(clientapp.app, run_config, range(partitions))
         self.bytes_down = self.bytes_up = 0
 
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            self.bytes_down += recorddict_to_proto(message.content).ByteSize()
-            try:
-                reply = clientapp.app(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id])
-            except Exception as err:  # as Flower: an error reply
-                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(err)), reply_to=message)
-            if not reply.has_error():
-                self.bytes_up += recorddict_to_proto(reply.content).ByteSize()
-            replies.append(reply)
-        return replies
+    def deliver(self, message: Message, context: Context) -> Message | None:
+        self.bytes_down += recorddict_to_proto(message.content).ByteSize()
+        reply = super().deliver(message, context)
+        if reply is not None and not reply.has_error():
+            self.bytes_up += recorddict_to_proto(reply.content).ByteSize()
+        return reply
 
 
 def _in_process(overrides: list[str], secure: bool) -> tuple[dict, dict]:

@@ -25,8 +25,7 @@ from conftest import TINY, tiny_config
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, ConfigRecord, Context, Error, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import Array, ConfigRecord, Error, Message, MessageType
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
@@ -35,6 +34,7 @@ from fedlorm.export import load_model
 from fedlorm.flower import client, clientapp, launch, serverapp
 from fedlorm.flower.federation import SERVER_STATE, run_federation
 from fedlorm.flower.launch import APP_COMPONENTS
+from fedlorm.flower.local_grid import LocalGrid
 from fedlorm.flower.messages import CONFIG, SUMMANDS, from_array_record, to_array_record
 from fedlorm.flower.settings import (
     FlowerSettings,
@@ -87,60 +87,29 @@ def _message_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
-class LoopbackGrid(Grid):
+class LoopbackGrid(LocalGrid):
     """SuperNodes NODE0.. serving ``partitions``; replies come from the real ClientApp in process.
 
     ``fault(step, partition, request, reply)`` may return a changed train or evaluate reply, or None
     to withhold it (a reply that did not come back within the timeout); ``step`` counts the calls
-    that carried train messages.
+    that carried train messages. A ClientApp exception propagates (the tests' crashes).
     """
 
     def __init__(self, run_config, partitions, fault=None, num_partitions=None):
-        partitions = list(partitions)
-        self.contexts = {
-            NODE0 + k: Context(
-                run_id=1,
-                node_id=NODE0 + k,
-                node_config={"partition-id": p, "num-partitions": num_partitions or len(partitions)},
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for k, p in enumerate(partitions)
-        }
+        super().__init__(clientapp.app, run_config, partitions, num_partitions, first_node=NODE0)
         self.fault = fault
         self.step = 0
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         self.step += any(m.metadata.message_type == MessageType.TRAIN for m in messages)
-        replies = []
-        for message in messages:
-            context = self.contexts[message.metadata.dst_node_id]
-            reply = clientapp.app(message, context)
-            if self.fault is not None and message.metadata.message_type != MessageType.QUERY:
-                reply = self.fault(self.step, context.node_config["partition-id"], message, reply)
-            if reply is not None:
-                replies.append(reply)
-        return replies
+        return super().send_and_receive(messages, timeout=timeout)
+
+    def deliver(self, message, context):
+        reply = self.app(message, context)
+        if self.fault is not None and message.metadata.message_type != MessageType.QUERY:
+            reply = self.fault(self.step, context.node_config["partition-id"], message, reply)
+        return reply
 
 
 # -- run config ------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ and records every reply that reaches the server, so the tests can assert what th
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
@@ -16,15 +15,14 @@ from conftest import tiny_config
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.app import Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlorm.config import ConfigError, apply_overrides, validate_config
 from fedlorm.flower import client, clientapp, strategy
 from fedlorm.flower.federation import run_federation
+from fedlorm.flower.local_grid import LocalGrid
 from fedlorm.flower.secure_step import run_secure_step
 from fedlorm.flower.settings import FlowerSettings, run_config_for
 from fedlorm.flower.strategy import FedlormStrategy
@@ -52,61 +50,30 @@ def _isolation():
     client._CACHE.clear()
 
 
-class SecureLoopbackGrid(Grid):
-    """SuperNodes NODE0.. serving clients 0..n-1; ``drop(step, partition, stage)`` withholds a reply."""
+class SecureLoopbackGrid(LocalGrid):
+    """SuperNodes NODE0.. serving clients 0..n-1; ``drop(step, partition, stage)`` withholds a reply.
+
+    ``step`` counts the SecAgg+ setups (one per protocol step); ``seen`` keeps every train reply that
+    reached the server.
+    """
 
     def __init__(self, run_config, partitions, drop=None):
-        self.contexts = {
-            NODE0 + p: Context(
-                run_id=1,
-                node_id=NODE0 + p,
-                node_config={"partition-id": p, "num-partitions": partitions},
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for p in range(partitions)
-        }
+        super().__init__(clientapp.app, run_config, range(partitions), first_node=NODE0)
         self.drop = drop
         self.step = 0
         self.seen: list[Message] = []
-        """Every train reply that reached the server."""
 
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in list(messages):
-            node = message.metadata.dst_node_id
-            secure = message.content.config_records.get(RECORD_KEY_CONFIGS)
-            stage = secure.get(Key.STAGE) if secure is not None else None
-            self.step += stage == Stage.SETUP and node == min(self.contexts)
-            if self.drop is not None and self.drop(self.step, node - NODE0, stage):
-                continue
-            try:
-                reply = clientapp.app(copy.deepcopy(message), self.contexts[node])
-            except Exception as err:  # Flower turns a ClientApp exception into an error reply
-                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(err)), reply_to=message)
-            if message.metadata.message_type == "train":
-                self.seen.append(reply)
-            replies.append(reply)
-        return replies
+    def deliver(self, message, context):
+        node = message.metadata.dst_node_id
+        secure = message.content.config_records.get(RECORD_KEY_CONFIGS)
+        stage = secure.get(Key.STAGE) if secure is not None else None
+        self.step += stage == Stage.SETUP and node == min(self.contexts)
+        if self.drop is not None and self.drop(self.step, node - NODE0, stage):
+            return None
+        reply = super().deliver(message, context)
+        if message.metadata.message_type == "train":
+            self.seen.append(reply)
+        return reply
 
 
 def _factors(state):

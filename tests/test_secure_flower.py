@@ -7,7 +7,6 @@ configuration; one test runs the same apps in Flower's simulation runtime (Ray, 
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import sys
@@ -23,6 +22,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedlorm.flower.local_grid import LocalGrid
 from fedlorm.flower.secure import (
     SecureSum,
     is_secure_message,
@@ -76,65 +76,22 @@ def _message_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
-class LoopbackGrid(Grid):
+class LoopbackGrid(LocalGrid):
     """Nodes NODE0.. running ``app`` in this process; ``drop(node, stage)`` withholds that node's reply.
 
-    Each message is deep-copied before delivery, as serialisation would: Flower's workflow sends one
-    content object to every node and the mod edits what it receives.
+    Each message is deep-copied before delivery (:class:`LocalGrid`), as serialisation would: Flower's
+    workflow sends one content object to every node and the mod edits what it receives.
     """
 
     def __init__(self, app: ClientApp, partitions: int, drop=None) -> None:
-        self.app = app
+        super().__init__(app, {}, range(partitions), first_node=NODE0)
         self.drop = drop
-        self.contexts = {
-            NODE0 + p: Context(
-                run_id=1,
-                node_id=NODE0 + p,
-                node_config={"partition-id": p, "num-partitions": partitions},
-                state=RecordDict(),
-                run_config={},
-            )
-            for p in range(partitions)
-        }
 
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            stage = message.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
-            if self.drop is not None and self.drop(node, stage):
-                continue
-            try:
-                replies.append(self.app(copy.deepcopy(message), self.contexts[node]))
-            except Exception as err:  # Flower turns a ClientApp exception into an error reply
-                replies.append(Message(_error(err), reply_to=message))
-        return replies
-
-
-def _error(err: Exception):
-    from flwr.app import Error
-    from flwr.common.constant import ErrorCode
-
-    return Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}")
+    def deliver(self, message, context):
+        stage = message.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
+        if self.drop is not None and self.drop(message.metadata.dst_node_id, stage):
+            return None
+        return super().deliver(message, context)
 
 
 def _context() -> Context:
@@ -240,10 +197,11 @@ def server_main(grid: Grid, context: Context) -> None:
     """Wait for the virtual SuperNodes, securely sum their encoded summands once."""
     import time
 
-    deadline = time.monotonic() + 60
+    # Generous limits: Ray workers import torch before they answer, slow on a loaded 2-core machine.
+    deadline = time.monotonic() + 300
     while len(grid.get_node_ids()) < SIM_NODES and time.monotonic() < deadline:
         time.sleep(0.2)
-    _results.append(secure_sum(grid, context, list(grid.get_node_ids()), LAYOUT, timeout=120))
+    _results.append(secure_sum(grid, context, list(grid.get_node_ids()), LAYOUT, timeout=600))
 
 
 def test_secure_sum_in_flower_simulation(monkeypatch):
