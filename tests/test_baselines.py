@@ -209,7 +209,7 @@ def test_joint_trains_one_client_on_all_classes_at_once():
 
 
 def test_every_method_is_registered():
-    assert set(METHODS) == {*WITHIN_TASK_MERGES, "finetune", "joint", "lwf", "ewc"}
+    assert set(METHODS) == {*WITHIN_TASK_MERGES, "finetune", "joint", "lwf", "ewc", "l2p", "coda-p"}
 
 
 @pytest.mark.parametrize("method", ["lorm", "head-only", "lorm-fsa"])

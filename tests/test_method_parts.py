@@ -52,7 +52,7 @@ def test_the_spec_says_what_an_array_is_whatever_its_name():
 
 def test_registry_entries_name_their_parts():
     task_lora = {name for name, m in METHODS.items() if m.within_task is not None}
-    assert task_lora == set(METHODS) - {"finetune", "joint", "lwf", "ewc"}
+    assert task_lora == set(METHODS) - {"finetune", "joint", "lwf", "ewc", "l2p", "coda-p"}
     assert METHODS["head-only"].within_task is not None
     assert not METHODS["head-only"].within_task.trains_adapters
     assert METHODS["lorm-fsa"].adapt_tasks == 1
