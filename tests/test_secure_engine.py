@@ -172,6 +172,22 @@ def _assert_survivors_merged(cfg, exp, survivors):
         torch.testing.assert_close(exp.server.state_dict()[key], value, rtol=0, atol=0)
 
 
+def _run_first_secure_step(cfg, exp, instruction, grid):
+    """The step ``instruction`` over ``grid``'s 3 nodes as one SecAgg+ sum; its report."""
+    strat = FedlormStrategy(exp.server, 3, 1, reply_timeout=30.0)
+    assert strat.discover(grid) == [0, 1, 2]
+    return run_secure_step(
+        strat,
+        grid,
+        Context(1, 0, {}, RecordDict(), {}),
+        exp.server,
+        instruction,
+        cfg.secure,
+        server_round=1,
+        timeout=30.0,
+    )
+
+
 @pytest.mark.parametrize("fault", ["nan", "out-of-range"])
 def test_a_malformed_contribution_is_refused_by_its_client_and_the_others_merge(fault, monkeypatch):
     """A client whose reply holds NaN, or a value beyond the public bound, cannot encode it: it answers
@@ -191,18 +207,7 @@ def test_a_malformed_contribution_is_refused_by_its_client_and_the_others_merge(
     monkeypatch.setattr(client, "local_update", poisoned)
     exp, instruction = _secure_first_step(cfg)
     grid = SecureLoopbackGrid(run_config, 3)
-    strat = FedlormStrategy(exp.server, 3, 1, reply_timeout=30.0)
-    assert strat.discover(grid) == [0, 1, 2]
-    report = run_secure_step(
-        strat,
-        grid,
-        Context(1, 0, {}, RecordDict(), {}),
-        exp.server,
-        instruction,
-        cfg.secure,
-        server_round=1,
-        timeout=30.0,
-    )
+    report = _run_first_secure_step(cfg, exp, instruction, grid)
     assert report.merged == [0, 1] and [d.partition for d in report.dropped] == [2]
     monkeypatch.setattr(client, "local_update", honest)
     _assert_survivors_merged(cfg, exp, [0, 1])
@@ -217,18 +222,7 @@ def test_a_client_lost_after_key_sharing_is_left_out_and_the_survivors_merge_exa
         3,
         drop=lambda step, partition, stage: partition == 2 and stage == Stage.COLLECT_MASKED_VECTORS,
     )
-    strat = FedlormStrategy(exp.server, 3, 1, reply_timeout=30.0)
-    assert strat.discover(grid) == [0, 1, 2]
-    report = run_secure_step(
-        strat,
-        grid,
-        Context(1, 0, {}, RecordDict(), {}),
-        exp.server,
-        instruction,
-        cfg.secure,
-        server_round=1,
-        timeout=30.0,
-    )
+    report = _run_first_secure_step(cfg, exp, instruction, grid)
     assert report.merged == [0, 1] and [d.partition for d in report.dropped] == [2]
     assert "not in the secure sum" in report.dropped[0].reason
     _assert_survivors_merged(cfg, exp, [0, 1])  # the same step in process, over the survivors only

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-__all__ = ["PRECISIONS", "autocast", "check_precision", "grad_scaler"]
+__all__ = ["PRECISIONS", "autocast", "backward_and_step", "check_precision", "grad_scaler"]
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 
@@ -44,3 +44,18 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
     """A fresh gradient scaler for ``16-mixed`` (float16 gradients underflow without one), else None."""
     return torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+
+
+def backward_and_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Backpropagate ``loss`` and take the optimizer's step, through ``scaler`` when there is one
+    (``16-mixed``: the loss is scaled against float16 underflow and the step unscales it)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()

@@ -12,7 +12,7 @@ from fedlorm.adapters import InputStatistics, LoRALayer, set_trainable_factor
 from fedlorm.backbones import Backbone
 from fedlorm.config import TrainConfig
 from fedlorm.methods.base import ClientData, Factor
-from fedlorm.precision import autocast, grad_scaler
+from fedlorm.precision import autocast, backward_and_step, grad_scaler
 
 __all__ = [
     "HEAD",
@@ -126,14 +126,7 @@ def train_locally(
                 extra = None if penalty is None else penalty(images, logits).float()
             cross_entropy = F.cross_entropy(logits[:, start:stop].float(), targets)
             loss = cross_entropy if extra is None else cross_entropy + extra
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+            backward_and_step(loss, optimizer, scaler)
             total += float(cross_entropy.detach()) * len(batch)
             count += len(batch)
     model.requires_grad_(False)

@@ -10,7 +10,7 @@ from fedlorm.backbones import Backbone
 from fedlorm.config import TrainConfig
 from fedlorm.methods.base import ClientData
 from fedlorm.methods.prompts.pool import PromptPool
-from fedlorm.precision import autocast, grad_scaler
+from fedlorm.precision import autocast, backward_and_step, grad_scaler
 
 __all__ = ["train_prompts"]
 
@@ -55,14 +55,7 @@ def train_prompts(
                 logits = model.head(features)
             cross_entropy = F.cross_entropy(logits[:, classes.start : classes.stop].float(), targets)
             loss = cross_entropy + extra.float()
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+            backward_and_step(loss, optimizer, scaler)
             total += float(cross_entropy.detach()) * len(batch)
             seen += len(batch)
     model.requires_grad_(False)
