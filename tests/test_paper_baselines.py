@@ -232,6 +232,24 @@ def test_covariance_factor_reproduces_singular_covariances():
     np.testing.assert_allclose((L @ L.T).numpy(), cov.numpy(), atol=1e-12)
 
 
+def test_covariance_factor_falls_back_to_svd_when_eigh_does_not_converge(monkeypatch):
+    # MKL's eigh, one thread, stops unconverged on some low-rank feature covariances (seen with a
+    # rank-5 1280 × 1280 one on an AVX-512 CPU); the SVD fallback must give the same factor.
+    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cov = torch.from_numpy(np.cov(x.numpy(), rowvar=False))  # rank 5 < 40
+
+    def unconverged(matrix):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    by_eigh = covariance_factor(cov)
+    monkeypatch.setattr(torch.linalg, "eigh", unconverged)
+    L = covariance_factor(cov)
+    np.testing.assert_allclose((L @ L.T).numpy(), cov.numpy(), atol=1e-12)
+    # the symmetric square root: the same factor, hence the same virtual features, either way
+    np.testing.assert_allclose(L.numpy(), L.T.numpy(), atol=1e-12)
+    np.testing.assert_allclose(L.numpy(), by_eigh.numpy(), atol=1e-10)
+
+
 def test_ccvr_calibration_is_sgd_on_cross_entropy():
     rng = torch.Generator().manual_seed(3)
     features = torch.randn(150, 4, generator=rng, dtype=torch.float64)

@@ -15,6 +15,7 @@ A client sends a d×d matrix per class (d = feature width), as CCVR does.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -31,6 +32,8 @@ from fedlorm.methods.replies import ReplySpec, value
 from fedlorm.precision import autocast
 
 __all__ = ["BATCH", "CCVRHead", "calibrate", "class_statistics", "covariance_factor", "virtual_features"]
+
+logger = logging.getLogger(__name__)
 
 BATCH = 64
 """Virtual features per SGD step of the calibration."""
@@ -49,9 +52,24 @@ def class_statistics(sums: Tensor, counts: Tensor, moments: Tensor) -> tuple[Ten
 
 
 def covariance_factor(cov: Tensor) -> Tensor:
-    """L with L Lᵀ = ``cov`` (symmetric PSD up to round-off; negative eigenvalues clipped to 0)."""
-    eigenvalues, vectors = torch.linalg.eigh(cov)
-    return vectors * eigenvalues.clamp(min=0).sqrt()
+    """The symmetric square root S = V √Λ Vᵀ of ``cov`` (S Sᵀ = cov), eigenvalues below round-off
+    (d·eps·λ_max, which covers the negative ones) taken as 0.
+
+    Unlike V √Λ it does not depend on the eigenvectors' signs, nor on the basis chosen within a
+    repeated eigenvalue, so the virtual features drawn with it are the same whichever decomposition
+    (or CPU) produced V.
+    """
+    try:
+        eigenvalues, vectors = torch.linalg.eigh(cov)
+    except torch.linalg.LinAlgError:
+        # A covariance of a few clients' features has rank ≤ n - 1 and many equal (zero) eigenvalues,
+        # on which some LAPACK builds' divide-and-conquer eigh stops unconverged (MKL, one thread, on
+        # AVX-512 CPUs). For a symmetric PSD matrix the SVD is an eigendecomposition too.
+        logger.debug("eigh did not converge on a %d × %d covariance; factoring it by SVD", *cov.shape)
+        vectors, eigenvalues, _ = torch.linalg.svd(cov)
+    round_off = eigenvalues.abs().max() * cov.shape[-1] * torch.finfo(cov.dtype).eps
+    roots = torch.where(eigenvalues > round_off, eigenvalues, 0).sqrt()
+    return (vectors * roots) @ vectors.T
 
 
 def virtual_features(
