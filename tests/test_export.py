@@ -1,5 +1,6 @@
 """The model a run leaves (``model/``): plain timm + peft reproduce the run's logits, fedlorm loads it
-back, and ``fedlorm predict`` / ``fedlorm evaluate`` use it."""
+back (a prompt pool and a model without LoRA layers too), and ``fedlorm predict`` / ``fedlorm evaluate``
+use it."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from conftest import TINY, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
+from fedlorm.adapters import lora_layers
 from fedlorm.adapters.peft_io import adapter_ranks
+from fedlorm.backbones import create_backbone
 from fedlorm.cli import main
-from fedlorm.export import BASE_WEIGHTS, HEAD_WEIGHTS, MODEL_JSON, load_model
-from fedlorm.methods.common import apply_arrays
+from fedlorm.export import BASE_WEIGHTS, HEAD_WEIGHTS, MODEL_JSON, PROMPT_WEIGHTS, load_model, save_model
+from fedlorm.methods.prompts import L2PServer
+from fedlorm.methods.prompts.vit import plain_features
 from fedlorm.runtime.experiment import Experiment, build_experiment
 from fedlorm.runtime.report import save_run_model
 from fedlorm.runtime.simulator import run_simulation
@@ -51,7 +55,7 @@ def _finished_run(out: Path, *overrides: str) -> Run:
     cfg = tiny_config("train.threads=1", *overrides)
     exp = build_experiment(cfg)
     results = run_simulation(cfg, out, experiment=exp)
-    apply_arrays(exp.model, exp.layers, exp.server.deployed_arrays())
+    exp.server.deploy(exp.model, exp.layers)
     x = exp.model.preprocessing.test_input(exp.test.images[::7][:8])
     with torch.no_grad():
         logits = exp.model(x)
@@ -216,3 +220,49 @@ def test_every_method_leaves_a_model_that_loads_back(method, tmp_path):
         expected = exp.model.eval()(images)
         torch.testing.assert_close(saved.model(images), expected, rtol=0, atol=1e-5)
     assert method == "head-only" or expected.abs().max() > 0.1
+
+
+def test_a_prompt_model_without_lora_layers_saves_and_loads_back(tmp_path, capsys):
+    """No peft files (``peft_adapter: false``); the pool's rows in prompts.safetensors, rebuilt by
+    ``load_model``; a model.json naming a method without prompts is refused in one line."""
+    prompt = ["prompt.pool_size=4", "prompt.length=2", "prompt.top_k=2"]
+    cfg = tiny_config("method=l2p", "model.backbone=test_vit", "model.weights=none", *prompt)
+    torch.manual_seed(0)
+    model = create_backbone("test_vit", 10, pretrained=False, img_size=32).requires_grad_(False).eval()
+    server = L2PServer(cfg, model, {})
+    server.start_task(0, range(5), torch.Generator().manual_seed(0))
+    server.state["head.weight"] = torch.randn(10, 64, generator=torch.Generator().manual_seed(1))
+    server.deploy(model, {})
+    names = [str(d) for d in range(10)]
+    save_model(tmp_path / "model", model, {}, class_names=names, cfg=cfg)
+    files = sorted(p.name for p in (tmp_path / "model").iterdir())
+    assert files == [BASE_WEIGHTS, HEAD_WEIGHTS, MODEL_JSON, PROMPT_WEIGHTS]
+    info = json.loads((tmp_path / "model" / MODEL_JSON).read_text())
+    assert info["peft_adapter"] is False and info["prompts"] == {"weights": PROMPT_WEIGHTS, "task": 0}
+    rows = load_file(str(tmp_path / "model" / PROMPT_WEIGHTS))
+    assert {k: tuple(v.shape) for k, v in rows.items()} == {"P": (4, 2, 64), "K": (4, 64)}
+    assert torch.equal(rows["K"], server.state["prompt.K"])
+
+    saved = load_model(tmp_path / "model")
+    assert lora_layers(saved.model) == {}
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (5, 3, 32, 32), generator=g, dtype=torch.uint8)
+    with torch.no_grad():
+        want, got = model(images), saved.model(images)
+        unprompted = model.head(plain_features(model.encoder, model.normalize(images)))
+    assert torch.equal(got, want)
+    assert (got - unprompted).abs().max() > 0.1  # the prompts change the logits: a lost pool would show
+
+    Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tmp_path / "x.png")
+    assert main(["predict", "--model", str(tmp_path / "model"), "--top", "1", str(tmp_path / "x.png")]) == 0
+    probability, name = capsys.readouterr().out.splitlines()[1].split()
+    value, index = want[0].softmax(dim=0).max(dim=0)
+    assert (name, float(probability)) == (names[int(index)], pytest.approx(float(value), abs=1e-4))
+
+    info["method"] = "lorm"
+    (tmp_path / "model" / MODEL_JSON).write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"method 'lorm', whose prompt pool this fedlorm cannot") as err:
+        load_model(tmp_path / "model")
+    assert "\n" not in str(err.value) and "l2p, coda-p" in str(err.value)
+    with pytest.raises(ValueError, match=r"carries a L2PPool; method 'lorm' does not rebuild one"):
+        save_model(tmp_path / "other", model, {}, class_names=names, cfg=tiny_config())

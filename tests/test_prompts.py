@@ -1,17 +1,24 @@
 """The prompt methods (l2p, coda-p) on a small random ViT: selection, composition, the plain-ViT
-identity, the server's FedAvg, a 2-task run, and the refusal of a CNN backbone."""
+identity, the server's FedAvg and deployment, a 2-task run and the model/ it leaves, and the refusal
+of a CNN backbone."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
+import re
 
 import pytest
 import torch
 from conftest import tiny_config
+from PIL import Image
 
 from fedlorm.backbones import create_backbone
+from fedlorm.cli import main
 from fedlorm.config import ConfigError, apply_overrides, validate_config
-from fedlorm.methods import ClientData, Instruction, Phase, add_arrays
+from fedlorm.export import MODEL_JSON, PROMPT_WEIGHTS, load_model
+from fedlorm.methods import ClientData, Instruction, Phase, add_arrays, step_label
 from fedlorm.methods.prompts import (
     CodaClient,
     CodaPool,
@@ -125,7 +132,7 @@ def test_server_sets_the_sample_weighted_mean_of_the_clients_trained_rows(server
     for task, classes in enumerate([range(0, 5), range(5, 10)]):
         server.start_task(task, classes, g)
         before = {k: v.clone() for k, v in server.state.items()}
-        instruction = Instruction(task, 0, Phase.TRAIN, Factor.NONE, classes.start, classes.stop)
+        instruction = Instruction(task, 0, Phase.TRAIN, Factor.PROMPTS, classes.start, classes.stop)
         broadcast, spec = server.arrays(instruction), server.expected_reply(instruction)
         sums, trained, sizes = None, [], [3, 5]
         for k, data in enumerate(_shares(classes, sizes)):
@@ -146,19 +153,50 @@ def test_server_sets_the_sample_weighted_mean_of_the_clients_trained_rows(server
 
 
 @pytest.mark.parametrize(("method", "numbers"), [("l2p", 4 * 2 * 192 + 4 * 192), ("coda-p", 2 * 2 * 4 * 192)])
-def test_two_task_run_on_a_tiny_vit_evaluates_the_deployed_prompts(method, numbers, tmp_path):
+def test_two_task_run_on_a_tiny_vit_evaluates_the_deployed_prompts(method, numbers, tmp_path, capsys):
     cfg = _vit_config(method, "model.backbone=vit_tiny_patch16_224", "model.weights=none", "train.lr=0.01")
     exp = build_experiment(cfg)
     results = run_simulation(cfg, tmp_path, experiment=exp)
     assert [len(row) for row in results["accuracy_matrix"]] == [1, 2]
     replies = 2 * cfg.train.rounds * cfg.scenario.num_clients  # each sends its rows, 5 head rows, n
     assert results["upload_bytes"] == replies * 8 * (numbers + 5 * 192 + 5 + 1)
-    exp.server.deployed_arrays()
+    with (tmp_path / "metrics.csv").open() as f:
+        factors = [row["factor"] for row in csv.DictReader(f) if row["phase"] == "train"]
+    assert factors == ["prompts"] * 2 * cfg.train.rounds
+    exp.server.deploy(exp.model, exp.layers)
     x = _images()
     deployed = exp.model.features(x)
     vit, normalized = exp.model.encoder, exp.model.normalize(x)
     assert torch.equal(deployed, exp.server.pool.features(vit, normalized)[0])
     assert not torch.allclose(deployed, plain_features(vit, normalized), atol=1e-4)
+
+    # model/ holds the prompts: loaded back, it computes the run's final model
+    info = json.loads((tmp_path / "model" / MODEL_JSON).read_text())
+    assert info["prompts"] == {"weights": PROMPT_WEIGHTS, "task": 1} and "peft_adapter" not in info
+    saved = load_model(tmp_path / "model")
+    images, labels = exp.test.images, exp.test.labels
+    with torch.no_grad():
+        want, got = exp.model(images), saved.model(images)
+        assert torch.equal(got, want)
+        assert not torch.allclose(saved.model.head(plain_features(vit, exp.model.normalize(images))), got)
+    hits = got.argmax(dim=1) == labels
+    per_task = [100.0 * float(hits[(labels >= c.start) & (labels < c.stop)].double().mean())
+                for c in map(exp.scenario.task_classes, range(2))]
+    assert per_task == pytest.approx(results["accuracy_matrix"][-1], abs=1e-4)  # the run counts in float32
+    assert 100.0 * float(hits.double().mean()) == pytest.approx(results["final_accuracy"], abs=1e-4)
+
+    # fedlorm evaluate and predict on it
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "train.threads=1"]) == 0
+    printed = re.fullmatch(r"class-IL accuracy ([\d.]+)% on 50 test images of 10 classes \(mnist\)",
+                           capsys.readouterr().out.strip())
+    assert printed and float(printed[1]) == pytest.approx(results["final_accuracy"], abs=0.005)
+    png = tmp_path / "digit.png"
+    Image.fromarray(images[3, 0].numpy()).save(png)
+    assert main(["predict", "--model", str(tmp_path / "model"), "--top", "2", str(png)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    values, indices = want[3].softmax(dim=0).topk(2)
+    assert [line.split()[1] for line in lines[1:]] == [exp.class_names[int(i)] for i in indices]
+    assert [float(line.split()[0]) for line in lines[1:]] == pytest.approx(values.tolist(), abs=1e-4)
 
 
 @pytest.mark.parametrize("method", ["l2p", "coda-p"])
@@ -198,7 +236,68 @@ def test_a_restored_server_broadcasts_and_deploys_the_same_arrays():
     server.start_task(1, range(5, 10), torch.Generator().manual_seed(0))
     restored = CodaServer(cfg, _model(), {})
     restored.load_state_dict(server.state_dict())
-    instruction = Instruction(1, 0, Phase.TRAIN, Factor.NONE, 5, 10)
+    instruction = Instruction(1, 0, Phase.TRAIN, Factor.PROMPTS, 5, 10)
     for got, want in [(restored.arrays(instruction), server.arrays(instruction)),
                       (restored.deployed_arrays(), server.deployed_arrays())]:
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("server_type", [L2PServer, CodaServer])
+def test_prompt_rounds_are_labelled_by_what_they_train(server_type):
+    server = server_type(_vit_config("coda-p", "train.rounds=3"), _model(), {})
+    steps = list(server.instructions(1, range(5, 10)))
+    assert [step.factor for step in steps] == [Factor.PROMPTS] * 3
+    assert [step_label(step) for step in steps] == [f"round {k} (prompts)" for k in (1, 2, 3)]
+    assert step_label(steps[0], stable=True) == "task1.round0"
+    assert steps[1].to_record()["factor"] == "prompts"
+    assert Instruction.from_record(steps[1].to_record()) == steps[1]
+    assert Factor.PROMPTS.trained == ()
+
+
+@pytest.mark.parametrize("server_type", [L2PServer, CodaServer])
+def test_deployed_arrays_is_a_getter_and_deploy_loads_the_pool(server_type):
+    model = _model()
+    server = server_type(_vit_config("coda-p"), model, {})
+    server.start_task(0, range(0, 5), torch.Generator().manual_seed(0))
+    server.start_task(1, range(5, 10), torch.Generator().manual_seed(1))
+    server.state["head.weight"] += 0.5
+    pool = server.pool
+    before = {name: array.clone() for name, array in pool.arrays.items()}
+    first, second = server.deployed_arrays(), server.deployed_arrays()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert (pool.active, pool.task) == (0, None)
+    assert all(torch.equal(pool.arrays[name], before[name]) for name in before)
+    assert all(float(array.abs().sum()) == 0 for array in pool.arrays.values())  # never loaded: zeros
+    assert float(model.head.weight.abs().sum()) == 0
+
+    server.deploy(model, {})
+    active = {L2PServer: 4, CodaServer: 2 * 2}[server_type]  # l2p: the whole pool; coda-p: two tasks' 2
+    assert (pool.active, pool.task) == (active, 1)
+    for name, array in pool.arrays.items():
+        assert torch.equal(array[:active], first[PREFIX + name]) and first[PREFIX + name].shape[0] == active
+        assert float(array[active:].abs().sum()) == 0
+    assert torch.equal(model.head.weight, first["head.weight"])
+    assert float(model.head.weight.abs().min()) == 0.5
+    x = model.normalize(_images())
+    assert torch.equal(model.encoder(x), pool.features(model.encoder, x)[0])
+
+
+@pytest.mark.parametrize(("server_type", "client_type"), [(L2PServer, L2PClient), (CodaServer, CodaClient)])
+def test_a_client_deploying_the_servers_arrays_computes_the_servers_model(server_type, client_type):
+    """Federated evaluation loads the broadcast deployed model on each client (Client.deploy): the
+    prompts must reach the client's pool, not only the head."""
+    cfg = _vit_config("coda-p")
+    server_model, client_model = _model(), _model()
+    server = server_type(cfg, server_model, {})
+    for task, classes in enumerate((range(0, 5), range(5, 10))):
+        server.start_task(task, classes, torch.Generator().manual_seed(task))
+    server.state["head.weight"] += 0.5
+    server.deploy(server_model, {})
+    client = client_type(cfg, client_model, {})
+    client.deploy(server.deployed_arrays(), 1)
+    assert (client.pool.active, client.pool.task) == (server.pool.active, 1)
+    images = _images()
+    with torch.no_grad():
+        want, got = server_model(images), client_model(images)
+    assert torch.equal(got, want)
+

@@ -10,7 +10,13 @@ read back with fedlorm's own modules for ``fedlorm predict`` and ``fedlorm evalu
 - ``model.json``: how timm rebuilds the encoder, its normalisation, the test-time preprocessing,
   the class names in logit order, and the config and seed of the run;
 - ``base_model.safetensors``: the encoder's frozen weights in timm's key names, unless timm can
-  fetch them by name (``model.weights=pretrained`` on a timm hub model).
+  fetch them by name (``model.weights=pretrained`` on a timm hub model);
+- ``prompts.safetensors`` (prompt methods only): the rows in use of every array of the prompt pool,
+  under the pool's array names; ``model.json``'s ``prompts`` names the file and the task whose layout
+  the pool had, and the method and ``config`` say how to rebuild the pool. timm and peft alone do
+  not apply the prompts: only :func:`load_model` gives the prompted model.
+
+A model without LoRA layers has no peft files (``"peft_adapter": false`` in ``model.json``).
 """
 
 from __future__ import annotations
@@ -33,15 +39,18 @@ from fedlorm import __version__
 from fedlorm.adapters import LoRALayer, export_peft, import_peft, inject_lora
 from fedlorm.adapters.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_ranks
 from fedlorm.backbones import DEFAULT_BACKBONE, ENCODER, Backbone, create_backbone
-from fedlorm.config import RunConfig, config_to_dict
+from fedlorm.config import RunConfig, config_from_plain, config_to_dict
 from fedlorm.data import Preprocessing
-from fedlorm.methods.common import apply_arrays
+from fedlorm.methods import METHODS
+from fedlorm.methods.prompts import PREFIX, PromptPool, PromptServer, attach_pool, model_pool
+from fedlorm.methods.prompts.vit import vit_encoder
 
 __all__ = [
     "BASE_WEIGHTS",
     "HEAD_WEIGHTS",
     "MODEL_DIR",
     "MODEL_JSON",
+    "PROMPT_WEIGHTS",
     "SavedModel",
     "base_state_dict",
     "load_model",
@@ -57,6 +66,7 @@ MODEL_DIR = "model"
 MODEL_JSON = "model.json"
 HEAD_WEIGHTS = "head.safetensors"
 BASE_WEIGHTS = "base_model.safetensors"
+PROMPT_WEIGHTS = "prompts.safetensors"
 FORMAT = "fedlorm-model"
 FORMAT_VERSION = 1
 
@@ -129,9 +139,9 @@ def save_model(
     *,
     class_names: list[str],
     cfg: RunConfig,
-    arrays: Mapping[str, Tensor] | None = None,
 ) -> Path:
-    """Write ``model`` (after loading ``arrays``, e.g. a server's ``deployed_arrays()``) to ``directory``.
+    """Write ``model`` as it computes now (a run first loads its server's deployed model into it,
+    ``Server.deploy``), its prompt pool included, to ``directory``.
 
     The folder is written beside ``directory`` and renamed into place, replacing an earlier one, so
     a reader never sees half a model. Returns ``directory``.
@@ -144,13 +154,15 @@ def save_model(
         raise ValueError(
             f"{len(class_names)} class names for a head of {model.num_classes} classes"
         )
-    if arrays is not None:
-        apply_arrays(model, layers, arrays)
+    pool = model_pool(model)
+    if pool is not None:
+        _check_exportable_pool(pool, cfg.method)
     tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        names = {name[len(ENCODER) + 1 :]: layer for name, layer in layers.items()}
-        export_peft(names, tmp, base_model_name_or_path=model.arch, deployed=True)
+        if layers:
+            names = {name[len(ENCODER) + 1 :]: layer for name, layer in layers.items()}
+            export_peft(names, tmp, base_model_name_or_path=model.arch, deployed=True)
         head = {"weight": model.head.weight, "bias": model.head.bias}
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in head.items()},
                   str(tmp / HEAD_WEIGHTS))
@@ -158,6 +170,13 @@ def save_model(
         if copies:
             save_file(base_state_dict(model, layers), str(tmp / BASE_WEIGHTS))
         info = _model_info(model, class_names, cfg, BASE_WEIGHTS if copies else None)
+        if not layers:
+            info["peft_adapter"] = False
+        if pool is not None:
+            rows = {name: array[: pool.active] for name, array in pool.arrays.items()}
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in rows.items()},
+                      str(tmp / PROMPT_WEIGHTS))
+            info["prompts"] = {"weights": PROMPT_WEIGHTS, "task": pool.task}
         (tmp / MODEL_JSON).write_text(json.dumps(info, indent=2, allow_nan=False) + "\n")
         _replace(tmp, directory)
     except BaseException:
@@ -167,10 +186,26 @@ def save_model(
     return directory
 
 
+def _prompt_pool_type(method: object) -> type[PromptPool] | None:
+    """The pool class the server of ``method`` (a method name) attaches; None for any other method."""
+    entry = METHODS.get(method) if isinstance(method, str) else None
+    if entry is None or not issubclass(entry.server, PromptServer):
+        return None
+    return entry.server.pool_type
+
+
+def _check_exportable_pool(pool: PromptPool, method: str) -> None:
+    """ValueError unless ``pool`` is loaded and is the pool ``method`` rebuilds on loading."""
+    if pool.task is None:
+        raise ValueError("the model's prompt pool holds no prompts: deploy the server's model into it first")
+    if _prompt_pool_type(method) is not type(pool):
+        raise ValueError(f"the model carries a {type(pool).__name__}; method {method!r} does not rebuild one")
+
+
 def _model_info(
     model: Backbone, class_names: list[str], cfg: RunConfig, base: str | None
 ) -> dict[str, Any]:
-    """The contents of model.json."""
+    """The contents of model.json (the keys every model has)."""
     pre = model.preprocessing
     return {
         "format": FORMAT,
@@ -242,11 +277,40 @@ def read_model_info(directory: str | Path) -> dict[str, Any]:
     base = info.get("base_weights")
     if base is not None and (not isinstance(base, str) or Path(base).name != base):
         raise ValueError(f"{str(path)!r}: base_weights must be a file name in the folder, got {base!r}")
-    needed = [ADAPTER_WEIGHTS, ADAPTER_CONFIG, HEAD_WEIGHTS, *([base] if base else [])]
+    adapter = info.get("peft_adapter", True)
+    if not isinstance(adapter, bool):
+        raise ValueError(f"{str(path)!r}: peft_adapter must be true or false, got {adapter!r}")
+    prompts = _prompt_weights(info, path)
+    needed = [
+        *([ADAPTER_WEIGHTS, ADAPTER_CONFIG] if adapter else []),
+        HEAD_WEIGHTS,
+        *([base] if base else []),
+        *([prompts] if prompts else []),
+    ]
     missing = [name for name in needed if not (directory / str(name)).is_file()]
     if missing:
         raise ValueError(f"model directory {str(directory)!r} is incomplete: {', '.join(missing)} missing")
     return info
+
+
+def _prompt_weights(info: Mapping[str, Any], path: Path) -> str | None:
+    """The prompt file ``model.json`` (``info``, read from ``path``) names, checked; None: no prompts."""
+    prompts = info.get("prompts")
+    if prompts is None:
+        return None
+    fields = prompts if isinstance(prompts, dict) else {}
+    weights, task = fields.get("weights"), fields.get("task")
+    if not isinstance(weights, str) or Path(weights).name != weights or type(task) is not int or task < 0:
+        raise ValueError(
+            f"{str(path)!r}: prompts must name a file in the folder and a task index, got {prompts!r}"
+        )
+    if _prompt_pool_type(info.get("method")) is None:
+        known = ", ".join(name for name in METHODS if _prompt_pool_type(name) is not None)
+        raise ValueError(
+            f"{str(path)!r}: its prompts come from method {info.get('method')!r}, whose prompt pool this "
+            f"fedlorm cannot rebuild (it rebuilds those of {known})"
+        )
+    return weights
 
 
 def model_preprocessing(info: Mapping[str, Any]) -> Preprocessing:
@@ -273,7 +337,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Sav
     directory = Path(directory)
     info = read_model_info(directory)
     preprocessing = model_preprocessing(info)
-    ranks = adapter_ranks(directory)
+    ranks = adapter_ranks(directory) if info.get("peft_adapter", True) else {}
     targets = "^(" + "|".join(re.escape(f"{ENCODER}.{name}") for name in ranks) + ")$"
     extra = {k: v for k, v in info["timm_kwargs"].items() if k not in ("num_classes", "img_size")}
     base = info.get("base_weights")
@@ -299,9 +363,31 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Sav
     for rank, names in by_rank.items():
         patterns = [re.escape(f"{ENCODER}.{name}") for name in names]
         layers.update(inject_lora(model, patterns, rank, float(info.get("lora_scaling", 1.0))))
-    import_peft({name[len(ENCODER) + 1 :]: layer for name, layer in layers.items()}, directory)
+    if layers:
+        import_peft({name[len(ENCODER) + 1 :]: layer for name, layer in layers.items()}, directory)
     model = model.to(device).eval()
+    if info.get("prompts") is not None:
+        _load_prompts(model, directory, info)
     return SavedModel(model, list(info["class_names"]), preprocessing, info)
+
+
+def _load_prompts(model: Backbone, directory: Path, info: Mapping[str, Any]) -> None:
+    """Attach the run's prompt pool to ``model`` and load the saved rows with the saved task's layout."""
+    cfg = config_from_plain(info["config"])
+    pool_type = _prompt_pool_type(info["method"])
+    assert pool_type is not None  # read_model_info checked it
+    pool = attach_pool(model, vit_encoder(model.encoder, cfg), pool_type, cfg)
+    path, task = directory / info["prompts"]["weights"], info["prompts"]["task"]
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors' errors have no common base
+        raise ValueError(f"cannot read {str(path)!r}: {' '.join(str(e).split())}") from None
+    active, _ = pool.layout(task)
+    expected = {name: (active, *array.shape[1:]) for name, array in pool.arrays.items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        raise ValueError(f"{str(path)!r} holds {found}; task {task}'s {type(pool).__name__} needs {expected}")
+    pool.load({PREFIX + name: array for name, array in state.items()}, task)
 
 
 def _load_head(model: Backbone, path: Path) -> None:

@@ -18,7 +18,6 @@ from torch import Tensor
 
 from fedlorm.config import RunConfig, config_to_dict
 from fedlorm.methods import ClientReply, Instruction
-from fedlorm.methods.common import apply_arrays
 from fedlorm.runtime.evaluation import evaluate
 from fedlorm.runtime.experiment import Experiment, build_experiment
 from fedlorm.seeding import derive_seed, torch_generator
@@ -81,7 +80,7 @@ def local_accuracy(
     exp: Experiment, partition: int, task: int, arrays: Mapping[str, Tensor]
 ) -> tuple[float, int]:
     """Class-IL accuracy (%) of ``arrays``' model on this client's shares of tasks 0..task, and their size."""
-    apply_arrays(exp.model, exp.layers, arrays)
+    exp.client.deploy(arrays, task)
     shares = [exp.client_share(t, partition) for t in range(task + 1)]
     images = torch.cat([share.images for share in shares])
     labels = torch.cat([share.labels for share in shares])

@@ -147,6 +147,13 @@ class Client(ABC):
     ) -> ClientReply:
         """Load ``arrays``, do the instructed local work on ``data``, return the summands."""
 
+    def deploy(self, arrays: Mapping[str, Tensor], task: int) -> None:
+        """Load a deployed model (:meth:`Server.deployed_arrays` after a step of ``task``) into
+        ``model``, e.g. to evaluate it on this client's data; the client's :meth:`Server.deploy`."""
+        from fedlorm.methods.common import apply_arrays  # here: common imports this module
+
+        apply_arrays(self.model, self.layers, arrays)
+
 
 class Server(ABC):
     """Server side of a method: global state, per-round instructions and the closed-form folds."""
@@ -178,7 +185,17 @@ class Server(ABC):
 
     @abstractmethod
     def deployed_arrays(self) -> Arrays:
-        """Arrays of the model to evaluate now (no task id at test time)."""
+        """Arrays of the model to evaluate now (no task id at test time); a pure getter."""
+
+    def deploy(self, model: Backbone, layers: Mapping[str, LoRALayer]) -> None:
+        """Load the deployed model into ``model``, which the runtime then evaluates and exports.
+
+        The default loads :meth:`deployed_arrays` (LoRA factors, frozen updates, head); a method
+        whose model holds more (e.g. a prompt pool) overrides it to load that too.
+        """
+        from fedlorm.methods.common import apply_arrays  # here: common imports this module
+
+        apply_arrays(model, layers, self.deployed_arrays())
 
     @abstractmethod
     def state_dict(self) -> Arrays:

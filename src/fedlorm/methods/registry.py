@@ -63,9 +63,6 @@ class Method:
     """The config the run really uses (e.g. joint's one task of all classes on one client)."""
     vit_only: bool = False
     """Runs on ViT backbones only (its ``run_config`` refuses others); the CNN smoke pins skip it."""
-    exportable: bool = True
-    """Its deployed model is LoRA factors, frozen updates and a head, which ``model/`` holds exactly;
-    False: a run leaves no ``model/`` rather than one that computes something else."""
 
 
 def ccvr_config(cfg: RunConfig) -> RunConfig:
@@ -117,7 +114,6 @@ METHODS: dict[str, Method] = {
         "L2P: top-N prompts from a keyed pool (ViT backbone only)",
         run_config=require_vit,
         vit_only=True,
-        exportable=False,
     ),
     "coda-p": Method(
         CodaServer,
@@ -125,7 +121,6 @@ METHODS: dict[str, Method] = {
         "CODA-Prompt: attention-weighted prefix components (ViT backbone only)",
         run_config=require_vit,
         vit_only=True,
-        exportable=False,
     ),
 }
 """Method name → its registry entry."""

@@ -25,17 +25,19 @@ class Phase(StrEnum):
 
 
 class Factor(StrEnum):
-    """The LoRA factor(s) clients train in a step (``none``: the head only, or no training)."""
+    """What clients train in a step: LoRA factor(s), ``none`` (the head only, or no training) or
+    ``prompts`` (a prompt pool and the head, no LoRA factor)."""
 
     A = "A"
     B = "B"
     BOTH = "both"
     NONE = "none"
+    PROMPTS = "prompts"
 
     @property
     def trained(self) -> tuple[str, ...]:
-        """The factor letters this value trains, e.g. ``("A", "B")`` for ``both``."""
-        return {Factor.BOTH: ("A", "B"), Factor.NONE: ()}.get(self, (self.value,))
+        """The LoRA factor letters this value trains, e.g. ``("A", "B")`` for ``both``."""
+        return {Factor.BOTH: ("A", "B"), Factor.NONE: (), Factor.PROMPTS: ()}.get(self, (self.value,))
 
 
 _STEP_WORDS = {
@@ -45,7 +47,7 @@ _STEP_WORDS = {
 }
 """Non-training phases: (readable label, word in the stable id)."""
 
-_TRAINS = {Factor.A: "A", Factor.B: "B", Factor.BOTH: "A+B", Factor.NONE: "head"}
+_TRAINS = {Factor.A: "A", Factor.B: "B", Factor.BOTH: "A+B", Factor.NONE: "head", Factor.PROMPTS: "prompts"}
 
 
 def step_label(instruction: Instruction, *, stable: bool = False) -> str:

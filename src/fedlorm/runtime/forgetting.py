@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from fedlorm.merging import analytic_head_solve, analytic_head_summands
-from fedlorm.methods.common import apply_arrays
 from fedlorm.precision import autocast
 from fedlorm.runtime.experiment import Experiment
 
@@ -52,7 +51,7 @@ class ForgettingProbe:
 
     def report(self, exp: Experiment) -> dict[str, object]:
         """Drift per task and the oracle head's accuracies, for the deployed final model."""
-        apply_arrays(exp.model, exp.layers, exp.server.deployed_arrays())
+        exp.server.deploy(exp.model, exp.layers)
         scenario = exp.scenario
         drift = []
         for task in range(scenario.num_tasks):

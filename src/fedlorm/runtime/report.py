@@ -16,8 +16,8 @@ from typing import Any
 from fedlorm.config import config_to_dict
 from fedlorm.export import MODEL_DIR, save_model
 from fedlorm.fcl import summarize
-from fedlorm.methods import METHODS, Instruction
-from fedlorm.methods.common import HEAD, apply_arrays
+from fedlorm.methods import Instruction
+from fedlorm.methods.common import HEAD
 from fedlorm.methods.steps import Phase, step_label
 from fedlorm.results import versions
 from fedlorm.runtime.evaluation import Evaluation, evaluate
@@ -175,7 +175,7 @@ def note_divergence(
 
 def evaluate_step(exp: Experiment, task: int, row: dict[str, Any]) -> Evaluation:
     """Evaluate the deployed model after a step of ``task``; its accuracies go into the step's ``row``."""
-    apply_arrays(exp.model, exp.layers, exp.server.deployed_arrays())
+    exp.server.deploy(exp.model, exp.layers)
     evaluation = evaluate(
         exp.model,
         exp.test.images,
@@ -190,24 +190,10 @@ def evaluate_step(exp: Experiment, task: int, row: dict[str, Any]) -> Evaluation
     return evaluation
 
 
-def save_run_model(exp: Experiment, out: Path) -> Path | None:
-    """Write the server's deployed model to ``out/model`` (:mod:`fedlorm.export`); return the folder,
-    or None (with a warning) for a method whose model that format cannot hold (the prompt methods)."""
-    if not METHODS[exp.cfg.method].exportable:
-        logger.warning(
-            "method %r keeps its prompts outside the LoRA layers; model/ cannot hold them yet, so this "
-            "run leaves no model/",
-            exp.cfg.method,
-        )
-        return None
-    return save_model(
-        out / MODEL_DIR,
-        exp.model,
-        exp.layers,
-        class_names=exp.class_names,
-        cfg=exp.cfg,
-        arrays=exp.server.deployed_arrays(),
-    )
+def save_run_model(exp: Experiment, out: Path) -> Path:
+    """Write the server's deployed model to ``out/model`` (:mod:`fedlorm.export`); return the folder."""
+    exp.server.deploy(exp.model, exp.layers)
+    return save_model(out / MODEL_DIR, exp.model, exp.layers, class_names=exp.class_names, cfg=exp.cfg)
 
 
 def task_test_sizes(exp: Experiment) -> list[int]:

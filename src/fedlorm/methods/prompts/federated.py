@@ -18,7 +18,7 @@ from fedlorm.adapters import LoRALayer
 from fedlorm.backbones import Backbone
 from fedlorm.config import RunConfig
 from fedlorm.methods.base import Arrays, Client, ClientData, ClientReply, Instruction, Server
-from fedlorm.methods.common import HEAD
+from fedlorm.methods.common import HEAD, apply_arrays
 from fedlorm.methods.prompts.coda import CodaPool
 from fedlorm.methods.prompts.l2p import L2PPool
 from fedlorm.methods.prompts.pool import PREFIX, PromptPool, attach_pool
@@ -69,6 +69,12 @@ class PromptClient(Client):
         return ClientReply(summands=summands, num_examples=n, metrics={"train_loss": loss})
 
 
+    def deploy(self, arrays: Mapping[str, Tensor], task: int) -> None:
+        """The head as every method loads it, and the prompt rows into the pool with ``task``'s layout."""
+        super().deploy(arrays, task)
+        self.pool.load(arrays, task)
+
+
 class PromptServer(Server):
     """Holds every row of the pool and the head; averages the clients' trained rows by n_i."""
 
@@ -89,10 +95,14 @@ class PromptServer(Server):
 
     def instructions(self, task: int, classes: range) -> Iterator[Instruction]:
         for r in range(self.cfg.train.rounds):
-            yield Instruction(task, r, Phase.TRAIN, Factor.NONE, classes.start, classes.stop)
+            yield Instruction(task, r, Phase.TRAIN, Factor.PROMPTS, classes.start, classes.stop)
 
     def arrays(self, instruction: Instruction) -> Arrays:
-        active, _ = self.pool.layout(instruction.task)
+        return self._rows_in_use(instruction.task)
+
+    def _rows_in_use(self, task: int) -> Arrays:
+        """Copies of the rows ``[0, active)`` task ``task`` uses of every pool array, and the whole head."""
+        active, _ = self.pool.layout(task)
         return {key: (a[:active] if key.startswith(PREFIX) else a).clone() for key, a in self.state.items()}
 
     def _rows(self, instruction: Instruction) -> dict[str, slice]:
@@ -114,11 +124,16 @@ class PromptServer(Server):
         return spec
 
     def deployed_arrays(self) -> Arrays:
-        """The global prompt rows and head; also loaded into the model's pool, since the runtime's
-        ``apply_arrays`` loads only LoRA factors and the head before it evaluates ``model``."""
-        deployed = self.arrays(Instruction(self.task, 0, Phase.TRAIN, Factor.NONE, 0, 0))
-        self.pool.load(deployed, self.task)
-        return deployed
+        """The global prompt rows the current task uses and the head (copies; nothing is loaded)."""
+        return self._rows_in_use(self.task)
+
+    def deploy(self, model: Backbone, layers: Mapping[str, LoRALayer]) -> None:
+        """The head as every method loads it, and the global prompt rows into ``model``'s pool with
+        the current task's layout (the pool's forward hook then makes ``model`` the prompted model)."""
+        deployed = self.deployed_arrays()
+        apply_arrays(model, layers, deployed)
+        pool = attach_pool(model, vit_encoder(model.encoder, self.cfg), self.pool_type, self.cfg)
+        pool.load(deployed, self.task)
 
     def state_dict(self) -> Arrays:
         return {**self.state, "task": torch.tensor(self.task)}

@@ -5,7 +5,7 @@ The pool lives beside the model, not inside it (a weak map from the model to its
 encoder's state dict keeps timm's key names and the frozen backbone exports as before. A forward
 hook on the encoder replaces its output, the frozen ViT's pooled feature, by the prompted feature
 computed with that output as the query; the runtime's evaluation therefore sees the prompts that
-were last loaded into the pool (the server loads the deployed ones in ``deployed_arrays``).
+were last loaded into the pool (the server loads the deployed ones in ``deploy``).
 
 Every array has the component (prompt) index as its first axis. A task uses rows ``[0, active)``
 and clients train rows ``trained`` (:meth:`PromptPool.layout`); rows outside ``trained`` enter the
@@ -26,7 +26,7 @@ from fedlorm.backbones import Backbone
 from fedlorm.config import RunConfig
 from fedlorm.methods.prompts.vit import plain_features
 
-__all__ = ["PREFIX", "PromptPool", "attach_pool"]
+__all__ = ["PREFIX", "PromptPool", "attach_pool", "model_pool"]
 
 PREFIX = "prompt."
 """Prefix of the pool's arrays in broadcasts, replies and the server's state."""
@@ -45,6 +45,8 @@ class PromptPool(nn.Module):
         )
         self.active = 0
         self.trained = slice(0, 0)
+        self.task: int | None = None
+        """The task whose layout :meth:`load` set last (None: nothing loaded yet)."""
 
     @abstractmethod
     def layout(self, task: int) -> tuple[int, slice]:
@@ -68,6 +70,7 @@ class PromptPool(nn.Module):
     def load(self, arrays: Mapping[str, Tensor], task: int) -> None:
         """Copy the broadcast rows ``[0, active)`` of every array and set task ``task``'s layout."""
         self.active, self.trained = self.layout(task)
+        self.task = task
         with torch.no_grad():
             for name, array in self.arrays.items():
                 array[: self.active].copy_(arrays[PREFIX + name][: self.active])
@@ -79,6 +82,11 @@ class PromptPool(nn.Module):
     def features(self, vit: VisionTransformer, x: Tensor) -> tuple[Tensor, Tensor]:
         """Prompted features and extra loss of normalised images; the query is the frozen ViT's feature."""
         return self.prompted(vit, x, plain_features(vit, x))
+
+
+def model_pool(model: Backbone) -> PromptPool | None:
+    """The pool attached to ``model`` (:func:`attach_pool`), or None: a model without prompts."""
+    return _POOLS.get(model)
 
 
 def attach_pool(
