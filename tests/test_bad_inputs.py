@@ -173,6 +173,14 @@ CLI_CASES: dict[str, Case] = {
     "crop-pct-out-of-range": Case(run_args("data.crop_pct=1.5"), "data.crop_pct = 1.5"),
     "normalize-unknown": Case(run_args("data.normalize=clip"), "'clip'"),
     "head-init-unknown": Case(run_args("model.head_init=xavier"), "'xavier'"),
+    "adapt-tasks-without-the-analytic-head": Case(
+        run_args("lorm.adapt_tasks=1", "lorm.head_merge=fedavg"),
+        "lorm.adapt_tasks = 1 is not allowed with lorm.head_merge = 'fedavg'",
+    ),
+    "adapting-method-without-the-analytic-head": Case(
+        run_args("method=lorm-fsa", "lorm.head_merge=ccvr"),
+        "method 'lorm-fsa': tasks after the first 1 add their classes to the head through its feature sums",
+    ),
     # output directory
     "out-is-a-file": Case(lambda f, out: ["run", "--out", f["file"], *TINY], lambda f: f["file"]),
     "out-below-a-file": Case(

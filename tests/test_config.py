@@ -13,6 +13,8 @@ from fedlorm.config import (
     load_toml,
     validate_config,
 )
+from fedlorm.methods.registry import HEADS
+from fedlorm.methods.validation import check_method_config
 from fedlorm.presets import PRESETS, preset_config
 
 
@@ -91,6 +93,7 @@ def test_bad_overrides_name_the_key(override, fragment):
         ("lorm.alpha_head=1.5", "lorm.alpha_head = 1.5"),
         ("train.lr=0", "train.lr = 0.0"),
         ("scenario.tasks=[2,0]", "scenario.tasks = [2, 0]"),
+        ("lorm.adapt_tasks=0", "lorm.adapt_tasks = 0"),
     ],
 )
 def test_out_of_range_values_are_rejected(override, fragment):
@@ -114,3 +117,33 @@ def test_every_preset_builds_a_valid_config():
         validate_config(preset_config(name))
     with pytest.raises(ConfigError, match="preset 'nope' is unknown"):
         preset_config("nope")
+
+
+def test_which_head_adapt_tasks_needs_is_the_method_layers_rule():
+    """``validate_config`` checks only the range of ``lorm.adapt_tasks``; the head it needs is the head
+    strategies' flag, which ``check_method_config`` reads: one line naming the value and the allowed
+    head, read off the registry (only the analytic head solves a task's rows without training)."""
+    assert [name for name, head in HEADS.items() if head.supports_frozen_backbone] == ["analytic"]
+    cfg = apply_overrides(RunConfig(), ["lorm.adapt_tasks=1", "lorm.head_merge=fedavg"])
+    validate_config(cfg)
+    with pytest.raises(ConfigError) as err:
+        check_method_config(cfg)
+    message = str(err.value)
+    assert message.startswith("lorm.adapt_tasks = 1 is not allowed with lorm.head_merge = 'fedavg': ")
+    assert "set lorm.head_merge = 'analytic', or lorm.adapt_tasks = none" in message
+    assert "\n" not in message
+    check_method_config(apply_overrides(cfg, ["lorm.head_merge=analytic"]))
+    check_method_config(apply_overrides(cfg, ["lorm.adapt_tasks=none"]))
+
+
+@pytest.mark.parametrize("head", ["fedavg", "regmean", "ccvr"])
+def test_a_methods_own_adapted_task_limit_needs_the_analytic_head_too(head):
+    cfg = apply_overrides(RunConfig(), ["method=lorm-fsa", f"lorm.head_merge={head}"])
+    validate_config(cfg)
+    with pytest.raises(ConfigError) as err:
+        check_method_config(cfg)
+    assert str(err.value) == (
+        "method 'lorm-fsa': tasks after the first 1 add their classes to the head through its feature "
+        f"sums only; set lorm.head_merge = 'analytic' (now {head!r})"
+    )
+    check_method_config(apply_overrides(cfg, ["lorm.head_merge=analytic"]))

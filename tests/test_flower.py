@@ -44,6 +44,7 @@ from fedlorm.flower.settings import (
 )
 from fedlorm.flower.strategy import FedlormStrategy
 from fedlorm.methods import Instruction, add_arrays, payload_bytes
+from fedlorm.methods.ewc import ANCHOR, FISHER
 from fedlorm.presets import preset_config
 from fedlorm.runtime.checkpoint import CheckpointError
 from fedlorm.runtime.engine import step_clients, step_plan
@@ -494,6 +495,44 @@ def test_a_sampled_run_reaches_only_the_sampled_nodes_and_equals_the_in_process_
         assert flower[key] == local[key], key
     merged, reference = exp.server.state_dict(), local_exp.server.state_dict()
     assert merged.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_ewc_with_its_fisher_step_over_flower_equals_the_in_process_run(tmp_path):
+    """``ewc`` (a ``fisher_stats`` step after task 0, then the anchor and Fisher in every broadcast)
+    over the loopback grid vs ``run_simulation``: every node answers every step without an error
+    reply, and accuracies, rows, bytes and the server state (Fisher and anchor included) agree."""
+    cfg = tiny_config("train.threads=1", "train.rounds=1", "method=ewc")
+    run_config = run_config_for(cfg, FlowerSettings(out="", federated_eval=False))
+    steps, errors = [], []
+
+    def record(step, partition, request, reply):
+        if request.metadata.message_type == MessageType.TRAIN:
+            config = request.content.config_records[CONFIG]
+            steps.append((config["task"], config["phase"], partition))
+        if reply.has_error():
+            errors.append((partition, reply.error.reason))
+        return reply
+
+    exp = build_experiment(cfg)
+    settings = FlowerSettings(out=str(tmp_path), min_clients=3, reply_timeout=30.0, federated_eval=False)
+    flower = run_federation(LoopbackGrid(run_config, range(3), record), exp, settings, tmp_path)
+    local_exp = build_experiment(cfg)
+    local = run_simulation(cfg, experiment=local_exp)
+
+    assert errors == []
+    assert [(t, k) for t, phase, k in steps if phase == "fisher_stats"] == [(0, 0), (0, 1), (0, 2)]
+    assert flower["flower"]["dropped"] == []
+    assert all(s["merged"] == s["asked"] == [0, 1, 2] for s in flower["flower"]["steps"])
+    assert flower["accuracy_matrix"] == local["accuracy_matrix"]
+    assert untimed(flower["rounds"]) == untimed(local["rounds"])
+    assert [r["phase"] for r in local["rounds"]] == ["train", "fisher_stats", "train"]
+    for key in ("upload_bytes", "download_bytes", "diagnostics"):
+        assert flower[key] == local[key], key
+    merged, reference = exp.server.state_dict(), local_exp.server.state_dict()
+    assert merged.keys() == reference.keys()
+    assert {p for p in (ANCHOR, FISHER) for key in reference if key.startswith(p)} == {ANCHOR, FISHER}
     for key, value in reference.items():
         torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
 

@@ -3,7 +3,9 @@ federated Fisher against per-client per-sample gradients, λ = 0 against ``finet
 
 Tolerances: float64 inputs must match the hand computation to 1e-12 (relative); float32 inputs to
 1e-5. The server's Fisher (float32 per-sample gradients, squared and summed in float64) must match a
-float64 model's per-sample gradients to 1e-4 relative to its largest entry.
+float64 model's per-sample gradients to 1e-4 relative to its largest entry. Under autocast (the
+Fisher step runs at ``train.precision``, as training) the sums must stay within the precision's
+rounding of the float32 ones: 0.03 (bfloat16) and 0.005 (float16) relative on a ViT.
 """
 
 from __future__ import annotations
@@ -18,13 +20,19 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from fedlorm.config import ConfigError, RunConfig, apply_overrides, validate_config
-from fedlorm.methods import Instruction, Phase, step_label
+from fedlorm.methods import ClientData, Instruction, Phase, ewc, step_label
 from fedlorm.methods.common import apply_arrays
-from fedlorm.methods.ewc import ANCHOR, FISHER, EWCClient
+from fedlorm.methods.ewc import (
+    ANCHOR,
+    FISHER,
+    EWCClient,
+    autocast_squared_gradient_sums,
+    fisher_key,
+)
 from fedlorm.methods.lwf import TEACHER
-from fedlorm.methods.regularisers import ewc_penalty, lwf_loss, parameter_paths
+from fedlorm.methods.regularisers import ewc_penalty, lwf_loss, parameter_paths, squared_gradient_sums
 from fedlorm.runtime.engine import run
-from fedlorm.runtime.experiment import Experiment, build_experiment
+from fedlorm.runtime.experiment import Experiment, build_experiment, build_model
 from fedlorm.runtime.simulator import InProcess, resume_simulation, run_simulation
 
 
@@ -219,6 +227,116 @@ def test_fisher_step_has_its_own_label_and_record():
     assert step.phase is Phase.FISHER_STATS
     assert (step_label(step), step_label(step, stable=True)) == ("Fisher statistics", "task0.fisher")
     assert Instruction.from_record(step.to_record()) == step
+
+
+def _fisher_step(exp: Experiment, arrays: dict[str, torch.Tensor], client: int):
+    """Client ``client``'s ``fisher_stats`` reply on task 0 at ``arrays``, and the dtypes of the head's
+    outputs a forward hook saw during it."""
+    classes = exp.scenario.task_classes(0)
+    step = Instruction(0, -1, Phase.FISHER_STATS, "none", classes.start, classes.stop)
+    seen: list[torch.dtype] = []
+    hook = exp.client.model.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    try:
+        reply = exp.client.update(arrays, step, exp.client_share(0, client), torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    return reply, set(seen)
+
+
+def _trained_looking_arrays(exp: Experiment) -> dict[str, torch.Tensor]:
+    """The server's task-0 broadcast with every B and the head drawn nonzero (at B = 0 the factors A,
+    and at a zero head every factor, get no gradient)."""
+    server = exp.server
+    server.start_task(0, exp.scenario.task_classes(0), torch.Generator().manual_seed(0))
+    rng = torch.Generator().manual_seed(11)
+    return {
+        key: 0.05 * torch.randn(value.shape, generator=rng)
+        if key.endswith(".lora_B") or key == "head.weight"
+        else value.clone()
+        for key, value in server.state.items()
+    }
+
+
+def _relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """‖got − want‖ / ‖want‖ over every array together (Frobenius, float64)."""
+    diff = sum(float((got[k].double() - want[k].double()).square().sum()) for k in want)
+    return math.sqrt(diff / sum(float(w.double().square().sum()) for w in want.values()))
+
+
+def test_fisher_summands_follow_the_training_precision():
+    """``32``: a client's Σ_x g(x)² is the float64 per-sample answer (1e-4 of its largest entry).
+    ``bf16-mixed``: the forward runs under bfloat16 autocast as training does (the head's output is
+    bfloat16), the sums are float64 and not float32's. At 8 bits this 32-px EfficientNet gets some
+    samples' gradients wrong by their own size (0.15 relative over the client, measured), so only a
+    sanity bound here; the accuracy of the reduced-precision sums is checked on a ViT below."""
+    exp32 = build_experiment(tiny_config("method=ewc"))
+    exp16 = copy.copy(exp32)  # the same data and model, a client that runs at bf16-mixed
+    bf16 = tiny_config("method=ewc", "train.precision=bf16-mixed")
+    exp16.client = EWCClient(bf16, exp32.model, exp32.layers)
+    arrays = _trained_looking_arrays(exp32)
+    client = 1
+    fisher, n = _per_sample_fisher64(exp32, arrays, 0, client)
+    want = {fisher_key(key): f * n for key, f in fisher.items()}
+    got32, dtypes32 = _fisher_step(exp32, arrays, client)
+    got16, dtypes16 = _fisher_step(exp16, arrays, client)
+    assert (dtypes32, dtypes16) == ({torch.float32}, {torch.bfloat16})
+    assert got32.num_examples == got16.num_examples == n
+    assert set(got32.summands) == set(got16.summands) == {*want, "n"}
+    scale = max(float(w.abs().max()) for w in want.values())
+    assert scale > 0
+    for key, summed in want.items():
+        assert got32.summands[key].dtype == got16.summands[key].dtype == torch.float64
+        torch.testing.assert_close(got32.summands[key], summed, rtol=1e-4, atol=1e-4 * scale)
+    assert 0 < _relative_error(got16.summands, want) < 0.5
+
+
+@pytest.mark.parametrize("precision, bound", [("bf16-mixed", 0.03), ("16-mixed", 0.005)])
+def test_reduced_precision_fisher_is_float32s_within_its_rounding_on_a_vit(precision, bound):
+    """ViT-Ti/16 (random weights, 224 px, the paper presets' family), four images: the autocast sums
+    are within the precision's rounding of the float32 ones (measured: bfloat16 0.011, float16 0.0016
+    relative), and the float32 per-sample loop is :func:`squared_gradient_sums`' vmap to 1e-5."""
+    cfg = tiny_config("model.backbone=vit_tiny_patch16_224", "model.weights=none", "data.image_size=224")
+    model, layers = build_model(cfg, 10, torch.device("cpu"))
+    rng = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.copy_(0.05 * torch.randn(layer.lora_B.shape, generator=rng))
+        model.head.weight.copy_(0.05 * torch.randn(model.head.weight.shape, generator=rng))
+    client = EWCClient(cfg, model, layers)
+    images = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8, generator=rng)
+    data = ClientData(images, torch.tensor([0, 1, 2, 3]))
+    args = {"classes": range(0, 5), "batch_size": 4}
+    want = autocast_squared_gradient_sums(model, client.factors, data, precision="32", **args)
+    paths = {client.paths[key]: factor for key, factor in client.factors.items()}
+    by_path = squared_gradient_sums(model, paths, data, **args)
+    assert _relative_error({k: by_path[client.paths[k]] for k in want}, want) < 1e-5
+    got = autocast_squared_gradient_sums(model, client.factors, data, precision=precision, **args)
+    assert all(v.dtype == torch.float64 for v in got.values())
+    assert 0 < _relative_error(got, want) < bound
+
+
+def test_float16_fisher_scales_the_loss_and_backs_off(monkeypatch):
+    """``16-mixed`` (float16 autocast, here on the CPU) scales the loss as training's scaler does. A
+    first scale of 2⁴⁰ overflows float16 and is halved, the sample redone, at least 24 times; scaling
+    by powers of two is exact, so the sums are the default scale's bit for bit, and finite."""
+    exp = build_experiment(tiny_config("method=ewc"))
+    apply_arrays(exp.client.model, exp.client.layers, _trained_looking_arrays(exp))
+    model, factors = exp.client.model, exp.client.factors
+    data = exp.client_share(0, 1)
+    args = {"classes": exp.scenario.task_classes(0), "batch_size": exp.cfg.train.batch_size}
+    default = autocast_squared_gradient_sums(model, factors, data, precision="16-mixed", **args)
+    forwards: list[torch.dtype] = []
+    hook = model.head.register_forward_hook(lambda module, a, out: forwards.append(out.dtype))
+    monkeypatch.setattr(ewc, "FP16_LOSS_SCALE", 2.0**40)
+    try:
+        got = autocast_squared_gradient_sums(model, factors, data, precision="16-mixed", **args)
+    finally:
+        hook.remove()
+    assert set(forwards) == {torch.float16}
+    assert len(forwards) - len(data) >= 24  # each halving redoes one sample
+    assert all(v.dtype == torch.float64 and bool(torch.isfinite(v).all()) for v in got.values())
+    for key, value in default.items():
+        assert torch.equal(got[key], value), key
 
 
 # -- whole runs -------------------------------------------------------------------------------------

@@ -471,10 +471,8 @@ def validate_config(cfg: RunConfig) -> None:
         (
             "lorm.adapt_tasks",
             cfg.lorm.adapt_tasks,
-            cfg.lorm.adapt_tasks is None
-            or (cfg.lorm.adapt_tasks >= 1 and cfg.lorm.head_merge == "analytic"),
-            "an integer >= 1 with lorm.head_merge = 'analytic' (later tasks' classes reach the head "
-            "only through its sums), or none",
+            cfg.lorm.adapt_tasks is None or cfg.lorm.adapt_tasks >= 1,
+            "an integer >= 1 or none",
         ),
         (
             "lorm.ties_density",

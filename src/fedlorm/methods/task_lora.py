@@ -27,6 +27,7 @@ from fedlorm.methods.cross_task import CrossTaskRule
 from fedlorm.methods.heads import HeadStrategy
 from fedlorm.methods.replies import ReplySpec, gram
 from fedlorm.methods.steps import Factor, Phase
+from fedlorm.methods.validation import check_method_config
 from fedlorm.methods.within_task import LayerShape, WithinTaskMerge
 
 __all__ = ["TaskLoRAClient", "TaskLoRAServer"]
@@ -180,12 +181,8 @@ class TaskLoRAServer(Server):
                 "lorm.stats_model='reference' reproduces the authors' setup and needs "
                 f"lorm.task_start='pretrained', got {cfg.lorm.task_start!r}"
             )
+        check_method_config(cfg)  # e.g. an adapted-task limit needs a head that supports it
         self.within, self.head, self.cross, self.adapt_tasks = _parts(cfg, model.head.weight.shape)
-        if self.adapt_tasks is not None and not self.head.collects_features:
-            raise ValueError(
-                f"method {cfg.method!r} adds later tasks' classes through the analytic head only; "
-                f"set lorm.head_merge = 'analytic' (now {cfg.lorm.head_merge!r})"
-            )
         self.scaling = cfg.model.scaling
         self.dtype = model.head.weight.dtype
         self.device = model.head.weight.device

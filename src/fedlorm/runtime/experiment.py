@@ -28,6 +28,7 @@ from fedlorm.data import (
 )
 from fedlorm.fcl import Scenario, dirichlet_partition, make_scenario
 from fedlorm.methods import METHODS, Client, ClientData, Server
+from fedlorm.methods.validation import check_method_config
 from fedlorm.precision import check_precision
 from fedlorm.seeding import derive_seed
 
@@ -225,7 +226,9 @@ def effective_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"method {cfg.method!r} is unknown; choose one of: {', '.join(sorted(METHODS))}"
         )
-    return METHODS[cfg.method].run_config(cfg)
+    effective = METHODS[cfg.method].run_config(cfg)
+    check_method_config(effective)
+    return effective
 
 
 def _compute_device(cfg: RunConfig) -> torch.device:

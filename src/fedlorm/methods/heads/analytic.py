@@ -31,6 +31,7 @@ class AnalyticHead(TrainedAverageHead):
     """Trained heads averaged for local training; the deployed head is the ridge solve."""
 
     collects_features = True
+    supports_frozen_backbone = True
 
     def __init__(self, lorm: LormConfig, classes: int, features: int) -> None:
         super().__init__(lorm, classes, features)

@@ -26,6 +26,10 @@ class HeadStrategy(ABC):
     collects_features = False
     """Whether each task ends with a ``head_stats`` step whose sums build the deployed head."""
 
+    supports_frozen_backbone = False
+    """Whether a task without training rounds (past ``lorm.adapt_tasks``) still gets a correct head
+    for its classes: the deployed head is solved from the ``head_stats`` sums alone, no trained rows."""
+
     def __init__(self, lorm: LormConfig, classes: int, features: int) -> None:
         self.lorm = lorm
         self.classes = classes
