@@ -38,7 +38,7 @@ demo: $(STAMP) data
 
 test: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ruff check src tests benchmarks
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist loadgroup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

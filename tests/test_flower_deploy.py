@@ -43,7 +43,9 @@ from fedlorm.runtime.partitions import write_partitions
 from fedlorm.runtime.report import untimed
 from fedlorm.runtime.simulator import run_simulation
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs them one after another: each starts four processes of its own, and two such
+# deployments side by side on a small machine slow each other past their reply timeouts.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deployment")]
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = 3
