@@ -453,6 +453,25 @@ def test_resuming_a_flower_run_without_a_checkpoint_is_one_clear_error(fault_set
         )
 
 
+def _loopback_and_in_process(cfg, record, *, nodes, min_clients, out):
+    """``cfg`` run over the loopback grid (``record`` sees every message) and in process, as
+    (Flower experiment, its results, in-process experiment, its results)."""
+    run_config = run_config_for(cfg, FlowerSettings(out="", federated_eval=False))
+    exp = build_experiment(cfg)
+    settings = FlowerSettings(out=str(out), min_clients=min_clients, reply_timeout=30.0, federated_eval=False)
+    flower = run_federation(LoopbackGrid(run_config, range(nodes), record), exp, settings, out)
+    local_exp = build_experiment(cfg)
+    return exp, flower, local_exp, run_simulation(cfg, experiment=local_exp)
+
+
+def _assert_same_server_state(exp, local_exp):
+    """The Flower run's server holds what the in-process run's does (float round-off apart)."""
+    merged, reference = exp.server.state_dict(), local_exp.server.state_dict()
+    assert merged.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+
+
 def test_a_sampled_run_reaches_only_the_sampled_nodes_and_equals_the_in_process_run(tmp_path):
     """``scenario.participation`` 0.5 over the loopback grid vs ``run_simulation`` (same seed).
 
@@ -460,7 +479,6 @@ def test_a_sampled_run_reaches_only_the_sampled_nodes_and_equals_the_in_process_
     (SuperLink, Ray) is left out, which the full simulation test below covers for participation 1.
     """
     cfg = tiny_config(*FAULT_CFG, "train.rounds=2", "scenario.participation=0.5")
-    run_config = run_config_for(cfg, FlowerSettings(out="", federated_eval=False))
     reached = []
 
     def record(step, partition, request, reply):
@@ -469,11 +487,9 @@ def test_a_sampled_run_reaches_only_the_sampled_nodes_and_equals_the_in_process_
             reached.append((config["task"], config["round"], config["phase"], partition))
         return reply
 
-    exp = build_experiment(cfg)
-    settings = FlowerSettings(out=str(tmp_path), min_clients=2, reply_timeout=30.0, federated_eval=False)
-    flower = run_federation(LoopbackGrid(run_config, range(4), record), exp, settings, tmp_path)
-    local_exp = build_experiment(cfg)
-    local = run_simulation(cfg, experiment=local_exp)
+    exp, flower, local_exp, local = _loopback_and_in_process(
+        cfg, record, nodes=4, min_clients=2, out=tmp_path
+    )
 
     expected = [
         (i.task, i.round, i.phase, k) for steps in step_plan(exp) for i in steps for k in step_clients(cfg, i)
@@ -493,10 +509,7 @@ def test_a_sampled_run_reaches_only_the_sampled_nodes_and_equals_the_in_process_
     assert [r["clients"] for r in local["rounds"]] == [2, 2, 4] * 2
     for key in ("upload_bytes", "download_bytes", "diagnostics"):
         assert flower[key] == local[key], key
-    merged, reference = exp.server.state_dict(), local_exp.server.state_dict()
-    assert merged.keys() == reference.keys()
-    for key, value in reference.items():
-        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+    _assert_same_server_state(exp, local_exp)
 
 
 def test_ewc_with_its_fisher_step_over_flower_equals_the_in_process_run(tmp_path):
@@ -504,7 +517,6 @@ def test_ewc_with_its_fisher_step_over_flower_equals_the_in_process_run(tmp_path
     over the loopback grid vs ``run_simulation``: every node answers every step without an error
     reply, and accuracies, rows, bytes and the server state (Fisher and anchor included) agree."""
     cfg = tiny_config("train.threads=1", "train.rounds=1", "method=ewc")
-    run_config = run_config_for(cfg, FlowerSettings(out="", federated_eval=False))
     steps, errors = [], []
 
     def record(step, partition, request, reply):
@@ -515,11 +527,9 @@ def test_ewc_with_its_fisher_step_over_flower_equals_the_in_process_run(tmp_path
             errors.append((partition, reply.error.reason))
         return reply
 
-    exp = build_experiment(cfg)
-    settings = FlowerSettings(out=str(tmp_path), min_clients=3, reply_timeout=30.0, federated_eval=False)
-    flower = run_federation(LoopbackGrid(run_config, range(3), record), exp, settings, tmp_path)
-    local_exp = build_experiment(cfg)
-    local = run_simulation(cfg, experiment=local_exp)
+    exp, flower, local_exp, local = _loopback_and_in_process(
+        cfg, record, nodes=3, min_clients=3, out=tmp_path
+    )
 
     assert errors == []
     assert [(t, k) for t, phase, k in steps if phase == "fisher_stats"] == [(0, 0), (0, 1), (0, 2)]
@@ -530,11 +540,9 @@ def test_ewc_with_its_fisher_step_over_flower_equals_the_in_process_run(tmp_path
     assert [r["phase"] for r in local["rounds"]] == ["train", "fisher_stats", "train"]
     for key in ("upload_bytes", "download_bytes", "diagnostics"):
         assert flower[key] == local[key], key
-    merged, reference = exp.server.state_dict(), local_exp.server.state_dict()
-    assert merged.keys() == reference.keys()
+    reference = local_exp.server.state_dict()
     assert {p for p in (ANCHOR, FISHER) for key in reference if key.startswith(p)} == {ANCHOR, FISHER}
-    for key, value in reference.items():
-        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+    _assert_same_server_state(exp, local_exp)
 
 
 # -- per-node folders (fedlorm partition) ----------------------------------------------------------
@@ -591,10 +599,7 @@ def test_a_run_over_partition_folders_loads_no_dataset_and_equals_the_in_process
         return untimed(run["rounds"])
 
     assert rows(results) == rows(local)
-    merged, reference = exp.server.state_dict(), local_exp.server.state_dict()
-    assert merged.keys() == reference.keys()
-    for key, value in reference.items():
-        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+    _assert_same_server_state(exp, local_exp)
     assert (out / "results.json").exists() and load_model(out / "model").class_names == exp.class_names
 
 
