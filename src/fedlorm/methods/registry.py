@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedlorm.config import LormConfig, RunConfig
+from fedlorm.config import RunConfig
 from fedlorm.methods.base import Client, Server
 from fedlorm.methods.cross_task import (
     ClosedFormTasks,
@@ -63,6 +63,10 @@ class Method:
     """The config the run really uses (e.g. joint's one task of all classes on one client)."""
     vit_only: bool = False
     """Runs on ViT backbones only (its ``run_config`` refuses others); the CNN smoke pins skip it."""
+
+    def adapted_tasks(self, cfg: RunConfig) -> int | None:
+        """The run's adapted-task limit: ``lorm.adapt_tasks`` if set, else the method's own."""
+        return cfg.lorm.adapt_tasks or self.adapt_tasks
 
 
 def ccvr_config(cfg: RunConfig) -> RunConfig:
@@ -130,7 +134,7 @@ WITHIN_TASK_MERGES: dict[str, WithinTaskMerge] = {
 }
 """Task-structured LoRA method name → its within-task client merge."""
 
-HEADS: dict[str, Callable[[LormConfig, int, int], HeadStrategy]] = {
+HEADS: dict[str, type[HeadStrategy]] = {
     "fedavg": TrainedAverageHead,
     "regmean": RegMeanHead,
     "analytic": AnalyticHead,

@@ -52,7 +52,7 @@ def _parts(
     classes, features = head_shape
     head = HEADS[cfg.lorm.head_merge](cfg.lorm, classes, features)
     cross = CROSS_TASK_RULES[method.cross_task or cfg.lorm.cross_task].from_config(cfg.lorm)
-    return method.within_task, head, cross, cfg.lorm.adapt_tasks or method.adapt_tasks
+    return method.within_task, head, cross, method.adapted_tasks(cfg)
 
 
 def _earlier_update(arrays: Mapping[str, Tensor], name: str, t: int) -> tuple[Tensor, Tensor] | Tensor | None:

@@ -41,11 +41,11 @@ def check_method_config(cfg: RunConfig) -> None:
     from fedlorm.methods.registry import HEADS, METHODS  # the registry imports the modules using this
 
     method = METHODS.get(cfg.method)
-    limit = cfg.lorm.adapt_tasks or (method.adapt_tasks if method is not None else None)
+    limit = method.adapted_tasks(cfg) if method is not None else cfg.lorm.adapt_tasks
     head = HEADS.get(cfg.lorm.head_merge)
-    if limit is None or head is None or _supports_frozen_backbone(head):
+    if limit is None or head is None or head.supports_frozen_backbone:
         return
-    allowed = " or ".join(repr(name) for name, part in HEADS.items() if _supports_frozen_backbone(part))
+    allowed = " or ".join(repr(name) for name, part in HEADS.items() if part.supports_frozen_backbone)
     reason = (
         f"tasks after the first {limit} add their classes to the head through its feature sums only; "
         f"set lorm.head_merge = {allowed}"
@@ -56,11 +56,6 @@ def check_method_config(cfg: RunConfig) -> None:
             f"{reason}, or lorm.adapt_tasks = none"
         )
     raise ConfigError(f"method {cfg.method!r}: {reason} (now {cfg.lorm.head_merge!r})")
-
-
-def _supports_frozen_backbone(head: object) -> bool:
-    """The head strategy's (class or factory) flag; a factory without one does not support it."""
-    return bool(getattr(head, "supports_frozen_backbone", False))
 
 
 class InvalidReplyError(ValueError):

@@ -68,7 +68,6 @@ class PromptClient(Client):
         summands["n"] = torch.tensor(float(n), dtype=torch.float64)
         return ClientReply(summands=summands, num_examples=n, metrics={"train_loss": loss})
 
-
     def deploy(self, arrays: Mapping[str, Tensor], task: int) -> None:
         """The head as every method loads it, and the prompt rows into the pool with ``task``'s layout."""
         super().deploy(arrays, task)
