@@ -107,7 +107,9 @@ def test_timm_and_peft_alone_give_the_runs_logits(name, request, tmp_path):
     theirs = torch.load(tmp_path / "logits.pt")
     assert theirs.shape == run.logits.shape == (len(run.x), 10)
     assert run.logits.abs().max() > 0.1  # the head is trained: a wrong load would show
-    torch.testing.assert_close(theirs, run.logits, rtol=0, atol=1e-5)
+    # fedlorm evaluates each LoRA layer as one merged matrix (and a CNN in channels-last layout),
+    # peft as the base plus two thin products: the same function, float32 round-off apart.
+    torch.testing.assert_close(theirs, run.logits, rtol=1e-4, atol=1e-4)
 
 
 def test_lite0_model_holds_the_merged_factor_pairs_and_the_analytic_head(lite0_run):

@@ -126,7 +126,7 @@ class TrainConfig:
     lr_head: float | None = None
     weight_decay: float = 0.0
     eval_batch_size: int = 256
-    eval_every_round: bool = True
+    eval_every_round: bool = False
     forgetting_diagnostics: bool = False
     tensorboard: bool = False
     device: str = "auto"

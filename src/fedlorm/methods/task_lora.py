@@ -201,7 +201,7 @@ class TaskLoRAServer(Server):
         self.task_P: dict[str, Tensor] = {}
         self.factored = self.cross.factored(cfg.lorm.alpha_backbone)
         self.task = -1
-        self.task_finished = False
+        self.task_finished = not self.adapts(0)  # a backbone that never adapts is deployed as it is
         self.tasks_folded = 0
 
     @property
@@ -211,8 +211,12 @@ class TaskLoRAServer(Server):
 
     # -- protocol -----------------------------------------------------------------------------------
     def adapts(self, task: int) -> bool:
-        """Whether ``task`` trains the adapters (all tasks unless ``lorm.adapt_tasks`` or the
-        method, e.g. ``lorm-fsa``, stops them)."""
+        """Whether ``task`` has training rounds: all tasks unless ``lorm.adapt_tasks`` or the
+        method (e.g. ``lorm-fsa``) stops them, and none where no factor trains and the deployed
+        head is solved from the ``head_stats`` sums alone (``head-only`` with the analytic head:
+        its trained rows would never be deployed)."""
+        if not (self.within.trains_adapters or not self.head.supports_frozen_backbone):
+            return False
         return self.adapt_tasks is None or task < self.adapt_tasks
 
     def start_task(self, task: int, classes: range, generator: torch.Generator) -> None:
