@@ -3,6 +3,7 @@ training precision, each checked against what torchvision or a hand computation 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -205,3 +206,80 @@ def test_flip_augmentation_without_flip_is_refused() -> None:
 
     with pytest.raises(ConfigError, match=r"data\.augment_flip"):
         validate_config(tiny_config("data.augment=flip", "data.augment_flip=false"))
+
+
+def _bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The documented resize, written out with torch alone: bicubic, antialiased, clamped to [0, 1]."""
+    return torch.nn.functional.interpolate(
+        x.float() / 255, size=size, mode="bicubic", antialias=True, align_corners=False
+    ).clamp(0, 1)
+
+
+def _paper_preprocessing(name: str) -> Preprocessing:
+    from fedlorm.presets import preset_config
+    from fedlorm.runtime.experiment import preprocessing
+
+    return preprocessing(preset_config(name))
+
+
+def test_eurosat_presets_resize_the_whole_tile_and_never_crop() -> None:
+    tile = images(n=3, size=64)
+    for beta in ("1.0", "0.5", "0.2"):
+        pre = _paper_preprocessing(f"eurosat-b{beta}")
+        expected = _bicubic(tile, (224, 224))  # the full 64 px tile to 224 px, bicubic: no crop
+        torch.testing.assert_close(pre.test_input(tile), expected, rtol=0, atol=2e-6)
+        # Training is not augmented: the training input is the test input, and draws nothing.
+        generator = torch.Generator().manual_seed(0)
+        state = generator.get_state()
+        assert torch.equal(pre.augment(tile, generator), pre.test_input(tile))
+        assert torch.equal(generator.get_state(), state)
+
+
+def test_paper_presets_test_crop_is_a_bicubic_256_resize_then_the_centre_224() -> None:
+    stored = images(n=2, size=224)  # a photo as the squash storage keeps it
+    for name in ("cifar100-b0.5", "imagenet-r-b0.5", "imagenet-a-b1.0", "cub200-b1.0"):
+        pre = _paper_preprocessing(name)
+        assert (pre.interpolation, pre.storage_size) == ("bicubic", 224)
+        expected = _bicubic(stored, (256, 256))[:, :, 16:240, 16:240]
+        torch.testing.assert_close(pre.test_input(stored), expected, rtol=0, atol=2e-6)
+
+
+def test_cub_training_crop_is_a_random_224_window_of_the_bicubic_256_resize() -> None:
+    pre = _paper_preprocessing("cub200-b1.0")
+    stored = images(n=1, size=224)
+    resized = _bicubic(stored, (256, 256))[0]
+    out = pre.augment(stored, torch.Generator().manual_seed(4))[0]
+    windows = [
+        (top, left)
+        for top in range(33)
+        for left in range(33)
+        if torch.allclose(out, resized[:, top : top + 224, left : left + 224], atol=2e-6)
+        or torch.allclose(out, resized[:, top : top + 224, left : left + 224].flip(-1), atol=2e-6)
+    ]
+    assert len(windows) == 1
+
+
+def test_squash_stores_the_whole_photo_and_crop_keeps_its_centre(tmp_path) -> None:
+    from PIL import Image
+
+    from fedlorm.data import decode_images
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(20, 40, 3), dtype=np.uint8)  # 40 wide, 20 high
+    path = tmp_path / "photo.png"
+    Image.fromarray(pixels).save(path)
+    photo = Image.fromarray(pixels)
+    squashed = decode_images([path], 16, photo_resize="squash")[0]
+    whole = np.array(photo.resize((16, 16), Image.Resampling.BICUBIC))
+    assert torch.equal(squashed, torch.from_numpy(whole).permute(2, 0, 1))
+    cropped = decode_images([path], 16, photo_resize="crop")[0]
+    centre = np.array(photo.resize((32, 16), Image.Resampling.BICUBIC))[:, 8:24]
+    assert torch.equal(cropped, torch.from_numpy(centre).permute(2, 0, 1))
+    with pytest.raises(ValueError, match="photo_resize 'stretch' is unknown"):
+        decode_images([path], 16, photo_resize="stretch")
+
+
+def test_squash_storage_costs_less_memory_than_the_crop_storage() -> None:
+    squash = Preprocessing(224, test_crop="center-crop", photo_resize="squash")
+    crop = Preprocessing(224, test_crop="center-crop", photo_resize="crop")
+    assert (squash.storage_size, crop.storage_size) == (224, 256)  # 150.5 KB against 196.6 KB an image

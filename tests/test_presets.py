@@ -60,14 +60,14 @@ def test_the_18_presets_exist_and_match_the_table() -> None:
 
 
 # The reference's input pipeline per dataset, written out again: train augmentation (RandomResizedCrop
-# minimum area or the policy), normalisation, test-time crop, interpolation.
+# minimum area or the policy), normalisation, test-time crop, interpolation, how photos are made square.
 PIPELINE = {
-    "cifar100": ("random-resized-crop", 0.08, "half", "center-crop", "bicubic"),
-    "imagenet_r": ("random-resized-crop", 0.08, "half", "center-crop", "bilinear"),
-    "imagenet_a": ("random-resized-crop", 0.05, "imagenet", "center-crop", "bilinear"),
-    "cub200": ("resize-random-crop", 0.08, "imagenet", "center-crop", "bilinear"),
-    "cars196": ("flip", 0.08, "none", "resize", "bilinear"),
-    "eurosat": ("none", 0.08, "none", "center-crop", "bilinear"),
+    "cifar100": ("random-resized-crop", 0.08, "half", "center-crop", "bicubic", "squash"),
+    "imagenet_r": ("random-resized-crop", 0.08, "half", "center-crop", "bicubic", "squash"),
+    "imagenet_a": ("random-resized-crop", 0.05, "imagenet", "center-crop", "bicubic", "squash"),
+    "cub200": ("resize-random-crop", 0.08, "imagenet", "center-crop", "bicubic", "squash"),
+    "cars196": ("flip", 0.08, "none", "resize", "bicubic", "crop"),
+    "eurosat": ("none", 0.08, "none", "resize", "bicubic", "squash"),
 }
 
 
@@ -75,7 +75,8 @@ PIPELINE = {
 def test_paper_presets_use_the_references_pipeline(name: str) -> None:
     cfg = preset_config(name)
     d = cfg.data
-    assert (d.augment, d.augment_scale, d.normalize, d.test_crop, d.interpolation) == PIPELINE[d.datasets[0]]
+    got = (d.augment, d.augment_scale, d.normalize, d.test_crop, d.interpolation, d.photo_resize)
+    assert got == PIPELINE[d.datasets[0]]
     assert d.crop_pct == 0.875 and d.augment_flip and d.augment_statistics  # Resize 256 → crop 224
     assert (cfg.train.precision, cfg.model.head_init) == ("16-mixed", "trunc-normal")
     assert "82.76" in PRESETS["cifar100-b0.05"].description

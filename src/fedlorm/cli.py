@@ -9,6 +9,7 @@ stderr and exit code 2, before anything is written.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -25,7 +26,7 @@ from fedlorm.config import (
     validate_config,
 )
 from fedlorm.logs import add_logging_arguments, command_logging, log_level
-from fedlorm.presets import PRESETS, resolve_config
+from fedlorm.presets import PRESETS, config_sources, resolve_config
 
 __all__ = ["main"]
 
@@ -111,7 +112,16 @@ def _build_parser() -> argparse.ArgumentParser:
     partition.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. scenario.num_clients=4"
     )
-    add_logging_arguments(sub.add_parser("presets", help="list the presets"))
+    presets = sub.add_parser(
+        "presets",
+        help="list the presets, or show one preset's settings and where each comes from",
+        description="Without a name, list every preset with its validated per-method settings. "
+        "With a name, show every setting of that preset's run that differs from the config "
+        "default, and where it comes from. Example: fedlorm presets headroom --method lorm-fsa",
+    )
+    presets.add_argument("name", nargs="?", help="a preset to show in full")
+    presets.add_argument("--method", help="the method whose validated settings to show (default: lorm)")
+    add_logging_arguments(presets)
     predict = sub.add_parser("predict", help="the top classes of image files under a run's model")
     _add_model_argument(predict)
     predict.add_argument(
@@ -267,6 +277,11 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _preset_base(preset: str, config: Path | None, overrides: Sequence[str], method: str) -> RunConfig:
+    """A comparison's config of ``method`` on ``preset``: its validated settings, then the user's."""
+    return resolve_config(preset, config, overrides, method=method)
+
+
 def _compare_out(args: argparse.Namespace, presets: Sequence[str]) -> Path:
     """``--out``, or runs/compare-PRESET (one preset), runs/compare-FIRST-and-N-more (several)."""
     name = presets[0] if len(presets) == 1 else f"{presets[0]}-and-{len(presets) - 1}-more"
@@ -283,7 +298,7 @@ def _command_compare(args: argparse.Namespace) -> int:
     seeds = _int_list("--seeds", args.seeds)
     presets = check_presets(_names(args.preset))
     common, own = split_method_overrides(args.overrides, methods)
-    bases = {name: resolve_config(name, args.config, common) for name in presets}
+    bases = {name: functools.partial(_preset_base, name, args.config, common) for name in presets}
     out = _compare_out(args, presets)
 
     def run(run_cfg: RunConfig, run_dir: Path) -> dict:
@@ -409,11 +424,32 @@ def _command_partition(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command_presets() -> int:
-    width = max(map(len, PRESETS))
-    for name, preset in PRESETS.items():
-        print(f"{name:<{width}}  {preset.description}")
+def _command_presets(args: argparse.Namespace) -> int:
+    if args.name is None:
+        width = max(map(len, PRESETS))
+        for name, preset in PRESETS.items():
+            print(f"{name:<{width}}  {preset.description}")
+            for method, settings in preset.validated.items():
+                chosen = ", ".join(f"{key}={value}" for key, value in settings.items())
+                print(f"{'':<{width}}    validated for {method}: {chosen}")
+        return 0
+    if args.method is not None:
+        from fedlorm.compare import check_methods  # imports the methods (torch): only when asked
+
+        check_methods([args.method])
+    cfg = resolve_config(args.name, method=args.method)
+    print(f"{args.name}: {PRESETS[args.name].description}")
+    for key, source in config_sources(cfg).items():
+        if source != "default":
+            print(f"  {key} = {_flat_value(cfg, key)}  ({source})")
     return 0
+
+
+def _flat_value(cfg: RunConfig, key: str) -> object:
+    value: object = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -429,7 +465,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "partition":
         return _command_partition(args)
     if args.command == "presets":
-        return _command_presets()
+        return _command_presets(args)
     if args.command == "predict":
         return _command_predict(args)
     if args.command == "evaluate":

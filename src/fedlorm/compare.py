@@ -90,12 +90,16 @@ class PlannedRun:
     run_dir: Path
 
 
-def method_config(
-    base: RunConfig, method: str, seed: int, overrides: Sequence[str] = ()
-) -> RunConfig:
-    """``base`` with ``method``'s own ``key=value`` overrides, ``method`` and ``seed`` set (joint:
-    its one-task, one-client scenario)."""
-    cfg = apply_overrides(config_from_plain(config_to_dict(base)), overrides)
+Base = RunConfig | Callable[[str], RunConfig]
+"""A comparison's starting config: one for every method, or ``base(method)`` (a preset's config with
+that method's validated settings and the user's common overrides, as ``fedlorm compare`` builds it)."""
+
+
+def method_config(base: Base, method: str, seed: int, overrides: Sequence[str] = ()) -> RunConfig:
+    """``base`` (for ``method``) with ``method``'s own ``key=value`` overrides, ``method`` and
+    ``seed`` set (joint: its one-task, one-client scenario)."""
+    start = base(method) if callable(base) else base
+    cfg = apply_overrides(config_from_plain(config_to_dict(start)), overrides)
     cfg.method, cfg.seed = method, seed
     return METHODS[method].run_config(cfg)
 
@@ -207,7 +211,7 @@ def _resumable(run_dir: Path, cfg: RunConfig) -> bool:
 
 
 def plan_comparison(
-    base: RunConfig,
+    base: Base,
     methods: Sequence[str],
     seeds: Sequence[int],
     out: Path,
@@ -283,7 +287,7 @@ def execute_comparison(
 
 
 def run_comparison(
-    base: RunConfig,
+    base: Base,
     methods: Sequence[str],
     seeds: Sequence[int],
     out: Path,
@@ -301,7 +305,7 @@ def run_comparison(
 
 
 def run_comparisons(
-    bases: Mapping[str, RunConfig],
+    bases: Mapping[str, Base],
     methods: Sequence[str],
     seeds: Sequence[int],
     out: Path,

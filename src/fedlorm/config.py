@@ -51,6 +51,10 @@ class DataConfig:
     ``augment_scale``, ``resize-random-crop``; ``augment_flip`` adds a horizontal flip to the
     crops), also applied in the statistics passes unless ``augment_statistics`` is false.
     ``normalize``: ``model`` (the backbone's own mean/std), ``half`` (0.5/0.5), ``imagenet``, ``none``.
+    ``photo_resize``: how a photo of any shape becomes the square it is stored as: ``crop`` (shorter
+    side to the storage size, centre square: aspect ratio kept, long side's margins lost) or
+    ``squash`` (the whole photo to ``image_size`` × ``image_size``, as the LoRM reference stores it;
+    test-time crops and training crops then start from that square).
     """
 
     datasets: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist"])
@@ -64,6 +68,7 @@ class DataConfig:
     test_crop: Literal["resize", "center-crop"] = "resize"
     crop_pct: float = 0.875
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    photo_resize: Literal["crop", "squash"] = "crop"
     augment: Literal["none", "flip", "random-resized-crop", "resize-random-crop"] = "none"
     augment_scale: float = 0.08
     augment_flip: bool = True
@@ -208,10 +213,16 @@ class SecureConfig:
 
 @dataclass
 class RunConfig:
-    """One federated class-incremental run."""
+    """One federated class-incremental run.
+
+    ``preset``: the named preset the config was built from (``fedlorm.presets``), which decides the
+    validated per-method settings it starts from and lets results say where each value came from;
+    None for a config built directly.
+    """
 
     method: str = "lorm"
     seed: int = 0
+    preset: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

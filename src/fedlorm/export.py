@@ -221,6 +221,7 @@ def _model_info(
         "test_crop": pre.test_crop,
         "crop_pct": pre.crop_pct,
         "interpolation": pre.interpolation,
+        "photo_resize": pre.photo_resize,
         "lora_scaling": cfg.model.scaling,
         "class_names": list(class_names),
         "method": cfg.method,
@@ -316,6 +317,7 @@ def _prompt_weights(info: Mapping[str, Any], path: Path) -> str | None:
 def model_preprocessing(info: Mapping[str, Any]) -> Preprocessing:
     """The test-time transform ``model.json`` (``info``) describes."""
     size, crop, pct, mode = (info.get(k) for k in ("image_size", "test_crop", "crop_pct", "interpolation"))
+    photo = info.get("photo_resize", "crop")  # models saved before the key existed stored crops
     if (
         not isinstance(size, int)
         or size < 1
@@ -323,12 +325,15 @@ def model_preprocessing(info: Mapping[str, Any]) -> Preprocessing:
         or not isinstance(pct, int | float)
         or not 0 < pct <= 1
         or mode not in ("bilinear", "bicubic")
+        or photo not in ("crop", "squash")
     ):
         raise ValueError(
             f"{MODEL_JSON} has no usable test-time preprocessing: image_size={size!r}, "
-            f"test_crop={crop!r}, crop_pct={pct!r}, interpolation={mode!r}"
+            f"test_crop={crop!r}, crop_pct={pct!r}, interpolation={mode!r}, photo_resize={photo!r}"
         )
-    return Preprocessing(size=size, test_crop=crop, crop_pct=float(pct), interpolation=mode)
+    return Preprocessing(
+        size=size, test_crop=crop, crop_pct=float(pct), interpolation=mode, photo_resize=photo
+    )
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> SavedModel:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fedlorm.config import RunConfig
-from fedlorm.data import Preprocessing, open_rgb
+from fedlorm.data import Preprocessing, open_rgb, squash_square
 from fedlorm.export import SavedModel
 from fedlorm.runtime.evaluation import predict_logits
 from fedlorm.runtime.experiment import load_split
@@ -33,12 +33,15 @@ class Scores:
 def read_image(path: str | Path, preprocessing: Preprocessing) -> Tensor:
     """The image file as uint8 RGB (1, 3, H, W), ready for the model's test-time transform.
 
-    With ``test_crop = resize`` a non-square image first loses the margins of its longer side, as
-    photo datasets do when they are stored, so that the resize does not squash it.
+    A non-square image is first made square as photo datasets are when they are stored: squashed
+    to the storage size with ``photo_resize = squash``; else, with ``test_crop = resize``, it loses
+    the margins of its longer side, so that the resize does not squash it.
     """
     image = open_rgb(Path(path))
     w, h = image.size
-    if preprocessing.test_crop == "resize" and w != h:
+    if preprocessing.photo_resize == "squash":
+        image = squash_square(image, preprocessing.storage_size)
+    elif preprocessing.test_crop == "resize" and w != h:
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
         image = image.crop((left, top, left + side, top + side))

@@ -7,7 +7,7 @@ plain, inspectable dict and a results file's ``config`` shows exactly what ran.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,32 +17,51 @@ from fedlorm.config import (
     RunConfig,
     apply_overrides,
     config_from_dict,
+    config_to_dict,
     load_toml,
     validate_config,
 )
 
-__all__ = ["PAPER_BACKBONE", "PAPER_PRESETS", "PAPER_SETTINGS", "PRESETS", "PaperSetting", "Preset",
-           "preset_config", "published_accuracy", "resolve_config"]
+__all__ = ["PAPER_BACKBONE", "PAPER_PRESETS", "PAPER_SETTINGS", "PRESETS", "SOURCES", "PaperSetting",
+           "Preset", "config_sources", "preset_config", "published_accuracy", "resolve_config"]
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A named set of config overrides with a one-line description."""
+    """A named set of config overrides with a one-line description.
+
+    ``validated``: per method, the settings chosen for this very preset on its validation split
+    (dotted ``key: value``; docs/evidence.md has each grid). A run of the preset starts from them,
+    after the preset's own overrides and before the user's file and ``key=value`` overrides.
+    """
 
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    validated: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+
+# Chosen on a validation split (data.validation_per_class=100), never on the test set: the analytic
+# head lifted LoRM from 43.6 % to 80.2 % there, and ridge 0.1 was the best of 1e-6..1e-1. One local
+# epoch keeps a run short (not tuned). No augmentation: on validation, random-resized crops (area
+# 0.6-1, no flip: digits) cost LoRM 3.3 points (80.15 against 83.45) and left FFA-LoRA unchanged.
+_BUILTIN: dict[str, Any] = {
+    "train": {"local_epochs": 1},
+    "lorm": {"head_merge": "analytic", "head_ridge": 0.1},
+}
+_BUILTIN_TEXT = (
+    "Fashion-MNIST then MNIST, 5 tasks x 4 classes, 10 clients, beta {beta}, EfficientNet-Lite0 "
+    "(ImageNet) at 48 px, analytic ridge head"
+)
 
 PRESETS: dict[str, Preset] = {
-    "default": Preset(
-        "built-in offline benchmark: Fashion-MNIST then MNIST, 5 tasks x 4 classes, 10 clients, "
-        "beta 0.5, EfficientNet-Lite0 (ImageNet) at 48 px, analytic ridge head",
-        # Chosen on a validation split (data.validation_per_class=100), never on the test set: the
-        # analytic head lifted LoRM from 43.6 % to 80.2 % there, and ridge 0.1 was the best of
-        # 1e-6..1e-1. One local epoch keeps a run within the 5-minute budget (not tuned). No
-        # augmentation: on validation, random-resized crops (area 0.6-1, no flip: digits) cost LoRM
-        # 3.3 points (80.15 against 83.45) and left FFA-LoRA unchanged (87.20 against 87.25).
-        {"train": {"local_epochs": 1}, "lorm": {"head_merge": "analytic", "head_ridge": 0.1}},
+    "default": Preset("built-in offline benchmark: " + _BUILTIN_TEXT.format(beta=0.5), _BUILTIN),
+    "default-b0.1": Preset(
+        "the built-in benchmark with more heterogeneous clients: " + _BUILTIN_TEXT.format(beta=0.1),
+        {**_BUILTIN, "scenario": {"beta": 0.1}},
+    ),
+    "default-b0.05": Preset(
+        "the built-in benchmark with very heterogeneous clients: " + _BUILTIN_TEXT.format(beta=0.05),
+        {**_BUILTIN, "scenario": {"beta": 0.05}},
     ),
     "headroom": Preset(
         "the built-in benchmark where adaptation pays: Fashion-MNIST alone at 24 px, 5 tasks x 2 "
@@ -155,28 +174,32 @@ class PaperSetting:
         })
 
 
-def _pipeline(augment: str, normalize: str, test_crop: str = "center-crop", **more: Any) -> dict[str, Any]:
+def _pipeline(
+    augment: str, normalize: str, test_crop: str = "center-crop", photo_resize: str = "squash", **more: Any
+) -> dict[str, Any]:
     return {"augment": augment, "normalize": normalize, "test_crop": test_crop, "crop_pct": 0.875,
-            **more}
+            "interpolation": "bicubic", "photo_resize": photo_resize, **more}
 
 
-# The reference's transforms. Test time: Resize 256 → CenterCrop 224 (crop_pct 0.875) for every
-# dataset but Cars-196, which is resized and centre-cropped once at load; CIFAR-100 is first
-# upsampled bicubically. Training: its train transform; EuroSAT none (its README's commands).
+# The reference's transforms (docs/paper-settings.md). Every resize is bicubic. Photos are stored
+# squashed to 224 x 224 (its Resize((224, 224)) at load), and the crops start from that square; at
+# test time Resize 256 x 256 → CenterCrop 224 (crop_pct 0.875). Cars-196 is resized on its shorter
+# side and centre-cropped once at load, never cropped again; EuroSAT's 64 px tile is resized whole to
+# 224 px, neither augmented nor cropped (its README's commands).
 PAPER_SETTINGS: tuple[PaperSetting, ...] = (
     PaperSetting("cifar100", "cifar100", "CIFAR-100", 100, 10, (0.5, 0.1, 0.05), 5, (1, 16, 16),
                  (3e-3, 3e-4, 5e-4), 0.5, published=(86.95, 81.75, 82.76),
-                 pipeline=_pipeline("random-resized-crop", "half", interpolation="bicubic")),
+                 pipeline=_pipeline("random-resized-crop", "half")),
     PaperSetting("imagenet-r", "imagenet_r", "ImageNet-R", 200, 10, (0.5, 0.1, 0.05), 5, (2, 32, 16),
                  (3e-3, 1e-3, 1e-3), 0.5, pipeline=_pipeline("random-resized-crop", "half")),
     PaperSetting("eurosat", "eurosat", "EuroSAT", 10, 5, (1.0, 0.5, 0.2), 5, (1, 1, 1),
-                 (3e-3, 1e-3, 3e-3), 0.5, pipeline=_pipeline("none", "none")),
+                 (3e-3, 1e-3, 3e-3), 0.5, pipeline=_pipeline("none", "none", test_crop="resize")),
     PaperSetting("cub200", "cub200", "CUB-200", 200, 10, (1.0, 0.5, 0.2), 5, (1, 1, 1),
                  (1e-2, 3e-2, 3e-2), 0.3, lr_a=(3e-3, 1e-3, 3e-3),
                  pipeline=_pipeline("resize-random-crop", "imagenet")),
     PaperSetting("cars196", "cars196", "Cars-196", 196, (20,) * 9 + (16,), (1.0, 0.5, 0.2), 10,
                  (8, 8, 4), (1e-2, 1e-2, 1e-2), 0.5, lr_a=(1e-2,) * 3, lr_b=(1e-3,) * 3,
-                 pipeline=_pipeline("flip", "none", test_crop="resize")),
+                 pipeline=_pipeline("flip", "none", test_crop="resize", photo_resize="crop")),
     PaperSetting("imagenet-a", "imagenet_a", "ImageNet-A", 200, 10, (1.0, 0.5, 0.2), 10, (4, 4, 4),
                  (1e-2, 1e-2, 1e-2), 0.5, lr_a=(1e-2,) * 3, lr_b=(1e-3,) * 3,
                  pipeline=_pipeline("random-resized-crop", "imagenet", augment_scale=0.05)),
@@ -205,13 +228,70 @@ PRESETS.update(
 )
 
 
-def preset_config(name: str) -> RunConfig:
-    """The config of preset ``name`` (defaults plus its overrides)."""
+def preset_config(name: str, method: str | None = None) -> RunConfig:
+    """The config of preset ``name`` for ``method`` (default: the preset's own method): defaults,
+    the preset's overrides, then its validated settings for that method; ``preset`` records ``name``."""
     if name not in PRESETS:
         raise ConfigError(
             f"preset {name!r} is unknown; choose one of: {', '.join(sorted(PRESETS))}"
         )
-    return config_from_dict(PRESETS[name].overrides)
+    preset = PRESETS[name]
+    cfg = config_from_dict(preset.overrides)
+    if method is not None:
+        cfg.method = method
+    cfg = config_from_dict(preset.validated.get(cfg.method, {}), base=cfg)
+    cfg.preset = name
+    return cfg
+
+
+SOURCES = ("default", "preset", "validated", "method", "user")
+"""Where a config value came from (:func:`config_sources`): the config's default, the preset's
+overrides, the preset's validated table for the method, the method's own run config (e.g. joint's
+one task on one client), or the user (a TOML file, ``key=value``, ``--method``, ``--seed``)."""
+
+
+def config_sources(
+    cfg: RunConfig, method_config: Callable[[RunConfig], RunConfig] | None = None
+) -> dict[str, str]:
+    """For every dotted key of ``cfg``, which of :data:`SOURCES` its value came from.
+
+    Decided by value: a key whose value equals what ``cfg.preset`` gives for ``cfg.method`` is
+    attributed to the last layer that set it there, any other value to the user. ``method_config``
+    is the method's transform when ``cfg`` is the config as the run uses it. Without a preset,
+    values are the default or the user's.
+    """
+    preset = PRESETS.get(cfg.preset) if cfg.preset is not None else None
+    base = preset_config(cfg.preset, cfg.method) if preset is not None else RunConfig(method=cfg.method)
+    expected = _flatten(config_to_dict(base))
+    transformed = _flatten(config_to_dict(method_config(base))) if method_config is not None else expected
+    overridden = set(_flatten(preset.overrides)) if preset is not None else set()
+    validated = set(_flatten(preset.validated.get(cfg.method, {}))) if preset is not None else set()
+    out = {}
+    for key, value in _flatten(config_to_dict(cfg)).items():
+        if key in ("method", "seed", "preset"):
+            out[key] = "default" if value == _flatten(config_to_dict(RunConfig()))[key] else "user"
+        elif value != transformed.get(key):
+            out[key] = "user"
+        elif transformed.get(key) != expected.get(key):
+            out[key] = "method"
+        elif key in validated:
+            out[key] = "validated"
+        elif key in overridden:
+            out[key] = "preset"
+        else:
+            out[key] = "default"
+    return out
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested (or already dotted) mappings as ``{"section.key": value}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def resolve_config(
@@ -222,15 +302,27 @@ def resolve_config(
     method: str | None = None,
     seed: int | None = None,
 ) -> RunConfig:
-    """The command line's config: preset, then a TOML file, then ``key=value`` overrides, then
-    ``--method``/``--seed``; validated. Shared by ``run``, ``compare`` and ``flower``."""
-    cfg = preset_config(preset)
-    if config_file is not None:
-        cfg = load_toml(config_file, base=cfg)
-    cfg = apply_overrides(cfg, overrides)
-    if method is not None:
-        cfg.method = method
-    if seed is not None:
-        cfg.seed = seed
+    """The command line's config: preset with its validated settings for the run's method, then a
+    TOML file, then ``key=value`` overrides, then ``--method``/``--seed``; validated. Shared by
+    ``run``, ``compare`` and ``flower``.
+
+    The method may come from any of the user's layers, so they are applied once to find it, then
+    again on top of the preset's validated settings for that method: the user's values always win.
+    """
+
+    def layered(base: RunConfig) -> RunConfig:
+        cfg = load_toml(config_file, base=base) if config_file is not None else base
+        cfg = apply_overrides(cfg, overrides)
+        if method is not None:
+            cfg.method = method
+        if seed is not None:
+            cfg.seed = seed
+        return cfg
+
+    cfg = layered(preset_config(preset, method=layered(preset_config(preset)).method))
+    if cfg.preset != preset:
+        raise ConfigError(
+            f"config key 'preset' = {cfg.preset!r} cannot be set; choose the preset with --preset"
+        )
     validate_config(cfg)
     return cfg

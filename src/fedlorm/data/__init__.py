@@ -4,7 +4,7 @@ from .cars import load_cars196
 from .cifar import load_cifar100
 from .common import check_data_root
 from .cub import load_cub200
-from .decode import DEFAULT_STORAGE_SIZE, decode_images, fit_square, open_rgb
+from .decode import DEFAULT_STORAGE_SIZE, PHOTO_RESIZES, decode_images, fit_square, open_rgb, squash_square
 from .errors import DatasetNotFoundError
 from .eurosat import load_eurosat
 from .folders import holdout_split, list_class_folders
@@ -35,6 +35,7 @@ __all__ = [
     "DEBIAN_FASHION_MNIST",
     "DEFAULT_STORAGE_SIZE",
     "MNIST5K_TEST_EVERY",
+    "PHOTO_RESIZES",
     "DatasetNotFoundError",
     "LabeledImages",
     "Preprocessing",
@@ -57,6 +58,7 @@ __all__ = [
     "open_rgb",
     "per_class_split",
     "per_class_subsample",
+    "squash_square",
     "takes_size",
     "to_model_input",
 ]

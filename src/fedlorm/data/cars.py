@@ -47,6 +47,7 @@ def load_cars196(
     root: str | Path | None = None,
     download: bool = False,
     size: int = DEFAULT_STORAGE_SIZE,
+    photo_resize: str = "crop",
 ) -> LabeledImages:
     """Stanford Cars' official ``split``, 196 classes in class-id order.
 
@@ -63,4 +64,4 @@ def load_cars196(
     paths = [folder / images_rel / str(a["fname"]) for a in annos]
     labels = torch.tensor([int(a["class"]) - 1 for a in annos], dtype=torch.int64)
     require_files("Stanford Cars", paths, folder / images_rel, _HOW)
-    return LabeledImages(decode_images(paths, size), labels, names, "cars196")
+    return LabeledImages(decode_images(paths, size, photo_resize=photo_resize), labels, names, "cars196")

@@ -46,6 +46,7 @@ def load_cub200(
     root: str | Path | None = None,
     download: bool = False,
     size: int = DEFAULT_STORAGE_SIZE,
+    photo_resize: str = "crop",
 ) -> LabeledImages:
     """CUB-200-2011's official ``split``, 200 classes in class-id order.
 
@@ -69,4 +70,4 @@ def load_cub200(
     require_files("CUB-200-2011", paths, folder / "images", _HOW)
     labels = torch.tensor([int(labels_txt[i]) - 1 for i in ids], dtype=torch.int64)
     names = [classes_txt[c] for c in class_ids]
-    return LabeledImages(decode_images(paths, size), labels, names, "cub200")
+    return LabeledImages(decode_images(paths, size, photo_resize=photo_resize), labels, names, "cub200")

@@ -1,10 +1,11 @@
 """Decode image files into one uint8 (N, 3, H, W) tensor, resized at load to a storage size.
 
 Photo datasets (ImageNet-R/-A, CUB-200, Cars-196) have images of every size; they are stored in memory
-as ``size`` × ``size`` uint8 RGB: the shorter side is resized to ``size`` (PIL bicubic, which filters
-with the downscale factor, so no aliasing) and the centre square is cropped. Cropping rather than
-squashing keeps objects' aspect ratio; only the margins of the longer side are lost, as in the usual
-resize-then-centre-crop test transform (and the reference's Cars-196 preprocessing). uint8 keeps the
+as ``size`` × ``size`` uint8 RGB, made square one of two ways (``data.photo_resize``): ``crop``
+resizes the shorter side to ``size`` (PIL bicubic, which filters with the downscale factor, so no
+aliasing) and keeps the centre square, which keeps objects' aspect ratio and loses only the margins
+of the longer side (the reference's Cars-196 preprocessing); ``squash`` resizes the whole photo to the
+square (PIL bicubic), as the reference stores ImageNet-R, ImageNet-A and CUB-200. uint8 keeps the
 memory at a quarter of float32: ImageNet-R's 30,000 images at 224 px take 4.5 GB instead of 18 GB.
 """
 
@@ -21,12 +22,23 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = ["DEFAULT_STORAGE_SIZE", "IMAGE_SUFFIXES", "decode_images", "fit_square", "open_rgb"]
+__all__ = [
+    "DEFAULT_STORAGE_SIZE",
+    "IMAGE_SUFFIXES",
+    "PHOTO_RESIZES",
+    "decode_images",
+    "fit_square",
+    "open_rgb",
+    "squash_square",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE_SIZE = 224
 """Storage size of photo datasets when the caller gives none (the paper's ViT input size)."""
+
+PHOTO_RESIZES = ("crop", "squash")
+"""How :func:`decode_images` makes a photo square: centre crop after a shorter-side resize, or squash."""
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 """File name endings (lower case) that count as images when a folder is listed."""
@@ -45,6 +57,14 @@ def fit_square(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def squash_square(image: Image.Image, size: int) -> Image.Image:
+    """The whole image resized to ``size`` × ``size`` (bicubic), aspect ratio not kept: how the LoRM
+    reference stores ImageNet-R, ImageNet-A and CUB-200 (``Resize((224, 224))`` at load)."""
+    if image.size == (size, size):
+        return image
+    return image.resize((size, size), Image.Resampling.BICUBIC)
+
+
 def open_rgb(path: Path) -> Image.Image:
     """The image file at ``path`` as RGB; a one-line ValueError naming it if it cannot be read."""
     try:
@@ -54,15 +74,21 @@ def open_rgb(path: Path) -> Image.Image:
         raise ValueError(f"cannot decode image {path}: {' '.join(str(e).split())}") from e
 
 
-def decode_images(paths: Sequence[Path], size: int | None, workers: int | None = None) -> Tensor:
-    """All ``paths`` as uint8 RGB (N, 3, S, S) with S = ``size`` (see :func:`fit_square`), or at the
-    files' own size when ``size`` is None (then every file must have the same size).
+def decode_images(
+    paths: Sequence[Path], size: int | None, workers: int | None = None, photo_resize: str = "crop"
+) -> Tensor:
+    """All ``paths`` as uint8 RGB (N, 3, S, S) with S = ``size`` (:func:`fit_square`, or
+    :func:`squash_square` when ``photo_resize`` is ``squash``), or at the files' own size when
+    ``size`` is None (then every file must have the same size).
 
     Decoding runs in ``workers`` threads (default: up to 8; PIL releases the GIL while decoding and
     resizing), each writing its image straight into the preallocated result.
     """
     if size is not None and size < 1:
         raise ValueError(f"storage size must be >= 1, got {size}")
+    if photo_resize not in PHOTO_RESIZES:
+        raise ValueError(f"photo_resize {photo_resize!r} is unknown; allowed: {', '.join(PHOTO_RESIZES)}")
+    square = squash_square if photo_resize == "squash" else fit_square
     paths = [Path(p) for p in paths]
     if not paths:
         return torch.empty(0, 3, size or 0, size or 0, dtype=torch.uint8)
@@ -73,7 +99,7 @@ def decode_images(paths: Sequence[Path], size: int | None, workers: int | None =
     def load(i: int) -> None:
         img = first if i == 0 else open_rgb(paths[i])
         if size is not None:
-            img = fit_square(img, size)
+            img = square(img, size)
         elif img.size != (width, height):
             raise ValueError(
                 f"{paths[i]} is {img.width}x{img.height}, but {paths[0]} is {width}x{height}: "

@@ -40,6 +40,7 @@ def load_imagenet_a(
     root: str | Path | None = None,
     download: bool = False,
     size: int = DEFAULT_STORAGE_SIZE,
+    photo_resize: str = "crop",
 ) -> LabeledImages:
     """ImageNet-A's ``split`` (pre-split folders, else the seeded 80/20 per-class hold-out), 200 classes.
 
@@ -58,5 +59,5 @@ def load_imagenet_a(
         raise missing_dataset("ImageNet-A", folder, _HOW)
     if not paths:
         raise missing_dataset("ImageNet-A", folder, f"it holds no images; {_HOW}")
-    images = decode_images([paths[i] for i in keep], size)
+    images = decode_images([paths[i] for i in keep], size, photo_resize=photo_resize)
     return LabeledImages(images, torch.from_numpy(labels[keep]), names, "imagenet_a")

@@ -69,6 +69,7 @@ def load_imagenet_r(
     root: str | Path | None = None,
     download: bool = False,
     size: int = DEFAULT_STORAGE_SIZE,
+    photo_resize: str = "crop",
 ) -> LabeledImages:
     """ImageNet-R's mammoth split (24,000 train / 6,000 test), stored as uint8 ``size`` × ``size``.
 
@@ -84,5 +85,5 @@ def load_imagenet_r(
     names = _class_names(rel, targets, split_file)
     paths = [folder / p for p in rel]
     require_files("ImageNet-R", paths, folder, _HOW)
-    images = decode_images(paths, size)
+    images = decode_images(paths, size, photo_resize=photo_resize)
     return LabeledImages(images, torch.tensor(targets, dtype=torch.int64), names, "imagenet_r")

@@ -256,13 +256,20 @@ def takes_size(name: str) -> bool:
     return "size" in inspect.signature(DATASETS[name]).parameters
 
 
-def load_dataset(name: str, split: Split, root: str | Path | None = None,
-                 download: bool = False, size: int | None = None) -> LabeledImages:
-    """Load a registered dataset by name (see ``DATASETS``); ``size`` goes to loaders that resize at
-    load (:func:`takes_size`) and is ignored by those that keep their images' own size."""
+def load_dataset(
+    name: str,
+    split: Split,
+    root: str | Path | None = None,
+    download: bool = False,
+    size: int | None = None,
+    photo_resize: str = "crop",
+) -> LabeledImages:
+    """Load a registered dataset by name (see ``DATASETS``); ``size`` and ``photo_resize`` (how a
+    photo is made square) go to loaders that resize at load (:func:`takes_size`) and are ignored by
+    those that keep their images' own size."""
     if name not in DATASETS:
         raise ValueError(
             f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}"
         )
-    options = {"size": size} if size is not None and takes_size(name) else {}
+    options = {"size": size, "photo_resize": photo_resize} if size is not None and takes_size(name) else {}
     return DATASETS[name](split, root=root, download=download, **options)

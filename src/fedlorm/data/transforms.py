@@ -21,7 +21,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from .images import to_model_input
 
-__all__ = ["AUGMENTATIONS", "Augmentation", "Preprocessing", "TestCrop"]
+__all__ = ["AUGMENTATIONS", "Augmentation", "PhotoResize", "Preprocessing", "TestCrop"]
 
 Augmentation = Literal["none", "flip", "random-resized-crop", "resize-random-crop"]
 AUGMENTATIONS: tuple[Augmentation, ...] = ("none", "flip", "random-resized-crop", "resize-random-crop")
@@ -34,6 +34,7 @@ AUGMENTATIONS: tuple[Augmentation, ...] = ("none", "flip", "random-resized-crop"
 """
 
 TestCrop = Literal["resize", "center-crop"]
+PhotoResize = Literal["crop", "squash"]
 
 _SEED_HIGH = 2**62
 
@@ -45,21 +46,24 @@ class Preprocessing:
     Test time: ``resize`` scales to ``size`` × ``size``; ``center-crop`` scales the shorter side to
     ``round(size / crop_pct)`` and keeps the centre ``size`` × ``size`` (Resize 256 → CenterCrop 224
     at crop_pct 0.875). Training: :meth:`augment` applies ``augmentation`` (``flip`` adds a
-    horizontal flip to the crop policies).
+    horizontal flip to the crop policies). ``photo_resize`` says how photos were made square when
+    stored (:func:`fedlorm.data.decode_images`), which decides :attr:`storage_size`.
     """
 
     size: int
     test_crop: TestCrop = "resize"
     crop_pct: float = 0.875
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    photo_resize: PhotoResize = "crop"
     augmentation: Augmentation = "none"
     augment_scale: float = 0.08
     flip: bool = True
 
     @property
     def storage_size(self) -> int:
-        """Side length photo datasets are stored at: what the test-time crop is taken from."""
-        return self.size if self.test_crop == "resize" else self.resize_size
+        """Side length photo datasets are stored at: what the test-time crop is taken from (squashed
+        photos are stored at ``size``, as the reference stores them, and enlarged per batch)."""
+        return self.size if self.test_crop == "resize" or self.photo_resize == "squash" else self.resize_size
 
     @property
     def resize_size(self) -> int:

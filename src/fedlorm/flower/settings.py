@@ -79,8 +79,9 @@ class FlowerSettings:
 
 
 def config_keys() -> list[str]:
-    """Every fedlorm config key in dotted form (``method``, ``seed``, ``data.datasets``, ...)."""
-    return list(_flatten(config_to_dict(RunConfig())))
+    """Every fedlorm config key in dotted form (``method``, ``seed``, ``data.datasets``, ...), but
+    ``preset``, which is the runtime key of the same name."""
+    return [key for key in _flatten(config_to_dict(RunConfig())) if key != "preset"]
 
 
 def default_run_config() -> dict[str, Scalar]:
@@ -98,7 +99,9 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, 
         )
     values = {**RUNTIME_DEFAULTS, **run_config}
     preset = str(values["preset"])
-    cfg = preset_config(preset)
+    method = values.get("method", UNSET)
+    # The preset's validated settings of the run's method first, then every key the run sets.
+    cfg = preset_config(preset, None if method == UNSET else str(method))
     for key in config_keys():
         value = values.get(key, UNSET)
         if value != UNSET:
@@ -144,7 +147,7 @@ def run_config_for(cfg: RunConfig, settings: FlowerSettings) -> dict[str, Scalar
     Keys equal to the preset's value are left out, so the run config stays short and only keys a run
     changes must be declared by the app.
     """
-    preset = _flatten(config_to_dict(preset_config(settings.preset)))
+    preset = _flatten(config_to_dict(preset_config(settings.preset, cfg.method)))
     out: dict[str, Scalar] = {
         "preset": settings.preset,
         "out": settings.out,
@@ -157,7 +160,8 @@ def run_config_for(cfg: RunConfig, settings: FlowerSettings) -> dict[str, Scalar
         "resume": settings.resume,
     }
     for key, value in _flatten(config_to_dict(cfg)).items():
-        if key not in preset or value != preset[key]:
+        # The method always goes: the other keys are compared with the preset's settings for it.
+        if key == "method" or (key != "preset" and (key not in preset or value != preset[key])):
             out[key] = _scalar(value)
     return out
 

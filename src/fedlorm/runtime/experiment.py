@@ -147,6 +147,7 @@ def preprocessing(cfg: RunConfig) -> Preprocessing:
         test_crop=data.test_crop,
         crop_pct=data.crop_pct,
         interpolation=data.interpolation,
+        photo_resize=data.photo_resize,
         augmentation=data.augment,
         augment_scale=data.augment_scale,
         flip=data.augment_flip,
@@ -164,7 +165,10 @@ def load_split(
     check_data_root(cfg.data.root, cfg.data.download)
     size = size or preprocessing(cfg).storage_size
     parts = [
-        load_dataset(name, split, root=cfg.data.root, download=cfg.data.download, size=size)
+        load_dataset(
+            name, split, root=cfg.data.root, download=cfg.data.download, size=size,
+            photo_resize=cfg.data.photo_resize,
+        )
         for name in cfg.data.datasets
     ]
     data = parts[0] if len(parts) == 1 else class_incremental_union(parts)

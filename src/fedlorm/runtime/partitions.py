@@ -62,6 +62,7 @@ def data_config(cfg: RunConfig, who: Participant) -> dict[str, Any]:
         "seed": cfg.seed,
         "data.datasets": list(data.datasets),
         "data.storage_size": preprocessing(cfg).storage_size,
+        "data.photo_resize": data.photo_resize,
         "data.train_per_class": data.train_per_class,
         "data.validation_per_class": data.validation_per_class,
         "scenario.tasks": sc.tasks,

@@ -16,9 +16,10 @@ from typing import Any
 from fedlorm.config import config_to_dict
 from fedlorm.export import MODEL_DIR, save_model
 from fedlorm.fcl import summarize
-from fedlorm.methods import Instruction
+from fedlorm.methods import METHODS, Instruction
 from fedlorm.methods.common import HEAD
 from fedlorm.methods.steps import Phase, step_label
+from fedlorm.presets import config_sources
 from fedlorm.results import versions
 from fedlorm.runtime.evaluation import Evaluation, evaluate
 from fedlorm.runtime.experiment import Experiment
@@ -233,6 +234,7 @@ def run_results(
     summary = summarize(matrix, test_sizes[: len(matrix)])
     return {
         "config": config_to_dict(exp.cfg),
+        "config_sources": config_sources(exp.cfg, METHODS[exp.cfg.method].run_config),
         "seed": exp.cfg.seed,
         "method": exp.cfg.method,
         "versions": versions(),
