@@ -150,6 +150,54 @@ def test_conv_forward_matches_hand_computation(stride):
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("fixed", [None, "dense", "factors"])
+def test_the_merged_inference_path_and_the_training_path_compute_the_same_layer(kind, fixed):
+    # Without a factor gradient the layer applies W + F + s·BA as one matrix; with one, the base and
+    # the thin products. Both equal the hand computation (float64, so to round-off).
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer: LoRALayer = LoRALinear(nn.Linear(6, 5).double(), rank=3, scaling=0.7)
+        x = torch.randn(2, 4, 6, dtype=torch.float64)
+    else:
+        layer = LoRAConv2d(nn.Conv2d(6, 5, 1, stride=2).double(), rank=3, scaling=0.7)
+        x = torch.randn(2, 6, 7, 5, dtype=torch.float64)
+    randomize({"l": layer})
+    frozen = torch.zeros(5, 6, dtype=torch.float64)
+    if fixed == "dense":
+        frozen = torch.randn(5, 6, dtype=torch.float64)
+        layer.set_fixed_delta(frozen)
+    elif fixed == "factors":
+        B, A = torch.randn(5, 2, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+        frozen = B @ A
+        layer.set_fixed_delta((B, A))
+    W = layer.base.weight.reshape(5, 6) + frozen + 0.7 * layer.lora_B.detach() @ layer.lora_A.detach()
+    if kind == "linear":
+        expected = x @ W.T + layer.base.bias
+    else:
+        expected = torch.einsum("oc,nchw->nohw", W, x[:, :, ::2, ::2]) + layer.base.bias[None, :, None, None]
+    training = layer(x)
+    with torch.no_grad():
+        inference = layer(x)
+    torch.testing.assert_close(layer.merged_weight().detach(), W, rtol=1e-12, atol=1e-12)
+    assert training.requires_grad and not inference.requires_grad
+    torch.testing.assert_close(training.detach(), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(inference, expected, rtol=1e-12, atol=1e-12)
+    layer.lora_A.requires_grad_(False)
+    layer.lora_B.requires_grad_(False)  # e.g. head-only training: no factor gradient wanted
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cnn_backbones_keep_channels_last_weights_and_vits_do_not():
+    from fedlorm.backbones import create_backbone
+
+    cnn = create_backbone("efficientnet_lite0", 4, pretrained=False, img_size=32)
+    convs = [m for m in cnn.encoder.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    vit = create_backbone("test_vit", 4, pretrained=False, img_size=32)
+    assert not vit.channels_last and cnn.channels_last
+
+
 def test_layer_attributes_and_freezing():
     base = nn.Linear(8, 6).double()
     layer = LoRALinear(base, rank=4)
