@@ -1,26 +1,30 @@
-"""When does LoRM's closed-form merge beat averaging? Tables and a plot from finished comparisons.
+"""The evidence behind the README's results: every run it rests on, and every table and plot, from one plan.
 
-Run on demand, after the ``fedlorm compare`` commands of the README's "When LoRM's merge wins"
-section: ``python benchmarks/evidence.py [--runs runs/evidence] [--out docs]``.
+Run on demand (CPU hours; runs resume and finished ones are read back):
 
-``--runs`` holds one comparison per setting (``b0.5``, ``b0.05``, ... for the heterogeneity sweep,
-a preset name for another benchmark), each in ``fedlorm compare``'s layout
-``DIR/METHOD/sSEED/results.json``. A folder ``SETTING-VARIANT`` (e.g. ``headroom-full``: LoRM with
-full statistics) joins ``SETTING``'s tables as rows ``METHOD-VARIANT``, paired on the same seeds.
-It prints and writes (to ``--out``):
+    python benchmarks/evidence.py plan                  # every run of the plan, and which are done
+    python benchmarks/evidence.py run --workers 2       # run what is missing, one thread each
+    python benchmarks/evidence.py report                # tables, CSVs and plots; README and docs blocks
 
-- ``evidence-selection.csv``: the validation grid (``--selection``, layout
-  ``SETTING/VARIANT/METHOD/sSEED``) each method's learning rate was chosen from;
-- ``evidence-beta.csv``/``.png``: final accuracy, mean ± std over seeds, per method and setting;
-- ``evidence-paired.csv``: LoRM minus each other method, paired by seed, mean and 95 % t-interval;
-- ``evidence-forgetting.csv``: for runs with ``train.forgetting_diagnostics``, the oracle head's
-  accuracy, the stale head's cost (oracle − actual) and the features' loss against the frozen
-  backbone (head-only's oracle − this oracle), with the mean feature drift.
+The plan has two stages, both in ``--runs`` (default ``runs/evidence``):
 
-``head-only`` and ``joint`` do not depend on β (the analytic head is built from sums over all clients,
-which equal the centralised sums; joint has one client), so a β setting (a folder named ``b…``)
-without them borrows them from ``--references`` (default ``runs/cmp``, the README's first table),
-paired on the same seeds.
+1. **Selection** (``select/SETTING/METHOD/lrLR/s0``), on each setting's own validation split
+   (``data.validation_per_class=100``, seed 0), never on the test set: each method's learning rate
+   from {3e-4, 1e-3, 3e-3}, the grid extended once to 1e-4 or 1e-2 where its best lies on an edge;
+   then LoRM's rank from {1, 4, 8} at β = 0.5 at its chosen rate. Every key a preset's validated
+   table may hold is passed explicitly, so a selection run does not depend on what was chosen before.
+   ``head-only`` with the analytic head does not train anything a rate acts on (one run), and
+   ``head-only`` and ``joint`` do not depend on β: they are selected and tested at β = 0.5 only and
+   serve the other β settings (the analytic head is solved from sums over all clients, which equal
+   the centralised sums; joint has one client).
+2. **Test** (``test/SETTING/METHOD/sSEED``): ``fedlorm run --preset P --method M --seed S`` with no
+   other setting, so each run uses the preset's validated table, seeds 0, 1, 2, with the forgetting
+   diagnostics (oracle head, feature drift).
+
+``report`` checks that every preset's validated table holds what the selection chose (and says
+which entries differ), then writes ``docs/evidence-*.csv``, ``docs/evidence-*.png``,
+``docs/evidence-tables.md``, and rewrites the blocks between ``<!-- evidence:NAME -->`` and
+``<!-- /evidence:NAME -->`` in README.md and docs/evidence.md: nothing is copied by hand.
 """
 
 from __future__ import annotations
@@ -29,224 +33,456 @@ import argparse
 import csv
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedlorm.compare import paired_differences, summarize_method
+from fedlorm.config import config_from_plain, config_to_dict
+from fedlorm.methods import METHODS as REGISTRY
+from fedlorm.presets import PRESETS, resolve_config
 
-REFERENCE_METHODS = ("head-only", "joint")
-ORDER = ("lorm", "lorm-avg", "fedavg", "ffa", "head-only", "joint")
-
-
-def load_setting(folder: Path) -> dict[str, list[dict[str, Any]]]:
-    """Finished runs of one comparison folder, by method (seed order)."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted(folder.glob("*/s*/results.json")):
-        results = json.loads(path.read_text())
-        if results.get("tasks_completed") != len(results["scenario"]["task_sizes"]):
-            continue
-        out.setdefault(path.parent.parent.name, []).append(results)
-    for runs in out.values():
-        runs.sort(key=lambda r: r["seed"])
-    ordered = [m for m in ORDER if m in out] + sorted(set(out) - set(ORDER))
-    return {m: out[m] for m in ordered}
-
-
-def _cell(mean: float, std: float, n: int) -> str:
-    return "–" if math.isnan(mean) else (f"{mean:.2f}" if n == 1 else f"{mean:.2f} ± {std:.2f} ({n})")
+SETTINGS = {"b0.5": "default", "b0.1": "default-b0.1", "b0.05": "default-b0.05", "headroom": "headroom"}
+"""Setting label → preset."""
+METHODS = ("lorm", "lorm-avg", "fedavg", "ffa", "lorm-fsa", "head-only", "joint")
+FEDERATED = ("lorm", "lorm-avg", "fedavg", "ffa", "lorm-fsa", "head-only")
+BETA_FREE = ("head-only", "joint")
+"""Methods whose runs do not depend on β: run at β = 0.5 only, shared by the other β settings."""
+RATES = ("3e-4", "1e-3", "3e-3")
+EDGE = {"3e-4": "1e-4", "3e-3": "1e-2"}
+"""A grid whose best rate is this edge is extended once by the value."""
+RANKS = (1, 4, 8)
+RANK_SETTING = "b0.5"
+SEEDS = (0, 1, 2)
+VALIDATION = ["data.validation_per_class=100"]
+COMMON = ["train.threads=1"]
+TEST = ["train.forgetting_diagnostics=true"]
 
 
-def _forgetting_rows(by_method: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per method, means over the seeds whose runs carry the diagnostics."""
-    # A frozen backbone's oracle head is its own analytic head (tests/test_forgetting.py checks
-    # that they agree), so head-only runs without the diagnostics lend their final accuracy.
-    frozen = {
-        r["seed"]: r.get("forgetting_diagnostics", {}).get("oracle_head_final_accuracy", r["final_accuracy"])
-        for r in by_method.get("head-only", [])
-    }
-    rows = []
-    for method, runs in by_method.items():
-        runs = [r for r in runs if "forgetting_diagnostics" in r]
-        if not runs or method == "joint":
-            continue
-        oracle = [r["forgetting_diagnostics"]["oracle_head_final_accuracy"] for r in runs]
-        actual = [r["final_accuracy"] for r in runs]
-        lost = [frozen[r["seed"]] - o for r, o in zip(runs, oracle, strict=True) if r["seed"] in frozen]
-        rows.append({
-            "method": method,
-            "seeds": " ".join(str(r["seed"]) for r in runs),
-            "final_accuracy": statistics.fmean(actual),
-            "oracle_head_accuracy": statistics.fmean(oracle),
-            "stale_head_cost": statistics.fmean(o - a for o, a in zip(oracle, actual, strict=True)),
-            "feature_loss_vs_frozen": statistics.fmean(lost) if lost else math.nan,
-            "mean_feature_drift": statistics.fmean(
-                r["forgetting_diagnostics"]["mean_feature_drift"] for r in runs
-            ),
-            "forgetting": statistics.fmean(r["forgetting"] for r in runs),
-        })
-    return rows
+@dataclass(frozen=True)
+class PlannedRun:
+    """One ``fedlorm run`` of the plan."""
+
+    folder: Path
+    preset: str
+    method: str
+    seed: int
+    overrides: tuple[str, ...] = ()
+
+    def command(self, resume: bool = False) -> list[str]:
+        base = [sys.executable, "-m", "fedlorm", "run", "--quiet"]
+        if resume:
+            return [*base, "--resume", str(self.folder)]
+        return [*base, "--out", str(self.folder), "--preset", self.preset, "--method", self.method,
+                "--seed", str(self.seed), *self.overrides]
+
+    def config(self) -> dict[str, Any]:
+        cfg = config_to_dict(resolve_config(self.preset, overrides=self.overrides, method=self.method,
+                                            seed=self.seed))
+        cfg.pop("preset", None)
+        return cfg
+
+
+def _results(run: PlannedRun) -> dict[str, Any] | None:
+    """The finished results of ``run``'s folder if they were made by ``run``'s config, else None."""
+    path = run.folder / "results.json"
+    if not path.is_file() or (run.folder / "checkpoint.json").exists():
+        return None
+    results = json.loads(path.read_text())
+    if results.get("tasks_completed") != len(results["scenario"]["task_sizes"]):
+        return None
+    recorded = dict(results["config"])
+    recorded.pop("preset", None)
+    expected = run.config()
+    if _effective(recorded) != _effective(expected):
+        raise SystemExit(f"{run.folder} holds a run of another config; move it away")
+    return results
+
+
+def _effective(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A config as the run records it: joint's one task on one client applied (method's own change)."""
+    return config_to_dict(REGISTRY[cfg["method"]].run_config(config_from_plain(cfg)))
+
+
+@dataclass
+class Selection:
+    """What the finished selection runs chose, and the runs still needed to choose."""
+
+    scores: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    """(setting, method) → grid label (``lr1e-3``, ``lr3e-4-r8``) → validation final accuracy."""
+    chosen: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    """(setting, method) → chosen dotted keys (only where the whole grid has finished)."""
+    needed: list[PlannedRun] = field(default_factory=list)
+
+
+def _selection_run(root: Path, setting: str, method: str, label: str, keys: dict[str, Any]) -> PlannedRun:
+    overrides = [*COMMON, *VALIDATION, *(f"{k}={v}" for k, v in keys.items())]
+    return PlannedRun(root / "select" / setting / method / label / "s0", SETTINGS[setting], method, 0,
+                      tuple(overrides))
+
+
+def _selection_keys(method: str, rate: str | None, rank: int = 4) -> dict[str, Any]:
+    """Every key a validated table may set for ``method``, explicitly (the grid point's values)."""
+    keys: dict[str, Any] = {"model.rank": rank}
+    if rate is not None:
+        keys["train.lr"] = rate
+    return keys
+
+
+def select(root: Path) -> Selection:
+    """Walk the selection stage: score finished grid points, choose, and list the runs still needed."""
+    out = Selection()
+    for setting in SETTINGS:
+        for method in METHODS:
+            if method in BETA_FREE and setting not in ("b0.5", "headroom"):
+                continue
+            if method == "head-only":  # nothing a rate acts on: one run, nothing chosen
+                run = _selection_run(root, setting, method, "", _selection_keys(method, None))
+                results = _results(run)
+                if results is None:
+                    out.needed.append(run)
+                else:
+                    out.scores[(setting, method)] = {"-": results["final_accuracy"]}
+                continue
+            scores: dict[str, float] = {}
+            grid = list(RATES)
+            while True:
+                runs = {r: _selection_run(root, setting, method, f"lr{r}", _selection_keys(method, r))
+                        for r in grid}
+                pending = False
+                for rate, run in runs.items():
+                    results = _results(run)
+                    if results is None:
+                        out.needed.append(run)
+                        pending = True
+                    else:
+                        scores[f"lr{rate}"] = results["final_accuracy"]
+                if pending:
+                    break
+                best = max(grid, key=lambda r: scores[f"lr{r}"])
+                extension = EDGE.get(best)
+                if extension is None or extension in grid or len(grid) > len(RATES):
+                    out.chosen[(setting, method)] = {"train.lr": float(best)}
+                    break
+                grid.append(extension)
+            out.scores[(setting, method)] = scores
+    # LoRM's rank at β = 0.5, at its chosen rate.
+    chosen = out.chosen.get((RANK_SETTING, "lorm"))
+    if chosen is not None:
+        rate = _label(chosen["train.lr"])
+        ranks = {4: out.scores[(RANK_SETTING, "lorm")][f"lr{rate}"]}
+        for rank in RANKS:
+            if rank == 4:
+                continue
+            run = _selection_run(root, RANK_SETTING, "lorm", f"lr{rate}-r{rank}",
+                                 _selection_keys("lorm", rate, rank))
+            results = _results(run)
+            if results is None:
+                out.needed.append(run)
+            else:
+                ranks[rank] = results["final_accuracy"]
+                out.scores[(RANK_SETTING, "lorm")][f"lr{rate}-r{rank}"] = results["final_accuracy"]
+        if len(ranks) == len(RANKS):
+            out.chosen[(RANK_SETTING, "lorm")]["model.rank"] = max(ranks, key=ranks.get)
+    return out
+
+
+def _label(rate: float) -> str:
+    """1e-3 → "1e-3", as the grid's folder labels write it."""
+    mantissa, exponent = f"{rate:.0e}".split("e")
+    return f"{mantissa}e-{int(exponent[1:])}" if exponent.startswith("-") else f"{rate:g}"
+
+
+def test_runs(root: Path) -> list[PlannedRun]:
+    """The test stage: every setting × method × seed, at the presets' validated settings."""
+    runs = []
+    for setting, preset in SETTINGS.items():
+        for method in METHODS:
+            if method in BETA_FREE and setting not in ("b0.5", "headroom"):
+                continue
+            for seed in SEEDS:
+                runs.append(PlannedRun(root / "test" / setting / method / f"s{seed}", preset, method, seed,
+                                       tuple([*COMMON, *TEST])))
+    return runs
+
+
+def _execute(runs: Iterable[PlannedRun], workers: int) -> None:
+    """Run ``runs`` ``workers`` at a time (resuming checkpoints), one torch thread each."""
+    queue = list(runs)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    active: list[tuple[PlannedRun, subprocess.Popen]] = []
+    while queue or active:
+        while queue and len(active) < workers:
+            run = queue.pop(0)
+            run.folder.mkdir(parents=True, exist_ok=True)
+            resume = (run.folder / "checkpoint.json").exists()
+            print(f"{time.strftime('%H:%M:%S')} start {run.folder}", flush=True)
+            active.append((run, subprocess.Popen(run.command(resume), env=env, stdout=subprocess.DEVNULL)))
+        time.sleep(2)
+        for item in list(active):
+            run, proc = item
+            if proc.poll() is not None:
+                active.remove(item)
+                print(f"{time.strftime('%H:%M:%S')} done {run.folder} (exit {proc.returncode})", flush=True)
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean, std = _mean_std(values)
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {std:.2f}"
+
+
+def _test_results(root: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Finished test runs: setting → method → results in seed order (β-free methods shared)."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for run in test_runs(root):
+        results = _results(run)
+        if results is not None:
+            setting, method = run.folder.parts[-3], run.folder.parts[-2]
+            out.setdefault(setting, {}).setdefault(method, []).append(results)
+    for setting in ("b0.1", "b0.05"):
+        for method in BETA_FREE:
+            if method in out.get("b0.5", {}):
+                out.setdefault(setting, {})[method] = out["b0.5"][method]
+    return {s: {m: out[s][m] for m in METHODS if m in out[s]} for s in SETTINGS if s in out}
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
+    if rows:
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _replace_block(path: Path, name: str, text: str) -> None:
+    """Put ``text`` between ``<!-- evidence:name -->`` and ``<!-- /evidence:name -->`` in ``path``."""
+    if not path.is_file():
         return
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    begin, end = f"<!-- evidence:{name} -->", f"<!-- /evidence:{name} -->"
+    content = path.read_text()
+    if begin not in content or end not in content:
+        return
+    head, rest = content.split(begin, 1)
+    path.write_text(f"{head}{begin}\n{text.rstrip()}\n{end}{rest.split(end, 1)[1]}")
 
 
-def _plot(table: dict[str, dict[str, tuple[float, float, int]]], settings: list[str], path: Path) -> None:
+def report(root: Path, out: Path, readme: Path) -> None:
+    sel = select(root)
+    lines: list[str] = []
+    emit = lines.append
+    emit("### Learning rates and LoRM's rank, chosen on each setting's validation split (seed 0)\n")
+    emit("| setting | method | validation final accuracy (%) per grid point | chosen |")
+    emit("|---|---|---|---|")
+    selection_rows = []
+    for (setting, method), scores in sel.scores.items():
+        chosen = sel.chosen.get((setting, method), {})
+        grid = ", ".join(f"{k.removeprefix('lr')}: {v:.2f}" for k, v in
+                         sorted(scores.items(), key=lambda kv: _sort_key(kv[0])))
+        picked = ", ".join(f"{k} = {v:g}" for k, v in chosen.items())
+        picked = picked or ("–" if method == "head-only" else "pending")
+        emit(f"| {setting} | {method} | {grid} | {picked} |")
+        for label, accuracy in scores.items():
+            selection_rows.append({"setting": setting, "method": method, "grid_point": label,
+                                   "validation_final_accuracy": accuracy})
+    mismatches = _check_presets(sel)
+    emit("")
+    if mismatches:
+        emit("**The presets' validated tables differ from this selection:** " + "; ".join(mismatches) + "\n")
+    data = _test_results(root)
+    table_rows, paired_rows, forgetting_rows = [], [], []
+    for setting, by_method in data.items():
+        for method, runs in by_method.items():
+            summary = summarize_method(method, runs)
+            table_rows.append({
+                "setting": setting, "method": method, "seeds": " ".join(map(str, summary.seeds)),
+                "final_mean": summary.final_accuracy[0], "final_std": summary.final_accuracy[1],
+                "avg_inc_mean": summary.average_incremental_accuracy[0],
+                "forgetting_mean": summary.forgetting[0],
+                "upload_mb_per_client_run": statistics.fmean(
+                    r["upload_bytes"] / r["config"]["scenario"]["num_clients"] / 1e6 for r in runs),
+            })
+            if method != "joint" and all("forgetting_diagnostics" in r for r in runs):
+                forgetting_rows.append(_diagnostics(setting, method, runs, by_method.get("head-only", [])))
+        if "lorm" in by_method:
+            for d in paired_differences(by_method, "lorm"):
+                paired_rows.append({"setting": setting, "difference": f"{d.method} − lorm",
+                                    "seeds": len(d.seeds), "mean": -d.mean,
+                                    "ci95_low": None if d.high is None else -d.high,
+                                    "ci95_high": None if d.low is None else -d.low})
+    results_md = _results_table(data)
+    emit("### Final accuracy on the test set (%), mean ± std over seeds 0, 1, 2\n")
+    emit(results_md)
+    emit("\n### Each method minus LoRM, paired by seed (points; 95 % t-interval)\n")
+    emit("| setting | difference | seeds | mean | 95 % interval |\n|---|---|---:|---:|---:|")
+    for r in paired_rows:
+        interval = "–" if r["ci95_low"] is None else f"[{r['ci95_low']:+.2f}, {r['ci95_high']:+.2f}]"
+        emit(f"| {r['setting']} | {r['difference']} | {r['seeds']} | {r['mean']:+.2f} | {interval} |")
+    emit("\n### Gap to joint training of the best federated method (paired by seed)\n")
+    emit(_gap_table(data))
+    emit("\n### Where accuracy goes: forgetting diagnostics (means over seeds)\n")
+    emit("| setting | method | final | oracle head | stale head costs | features vs frozen | mean drift |")
+    emit("|---|---|---:|---:|---:|---:|---:|")
+    for r in forgetting_rows:
+        emit(f"| {r['setting']} | {r['method']} | {r['final']:.2f} | {r['oracle_head']:.2f} | "
+             f"{r['stale_head_cost']:+.2f} | {r['features_vs_frozen']:+.2f} | {r['mean_drift']:.3f} |")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "evidence-selection.csv", selection_rows)
+    _write_csv(out / "evidence-results.csv", table_rows)
+    _write_csv(out / "evidence-paired.csv", paired_rows)
+    _write_csv(out / "evidence-forgetting.csv", forgetting_rows)
+    _plot(data, out / "evidence-results.png")
+    text = "\n".join(lines) + "\n"
+    (out / "evidence-tables.md").write_text(text)
+    _replace_block(readme, "results", results_md)
+    _replace_block(out / "evidence.md", "tables", text)
+    print(text)
+
+
+def _diagnostics(
+    setting: str, method: str, runs: list[dict[str, Any]], frozen_runs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Means over seeds of the oracle head (the final backbone under a head re-solved from every
+    task's features), what the deployed head loses against it, and the features' gain over the
+    frozen backbone (head-only's accuracy is its own oracle)."""
+    frozen = {r["seed"]: r["final_accuracy"] for r in frozen_runs}
+    oracle = {r["seed"]: r["forgetting_diagnostics"]["oracle_head_final_accuracy"] for r in runs}
+    gains = [oracle[seed] - frozen[seed] for seed in oracle if seed in frozen]
+    return {
+        "setting": setting, "method": method, "seeds": len(runs),
+        "final": statistics.fmean(r["final_accuracy"] for r in runs),
+        "oracle_head": statistics.fmean(oracle.values()),
+        "stale_head_cost": statistics.fmean(oracle[r["seed"]] - r["final_accuracy"] for r in runs),
+        "features_vs_frozen": statistics.fmean(gains) if gains else math.nan,
+        "mean_drift": statistics.fmean(r["forgetting_diagnostics"]["mean_feature_drift"] for r in runs),
+    }
+
+
+def _sort_key(label: str) -> tuple[float, str]:
+    rate = label.removeprefix("lr").split("-r")[0]
+    try:
+        return float(rate), label
+    except ValueError:
+        return 0.0, label
+
+
+def expected_tables(sel: Selection) -> dict[str, dict[str, dict[str, Any]]]:
+    """What each preset's validated table should hold by the selection: every method's chosen rate
+    (β-free methods' from β = 0.5 on every β preset), and on the built-in benchmark's presets LoRM's
+    rank where it is not the default 4."""
+    tables: dict[str, dict[str, dict[str, Any]]] = {}
+    rank = sel.chosen.get((RANK_SETTING, "lorm"), {}).get("model.rank")
+    for setting, preset in SETTINGS.items():
+        for method in METHODS:
+            source = "b0.5" if method in BETA_FREE and setting.startswith("b") else setting
+            chosen = {k: v for k, v in sel.chosen.get((source, method), {}).items() if k != "model.rank"}
+            if method == "lorm" and setting.startswith("b") and rank not in (None, 4):
+                chosen["model.rank"] = rank
+            if chosen:
+                tables.setdefault(preset, {})[method] = chosen
+    return tables
+
+
+def _check_presets(sel: Selection) -> list[str]:
+    """Entries where a preset's validated table and the selection disagree."""
+    problems = []
+    for preset, methods in expected_tables(sel).items():
+        for method, chosen in methods.items():
+            have = PRESETS[preset].validated.get(method, {})
+            problems += [f"{preset} {method} {key}: table {have.get(key)!r}, chosen {value!r}"
+                         for key, value in chosen.items() if have.get(key) != value]
+    return problems
+
+
+def _results_table(data: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    settings = list(data)
+    head = "| method | " + " | ".join(settings) + " |\n|---|" + "---:|" * len(settings)
+    rows = [head]
+    for method in METHODS:
+        cells = [_cell([r["final_accuracy"] for r in data[s].get(method, [])]) for s in settings]
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _gap_table(data: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    rows = ["| setting | best federated method | its accuracy | joint | gap (joint − best), 95 % interval |",
+            "|---|---|---:|---:|---|"]
+    for setting, by_method in data.items():
+        federated = {m: runs for m, runs in by_method.items() if m in FEDERATED}
+        if not federated or "joint" not in by_method:
+            continue
+        best = max(federated, key=lambda m: statistics.fmean(r["final_accuracy"] for r in federated[m]))
+        (diff,) = paired_differences({"joint": by_method["joint"], best: federated[best]}, "joint")
+        interval = "–" if diff.low is None else f"[{diff.low:+.2f}, {diff.high:+.2f}]"
+        best_cell = _cell([r["final_accuracy"] for r in federated[best]])
+        joint_cell = _cell([r["final_accuracy"] for r in by_method["joint"]])
+        rows.append(f"| {setting} | {best} | {best_cell} | {joint_cell} | {diff.mean:+.2f} {interval} |")
+    return "\n".join(rows)
+
+
+def _plot(data: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.0, 4.5))
-    xs = list(range(len(settings)))
-    width = 0.8 / max(len(table), 1)  # methods side by side within a setting; settings are unrelated
-    for k, (method, cells) in enumerate(table.items()):
-        shift = (k - (len(table) - 1) / 2) * width
-        points = [(x + shift, *cells[s][:2]) for x, s in zip(xs, settings, strict=True) if s in cells]
+    settings = list(data)
+    fig, ax = plt.subplots(figsize=(8.0, 4.5))
+    width = 0.8 / len(METHODS)
+    for k, method in enumerate(METHODS):
+        shift = (k - (len(METHODS) - 1) / 2) * width
+        points = [(x + shift, *_mean_std([r["final_accuracy"] for r in data[s][method]]))
+                  for x, s in enumerate(settings) if data[s].get(method)]
         if points:
-            x, mean, std = zip(*points, strict=True)
-            ax.errorbar(x, mean, yerr=std, marker="o", ls="none", capsize=3, label=method)
-    ax.set_xticks(xs, settings)
-    ax.set_xlabel("setting")
-    ax.set_ylabel("final class-IL accuracy (%), mean ± std over seeds")
+            xs, means, stds = zip(*points, strict=True)
+            ax.errorbar(xs, means, yerr=stds, marker="o", ls="none", capsize=3, label=method)
+    ax.set_xticks(range(len(settings)), settings)
+    ax.set_xlabel("setting (built-in benchmark at β = 0.5, 0.1, 0.05; headroom)")
+    ax.set_ylabel("final class-IL accuracy (%), mean ± std, 3 seeds")
     ax.grid(alpha=0.3)
-    if table:
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def selection_table(folder: Path) -> list[dict[str, Any]]:
-    """The validation grid of step 0: ``folder/SETTING/VARIANT/METHOD/s0/results.json`` → rows."""
-    rows = []
-    for path in sorted(folder.glob("*/*/*/s*/results.json")):
-        results = json.loads(path.read_text())
-        if results.get("tasks_completed") != len(results["scenario"]["task_sizes"]):
-            continue
-        if results["config"]["data"]["validation_per_class"] is None:
-            raise SystemExit(f"{path} was scored on the test set; the selection grid must use validation")
-        variant, setting = path.parent.parent.parent.name, path.parent.parent.parent.parent.name
-        rows.append({
-            "setting": setting, "variant": variant, "method": path.parent.parent.name,
-            "seed": results["seed"], "validation_final_accuracy": results["final_accuracy"],
-        })
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("plan", "run", "report"))
     parser.add_argument("--runs", type=Path, default=Path("runs/evidence"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
-    parser.add_argument(
-        "--references", type=Path, default=Path("runs/cmp"),
-        help="a comparison of the built-in benchmark whose head-only and joint runs serve every β",
-    )
-    parser.add_argument("--selection", default="select", help="folder under --runs with the validation grid")
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--stage", choices=("select", "test", "all"), default="all")
     args = parser.parse_args()
-    lines: list[str] = []
-
-    def emit(text: str = "") -> None:
-        print(text)
-        lines.append(text)
-
-    selection = selection_table(args.runs / args.selection) if (args.runs / args.selection).is_dir() else []
-    if selection:
-        emit("### Validation grid (seed 0)\n")
-        emit("| setting | variant | method | validation final acc (%) |\n|---|---|---|---:|")
-        for r in sorted(selection, key=lambda r: (r["setting"], r["method"], r["variant"])):
-            accuracy = r["validation_final_accuracy"]
-            emit(f"| {r['setting']} | {r['variant']} | {r['method']} | {accuracy:.2f} |")
-        emit()
-
-    settings = sorted(
-        p.name for p in args.runs.iterdir()
-        if p.is_dir() and p.name != args.selection and any(p.glob("*/s*/results.json"))
-    )
-    data = {s: load_setting(args.runs / s) for s in settings}
-    for name in list(data):  # a variant folder SETTING-VARIANT joins SETTING as METHOD-VARIANT rows
-        base, _, variant = name.rpartition("-")
-        if base in data:
-            for method, runs in data.pop(name).items():
-                data[base][f"{method}-{variant}"] = runs
-    settings = list(data)
-    lender = load_setting(args.references) if args.references.is_dir() else {}
-    for setting, by_method in data.items():
-        for method in REFERENCE_METHODS:
-            if method not in by_method and method in lender and setting.startswith("b"):
-                by_method[method] = lender[method]
-
-    table: dict[str, dict[str, tuple[float, float, int]]] = {}
-    beta_rows, paired_rows, forgetting_rows = [], [], []
-    for setting, by_method in data.items():
-        for method, runs in by_method.items():
-            summary = summarize_method(method, runs)
-            mean, std = summary.final_accuracy
-            table.setdefault(method, {})[setting] = (mean, std, len(runs))
-            beta_rows.append({
-                "setting": setting, "method": method, "seeds": " ".join(map(str, summary.seeds)),
-                "final_mean": mean, "final_std": std,
-                "forgetting_mean": summary.forgetting[0],
-                "upload_mb_per_client_round": summary.upload_mb_per_client_round,
-                "upload_mb_per_client_run": statistics.fmean(
-                    r["upload_bytes"] / r["config"]["scenario"]["num_clients"] / 1e6 for r in runs
-                ),
-                "download_mb_per_client_round": summary.download_mb_per_client_round,
-            })
-        if "lorm" in by_method:
-            for d in paired_differences(by_method, "lorm"):
-                paired_rows.append({
-                    "setting": setting, "difference": f"lorm − {d.method}", "seeds": len(d.seeds),
-                    "mean": d.mean, "ci95_low": d.low, "ci95_high": d.high,
-                })
-        forgetting_rows += [{"setting": setting, **row} for row in _forgetting_rows(by_method)]
-
-    emit("### Final accuracy on the test set (%), mean ± std (seeds)\n")
-    emit("| method | " + " | ".join(settings) + " |")
-    emit("|---|" + "---:|" * len(settings))
-    for method, cells in table.items():
-        emit(f"| {method} | " + " | ".join(_cell(*cells[s]) if s in cells else "–" for s in settings) + " |")
-    emit("\n### Traffic per client in MB: per protocol step it is asked to, and over the run\n")
-    emit("| setting | method | upload / step | download / step | upload, whole run |")
-    emit("|---|---|---:|---:|---:|")
-    for r in beta_rows:
-        down = r["download_mb_per_client_round"]
-        emit(
-            f"| {r['setting']} | {r['method']} | {r['upload_mb_per_client_round']:.2f} | "
-            + ("–" if down is None else f"{down:.2f}") + f" | {r['upload_mb_per_client_run']:.1f} |"
-        )
-    emit("\n### LoRM minus each method, paired by seed (points)\n")
-    emit("| setting | difference (points) | seeds | mean | 95 % interval |\n|---|---|---:|---:|---:|")
-    for r in paired_rows:
-        interval = "–" if r["ci95_low"] is None else f"[{r['ci95_low']:+.2f}, {r['ci95_high']:+.2f}]"
-        emit(f"| {r['setting']} | {r['difference']} | {r['seeds']} | {r['mean']:+.2f} | {interval} |")
-    if forgetting_rows:
-        emit("\n### Forgetting diagnostics (means over the seeds listed)\n")
-        emit(
-            "| setting | method | seeds | final acc | oracle head | stale head costs | features lost "
-            "vs frozen | mean drift | forgetting |\n|---|---|---|---:|---:|---:|---:|---:|---:|"
-        )
-        for r in forgetting_rows:
-            emit(
-                f"| {r['setting']} | {r['method']} | {r['seeds']} | {r['final_accuracy']:.2f} | "
-                f"{r['oracle_head_accuracy']:.2f} | {r['stale_head_cost']:+.2f} | "
-                f"{r['feature_loss_vs_frozen']:+.2f} | {r['mean_feature_drift']:.3f} | "
-                f"{r['forgetting']:.2f} |"
-            )
-    args.out.mkdir(parents=True, exist_ok=True)
-    _write_csv(args.out / "evidence-selection.csv", selection)
-    _write_csv(args.out / "evidence-beta.csv", beta_rows)
-    _write_csv(args.out / "evidence-paired.csv", paired_rows)
-    _write_csv(args.out / "evidence-forgetting.csv", forgetting_rows)
-    _plot(table, settings, args.out / "evidence-beta.png")
-    (args.out / "evidence-tables.md").write_text("\n".join(lines) + "\n")
-    print(f"\nwritten: evidence-tables.md, evidence-*.csv and evidence-beta.png in {args.out}")
+    if args.action == "report":
+        report(args.runs, args.out, args.readme)
+        return
+    while True:
+        sel = select(args.runs) if args.stage in ("select", "all") else Selection()
+        pending = list(sel.needed)
+        if args.stage in ("test", "all") and not sel.needed:
+            pending += [run for run in test_runs(args.runs) if _results(run) is None]
+        if args.action == "plan" or not pending:
+            for run in pending:
+                print(" ".join(run.command()[2:]))
+            print(f"{len(pending)} runs to go" + ("" if not sel.needed else " (selection first)"))
+            return
+        _execute(pending, args.workers)
 
 
 if __name__ == "__main__":
