@@ -288,20 +288,9 @@ def _grid(path: Path) -> dict[tuple[int, str, float], dict]:
 
 def test_the_selection_tool_gives_the_federated_head_only_accuracy(tmp_path):
     """Smoke, head-only: for each (M, σ, ridge) the tool's accuracy matrix is the federated run's."""
-    assert (
-        done := _tool(
-            "--preset",
-            "smoke",
-            "--widths",
-            "0,64",
-            "--activations",
-            "relu,tanh",
-            "--ridges",
-            "0.01,0.1",
-            "--csv",
-            str(tmp_path / "grid.csv"),
-        )
-    ).returncode == 0, done.stderr
+    grid_args = ["--widths", "0,64", "--activations", "relu,tanh", "--ridges", "0.01,0.1"]
+    done = _tool("--preset", "smoke", *grid_args, "--csv", str(tmp_path / "grid.csv"))
+    assert done.returncode == 0, done.stderr
     grid = _grid(tmp_path / "grid.csv")
     assert len(grid) == 6 and "best on test: lorm.head_projection=" in done.stdout
     for key in [(0, "-", 0.1), (64, "relu", 0.01), (64, "tanh", 0.1)]:
