@@ -69,14 +69,14 @@ class AnalyticHead(TrainedAverageHead):
         for batch in torch.arange(len(data)).split(batch_size):
             with autocast(device, precision):
                 features = model.features(data.images[batch].to(device, non_blocking=True))
-            # Projected sums are formed where the model runs ((M + 1)² per batch is GPU work); the
-            # plain head's stay on the CPU as they always were.
+            # Projected sums are formed and kept where the model runs ((M + 1)² per batch is GPU
+            # work); the plain head's stay on the CPU as they always were.
             inputs = model.project(features) if projected else features.float().cpu()
             targets = nn.functional.one_hot(data.labels[batch] - instruction.class_start, task_classes)
             g, c = merging.analytic_head_summands(inputs, targets.to(inputs.device, torch.float64))
-            g, c = g.cpu(), c.cpu()
             gram_sum, cross_sum = (g, c) if gram_sum is None else (gram_sum + g, cross_sum + c)
-        return {f"{HEAD}.features.G": gram_sum, f"{HEAD}.features.Y": cross_sum}
+        assert gram_sum is not None and cross_sum is not None, "a client holds at least one sample"
+        return {f"{HEAD}.features.G": gram_sum.cpu(), f"{HEAD}.features.Y": cross_sum.cpu()}
 
     def feature_spec(self, instruction: Instruction) -> ReplySpec:
         width = self.width + 1
