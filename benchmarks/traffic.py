@@ -20,6 +20,12 @@ counts, per client:
 The acceptance line compares one client's whole-run traffic on cifar100-b0.1 with the goal of at
 most 1/20 of the reference's, for the preset's statistics model (``reference``) and for
 ``lorm.stats_model=trained``. ``--quick`` shrinks the ViT (width 96, 2 blocks) and runs two presets.
+
+``--head-projections 0,500,...`` prints instead one client's upload on the built-in benchmark
+(``default`` preset, EfficientNet-Lite0) with the analytic head on M random features
+(``lorm.head_projection``), per ``head_stats`` step and over the whole run, as the float64 sums
+fedlorm sends and as float32 sums would be, next to LoRM's full-statistics run
+(``lorm.alpha_backbone=0.5``). Reply specs only: nothing is solved.
 """
 
 from __future__ import annotations
@@ -149,6 +155,61 @@ def reference(cfg: RunConfig, server_shapes: Mapping[str, tuple[int, int, int]],
     return traffic
 
 
+def upload_by_phase(cfg: RunConfig, classes: int) -> dict[str, int]:
+    """One client's whole-run upload per step phase (float64 summands, as sent), from the reply specs
+    of a real TaskLoRAServer for ``cfg`` on its backbone (random weights: shapes only). Training and
+    statistics steps are folded with synthetic sums; ``head_stats`` steps are not (nothing later
+    depends on them, and a large M would only cost solve time)."""
+    torch.manual_seed(0)
+    model = create_backbone(cfg.model.backbone, classes, pretrained=False, img_size=cfg.data.image_size)
+    model.requires_grad_(False)
+    layers = inject_lora(model, cfg.model.targets or model.lora_targets, cfg.model.rank, cfg.model.scaling)
+    server = TaskLoRAServer(cfg, model, layers)
+    scenario = make_scenario(classes, cfg.scenario.tasks, "natural")
+    rng, sums_rng = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    out: dict[str, int] = {}
+    for task in range(scenario.num_tasks):
+        task_classes = scenario.task_classes(task)
+        server.start_task(task, task_classes, rng)
+        for instruction in server.instructions(task, task_classes):
+            spec = server.expected_reply(instruction)
+            phase = instruction.phase.value
+            out[phase] = out.get(phase, 0) + spec_bytes(spec)
+            if phase != "head_stats":
+                server.aggregate(instruction, synthetic_sums(spec, sums_rng), 1000)
+    return out
+
+
+def head_projection_table(widths: list[int]) -> None:
+    """Markdown table: one client's upload on the built-in benchmark per M (module docstring)."""
+    classes = 20  # the default preset: Fashion-MNIST then MNIST
+    base = preset_config("default")
+    full = apply_overrides(base, ["method=lorm", "lorm.alpha_backbone=0.5"])
+    lorm_full = sum(upload_by_phase(full, classes).values())
+    print(f"One client's upload on the built-in benchmark ({classes} classes, 5 tasks, EfficientNet-Lite0,")
+    print(f"d = 1280); LoRM, full statistics (lorm.alpha_backbone=0.5): {lorm_full / 1e6:.1f} MB per run.")
+    print()
+    print(
+        "| M | head_stats step, float64 | float32 | head-only run, float64 | float32 | lorm-fsa run, "
+        "float64 | lorm run (α = 0), float64 | largest run ÷ LoRM full statistics |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for width in widths:
+        head = [f"lorm.head_projection={width}"]
+        runs = {
+            method: upload_by_phase(apply_overrides(base, [f"method={method}", *head]), classes)
+            for method in ("head-only", "lorm-fsa", "lorm")
+        }
+        step = runs["head-only"]["head_stats"] / 5
+        totals = {method: sum(phases.values()) for method, phases in runs.items()}
+        largest = max(totals.values())
+        print(
+            f"| {width} | {step / 1e6:.2f} MB | {step / 2e6:.2f} MB | {totals['head-only'] / 1e6:.1f} MB | "
+            f"{totals['head-only'] / 2e6:.1f} MB | {totals['lorm-fsa'] / 1e6:.1f} MB | "
+            f"{totals['lorm'] / 1e6:.1f} MB | {largest / lorm_full:.2f} |"
+        )
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -186,9 +247,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="ViT width 96, 2 blocks; two presets")
     ap.add_argument("--presets", nargs="+", default=None, help="paper presets (default: all 18)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--head-projections", default=None, help="M values: the built-in benchmark's upload table instead"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.head_projections is not None:
+        head_projection_table([int(v) for v in args.head_projections.split(",")])
+        return
     width, blocks = (96, 2) if args.quick else (None, None)
     names = args.presets or ([ACCEPTANCE, "eurosat-b1.0"] if args.quick else list(PAPER_PRESETS))
     shape = "ViT width 96, 2 blocks (--quick)" if args.quick else "ViT-B/16, 12 blocks"

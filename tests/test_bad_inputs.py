@@ -181,6 +181,18 @@ CLI_CASES: dict[str, Case] = {
         run_args("method=lorm-fsa", "lorm.head_merge=ccvr"),
         "method 'lorm-fsa': tasks after the first 1 add their classes to the head through its feature sums",
     ),
+    "head-projection-negative": Case(
+        run_args("lorm.head_merge=analytic", "lorm.head_projection=-1"), "lorm.head_projection = -1"
+    ),
+    "head-activation-unknown": Case(run_args("lorm.head_activation=swish"), "'swish'"),
+    "head-projection-without-the-analytic-head": Case(
+        run_args("lorm.head_projection=100", "lorm.head_merge=regmean"),
+        "lorm.head_projection = 100 is not allowed: method 'lorm' runs lorm.head_merge = 'regmean'",
+    ),
+    "head-projection-with-a-method-without-the-analytic-head": Case(
+        run_args("lorm.head_projection=100", "lorm.head_merge=analytic", "method=joint"),
+        "lorm.head_projection = 100 is not allowed with method 'joint'",
+    ),
     # output directory
     "out-is-a-file": Case(lambda f, out: ["run", "--out", f["file"], *TINY], lambda f: f["file"]),
     "out-below-a-file": Case(

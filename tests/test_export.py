@@ -17,13 +17,22 @@ import pytest
 import torch
 from conftest import TINY, tiny_config
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from fedlorm.adapters import lora_layers
 from fedlorm.adapters.peft_io import adapter_ranks
 from fedlorm.backbones import create_backbone
 from fedlorm.cli import main
-from fedlorm.export import BASE_WEIGHTS, HEAD_WEIGHTS, MODEL_JSON, PROMPT_WEIGHTS, load_model, save_model
+from fedlorm.export import (
+    BASE_WEIGHTS,
+    HEAD_WEIGHTS,
+    MODEL_JSON,
+    PROJECTION_WEIGHTS,
+    PROMPT_WEIGHTS,
+    load_model,
+    save_model,
+)
 from fedlorm.methods.prompts import L2PServer
 from fedlorm.methods.prompts.vit import plain_features
 from fedlorm.runtime.experiment import Experiment, build_experiment
@@ -69,6 +78,14 @@ def lite0_run(tmp_path_factory) -> Run:
 
 
 @pytest.fixture(scope="module")
+def projected_run(tmp_path_factory) -> Run:
+    """EfficientNet-Lite0 with the analytic head on 48 random ReLU features (lorm.head_projection)."""
+    return _finished_run(
+        tmp_path_factory.mktemp("projected") / "run", "lorm.head_merge=analytic", "lorm.head_projection=48"
+    )
+
+
+@pytest.fixture(scope="module")
 def vit_run(tmp_path_factory) -> Run:
     """timm's tiny random ViT with full statistics: the merged update is dense."""
     return _finished_run(
@@ -86,7 +103,7 @@ def _readme_snippet() -> str:
     return blocks[0]
 
 
-@pytest.mark.parametrize("name", ["lite0_run", "vit_run"])
+@pytest.mark.parametrize("name", ["lite0_run", "vit_run", "projected_run"])
 def test_timm_and_peft_alone_give_the_runs_logits(name, request, tmp_path):
     run: Run = request.getfixturevalue(name)
     torch.save(run.x, tmp_path / "x.pt")
@@ -132,6 +149,59 @@ def test_lite0_model_holds_the_merged_factor_pairs_and_the_analytic_head(lite0_r
     assert info["class_names"] == [str(d) for d in range(10)]  # MNIST, natural class order
     assert (info["image_size"], info["test_crop"], info["mean"]) == (32, "resize", [0.5, 0.5, 0.5])
     assert info["config"] == run.results["config"] and info["seed"] == 0
+    # Without a projection the model stays version 1, as every model written before.
+    assert info["format_version"] == 1 and "head_projection" not in info
+    assert not (run.model_dir / PROJECTION_WEIGHTS).exists()
+
+
+def test_a_projected_head_is_written_with_its_r_and_loads_back_exactly(projected_run, tmp_path):
+    """model/ holds R (d × M) and the head over σ(F R); it is version 2 and loads back to the run's
+    logits bit for bit; a model.json that names a bad activation, a version-1 model with a projection
+    and a projection of the wrong width are refused in one line."""
+    run = projected_run
+    info = json.loads((run.model_dir / MODEL_JSON).read_text())
+    assert info["format_version"] == 2
+    assert info["head_projection"] == {"weights": PROJECTION_WEIGHTS, "activation": "ReLU"}
+    stored = load_file(str(run.model_dir / PROJECTION_WEIGHTS))
+    assert list(stored) == ["weight"] and torch.equal(stored["weight"], run.exp.model.projection.weight)
+    head = load_file(str(run.model_dir / HEAD_WEIGHTS))
+    weight, bias = run.exp.server.analytic_head
+    assert head["weight"].shape == (10, 48)
+    assert torch.equal(head["weight"], weight) and torch.equal(head["bias"], bias)
+    saved = load_model(run.model_dir)
+    assert saved.model.projection.activation_name == "relu"
+    with torch.no_grad():
+        assert torch.equal(saved.model(run.x), run.logits)
+        features = saved.model.features(run.x)
+        expected = nn.functional.linear(torch.relu(features @ stored["weight"]), head["weight"], head["bias"])
+    torch.testing.assert_close(run.logits, expected, rtol=0, atol=1e-5)
+
+    def broken(change):
+        folder = tmp_path / f"broken{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(run.model_dir, folder)
+        change(folder)
+        with pytest.raises(ValueError) as err:
+            load_model(folder)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    def edit_json(**fields):
+        def change(folder):
+            data = json.loads((folder / MODEL_JSON).read_text())
+            data.update(fields)
+            (folder / MODEL_JSON).write_text(json.dumps(data))
+
+        return change
+
+    assert "head projection activation 'Swish' is unknown; allowed: ReLU, GELU" in broken(
+        edit_json(head_projection={"weights": PROJECTION_WEIGHTS, "activation": "Swish"})
+    )
+    assert "head_projection needs format_version 2" in broken(edit_json(format_version=1))
+    assert f"{PROJECTION_WEIGHTS} missing" in broken(lambda folder: (folder / PROJECTION_WEIGHTS).unlink())
+    wrong = {"weight": torch.zeros(1280, 7)}  # R of another width than the head's
+    assert "holds {'bias': (10,), 'weight': (10, 48)}; the model needs {'weight': (10, 7)" in broken(
+        lambda folder: save_file(wrong, str(folder / PROJECTION_WEIGHTS))
+    )
 
 
 def test_vit_model_writes_the_dense_merge_as_an_identity_factorisation(vit_run):
@@ -146,7 +216,7 @@ def test_vit_model_writes_the_dense_merge_as_an_identity_factorisation(vit_run):
     assert info["base_weights"] == BASE_WEIGHTS  # random weights cannot be fetched again
 
 
-@pytest.mark.parametrize("name", ["lite0_run", "vit_run"])
+@pytest.mark.parametrize("name", ["lite0_run", "vit_run", "projected_run"])
 def test_load_model_rebuilds_the_run_model(name, request):
     run: Run = request.getfixturevalue(name)
     saved = load_model(run.model_dir)

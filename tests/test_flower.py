@@ -35,7 +35,7 @@ from fedlorm.flower import client, clientapp, launch, serverapp
 from fedlorm.flower.federation import SERVER_STATE, run_federation
 from fedlorm.flower.launch import APP_COMPONENTS
 from fedlorm.flower.local_grid import LocalGrid
-from fedlorm.flower.messages import CONFIG, SUMMANDS, from_array_record, to_array_record
+from fedlorm.flower.messages import ARRAYS, CONFIG, SUMMANDS, from_array_record, to_array_record
 from fedlorm.flower.settings import (
     FlowerSettings,
     default_run_config,
@@ -543,6 +543,40 @@ def test_ewc_with_its_fisher_step_over_flower_equals_the_in_process_run(tmp_path
     reference = local_exp.server.state_dict()
     assert {p for p in (ANCHOR, FISHER) for key in reference if key.startswith(p)} == {ANCHOR, FISHER}
     _assert_same_server_state(exp, local_exp)
+
+
+def test_a_projected_analytic_head_over_flower_equals_the_in_process_run(tmp_path):
+    """``lorm-fsa`` with ``lorm.head_projection`` over the loopback grid vs ``run_simulation``: each node
+    derives the server's R from the seed alone (nothing carries it), the (M + 1)-wide head sums merge
+    as in process, and accuracies, rows, bytes and the server state agree."""
+    cfg = tiny_config(
+        "train.threads=1", "train.rounds=1", "method=lorm-fsa", "lorm.head_merge=analytic",
+        "lorm.head_projection=48", "lorm.head_activation=tanh",
+    )
+    errors, broadcast = [], set()
+
+    def record(step, partition, request, reply):
+        broadcast.update(request.content.array_records.get(ARRAYS, {}).keys())
+        if reply.has_error():
+            errors.append((partition, reply.error.reason))
+        return reply
+
+    exp, flower, local_exp, local = _loopback_and_in_process(
+        cfg, record, nodes=3, min_clients=3, out=tmp_path
+    )
+
+    assert errors == [] and flower["flower"]["dropped"] == []
+    assert not any("projection" in key for key in broadcast)
+    (node_exp,) = client._CACHE.values()
+    assert torch.equal(node_exp.model.projection.weight, exp.model.projection.weight)
+    assert exp.server.state_dict()["analytic.gram"].shape == (49, 49)
+    assert flower["accuracy_matrix"] == local["accuracy_matrix"]
+    assert untimed(flower["rounds"]) == untimed(local["rounds"])
+    for key in ("upload_bytes", "download_bytes", "diagnostics"):
+        assert flower[key] == local[key], key
+    _assert_same_server_state(exp, local_exp)
+    saved = load_model(tmp_path / "model")
+    assert saved.model.projection is not None and saved.model.projected_head is not None
 
 
 # -- per-node folders (fedlorm partition) ----------------------------------------------------------

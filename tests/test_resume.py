@@ -140,6 +140,26 @@ def test_a_run_killed_after_the_analytic_head_step_resumes_under_its_label_or_th
     assert _stable_rows(out) == _stable_rows(whole)
 
 
+def test_a_projected_head_run_killed_after_its_first_head_step_resumes_to_the_same_model(tmp_path, capsys):
+    """``lorm.head_projection``: the (M + 1)-wide sums survive the checkpoint, and the resumed run
+    leaves the uninterrupted run's accuracies, projected head and R."""
+    projected = ["method=head-only", "lorm.head_merge=analytic", "lorm.head_projection=40"]
+    args = [*TINY, "train.threads=1", *projected]
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert main(["run", "--quiet", "--out", str(whole), *args]) == 0, capsys.readouterr().err
+    proc = _fedlorm("run", "--quiet", "--out", str(out), *args, kill_at="task0.head.done")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0, capsys.readouterr().err
+    resumed, expected = (json.loads((d / "results.json").read_text()) for d in (out, whole))
+    assert resumed["accuracy_matrix"] == expected["accuracy_matrix"]
+    assert _stable_rows(out) == _stable_rows(whole)
+    for name in ("head.safetensors", "projection.safetensors"):
+        resumed_model, expected_model = (load_file(str(d / "model" / name)) for d in (out, whole))
+        assert resumed_model.keys() == expected_model.keys()
+        assert all(torch.equal(resumed_model[k], expected_model[k]) for k in resumed_model), name
+    assert load_file(str(out / "model" / "head.safetensors"))["weight"].shape == (10, 40)
+
+
 def test_resume_refuses_options_that_change_the_run(tmp_path, capsys):
     save_checkpoint(tmp_path, {"config": {}, "completed_step": "task0.round0", "progress": {}}, {})
     for extra in (["--seed", "1"], ["train.rounds=3"], ["--method", "finetune"], ["--overwrite"]):

@@ -154,6 +154,37 @@ def test_flower_secure_run_sees_only_sums_and_equals_the_in_process_secure_run(
     ]
 
 
+def test_a_projected_analytic_head_sums_securely_in_process_and_over_flower(tmp_path, monkeypatch):
+    """head-only with ``lorm.head_projection``: its (M + 1)-wide head sums fit the public bound; the
+    secure run equals the plain one within TOLERANCE (same accuracies), and over Flower's SecAgg+
+    the server sees only sums and holds the in-process secure state bit for bit."""
+    projected = ["method=head-only", "lorm.head_merge=analytic", "lorm.head_projection=48"]
+    runs = {}
+    for on in ("false", "true"):
+        cfg = tiny_config("train.threads=1", *projected, f"secure.aggregation={on}")
+        exp = build_experiment(cfg)
+        runs[on] = (run_simulation(cfg, experiment=exp), exp.server.state_dict())
+    (plain, plain_state), (secure, secure_state) = runs["false"], runs["true"]
+    assert secure_state["analytic.gram"].shape == (49, 49)
+    assert secure["accuracy_matrix"] == plain["accuracy_matrix"]
+    assert max(_relative(plain_state[k], secure_state[k]) for k in _factors(plain_state)) <= TOLERANCE
+    assert [r["phase"] for r in secure["rounds"]] == ["head_stats", "head_stats"]
+
+    monkeypatch.setattr(strategy, "fold_replies", lambda *a, **k: pytest.fail("a single reply was folded"))
+    run_config = run_config_for(cfg, FlowerSettings(out="", federated_eval=False))
+    grid = SecureLoopbackGrid(run_config, cfg.scenario.num_clients)
+    exp = build_experiment(cfg)
+    settings = FlowerSettings(out=str(tmp_path), min_clients=2, reply_timeout=60.0, federated_eval=False)
+    results = run_federation(grid, exp, settings, tmp_path)
+    assert grid.seen and all(not m.has_error() for m in grid.seen)
+    for message in grid.seen:
+        assert all(len(record) == 0 for record in message.content.array_records.values())
+    state = exp.server.state_dict()
+    for key, value in secure_state.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+    assert results["accuracy_matrix"] == secure["accuracy_matrix"]
+
+
 def _secure_first_step(cfg):
     exp = build_experiment(cfg)
     classes = exp.scenario.task_classes(0)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlorm.data.transforms import Preprocessing
+from fedlorm.projection import RandomFeatures
 
 __all__ = [
     "BACKBONES",
@@ -84,6 +85,10 @@ class WeightsNotFoundError(ValueError):
 class Backbone(nn.Module):
     """Frozen-backbone classifier: images → normalised RGB → ``encoder`` pooled features → ``head``.
 
+    With a random-feature ``projection`` attached (``lorm.head_projection``) and a head over its
+    output deployed (:meth:`set_projected_head`), the logits are ``projected_head(projection(F))``
+    instead; local training keeps using ``head`` on the pooled features.
+
     Images may be uint8 at any stored size (converted and resized per batch, so a dataset can stay
     uint8 in memory) or float RGB in [0, 1] at the input size.
 
@@ -131,6 +136,8 @@ class Backbone(nn.Module):
                 f"preprocessing size {self.preprocessing.size} differs from img_size {img_size}"
             )
         self.freeze_norm_stats = freeze_norm_stats
+        self.projection: RandomFeatures | None = None
+        self.projected_head: nn.Linear | None = None
         # Not persistent: a state_dict holds weights only, mean/std come from the model's config.
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -159,7 +166,39 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits (N, num_classes) of uint8 images or float images in [0, 1] (see ``normalize``)."""
-        return self.head(self.features(x))
+        if self.projected_head is None:
+            return self.head(self.features(x))
+        return self.projected_head(self.project(self.features(x)))
+
+    def project(self, features: Tensor) -> Tensor:
+        """σ(F R) of pooled features F through the attached projection (float32)."""
+        if self.projection is None:
+            raise ValueError("this model has no head projection (lorm.head_projection = 0)")
+        return self.projection(features)
+
+    def set_projected_head(self, weight: Tensor | None, bias: Tensor | None = None) -> None:
+        """Deploy a head over the projected features (``weight`` (num_classes, M), ``bias``), or with
+        None go back to ``head`` over the pooled features."""
+        if weight is None:
+            self.projected_head = None
+            return
+        if self.projection is None:
+            raise ValueError("a projected head needs a projection: attach one first (lorm.head_projection)")
+        if bias is None:
+            raise ValueError("a projected head needs its bias as well as its weight")
+        expected = (self.num_classes, self.projection.out_features)
+        if tuple(weight.shape) != expected or tuple(bias.shape) != expected[:1]:
+            raise ValueError(
+                f"projected head of shape {tuple(weight.shape)} with bias {tuple(bias.shape)}; "
+                f"this model needs {expected} and ({expected[0]},)"
+            )
+        if self.projected_head is None:
+            self.projected_head = nn.Linear(
+                expected[1], expected[0], device=self.head.weight.device, dtype=self.head.weight.dtype
+            ).requires_grad_(False)
+        with torch.no_grad():
+            self.projected_head.weight.copy_(weight)
+            self.projected_head.bias.copy_(bias)
 
     def train(self, mode: bool = True) -> Backbone:
         """Set train/eval mode; the encoder's BatchNorm layers stay in eval mode if frozen."""

@@ -154,6 +154,11 @@ class LormConfig:
     alpha_head: float = 0.5
     head_merge: Literal["regmean", "fedavg", "analytic", "ccvr"] = "fedavg"
     head_ridge: float = 1e-3
+    head_projection: int = 0
+    """``head_merge = analytic``: M > 0 solves the head on σ(F R) for a seeded d × M Gaussian R
+    (random features, RanPAC); 0 solves it on the pooled features F."""
+    head_activation: Literal["relu", "gelu", "tanh", "sigmoid", "identity"] = "relu"
+    """σ of ``head_projection`` (unused without one)."""
     stats_model: Literal["trained", "reference"] = "reference"
     task_start: Literal["pretrained", "merged"] = "pretrained"
     cross_task: Literal["closed_form", "simple_mean", "task_arithmetic", "ties"] = "closed_form"
@@ -480,6 +485,12 @@ def validate_config(cfg: RunConfig) -> None:
         ),
         ("lorm.ridge", cfg.lorm.ridge, cfg.lorm.ridge >= 0, "a number >= 0"),
         ("lorm.head_ridge", cfg.lorm.head_ridge, cfg.lorm.head_ridge > 0, "a number > 0"),
+        (
+            "lorm.head_projection",
+            cfg.lorm.head_projection,
+            cfg.lorm.head_projection >= 0,
+            "an integer >= 0 (0: the head on the pooled features, M: on M random features)",
+        ),
         (
             "lorm.adapt_tasks",
             cfg.lorm.adapt_tasks,

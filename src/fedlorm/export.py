@@ -7,6 +7,10 @@ read back with fedlorm's own modules for ``fedlorm predict`` and ``fedlorm evalu
   adapted layer carrying its whole update, the merged earlier tasks included
   (:func:`fedlorm.adapters.peft_io.deployed_factors`); module names are timm's own;
 - ``head.safetensors``: the head's ``weight`` and ``bias`` over every class;
+- ``projection.safetensors`` (analytic head with ``lorm.head_projection`` only): the random matrix R
+  (``weight``, d × M) the head's input is σ(F R) of; ``model.json``'s ``head_projection`` names the
+  file and σ as its ``torch.nn`` class name, and such a model has ``format_version`` 2 (a model
+  without one stays version 1, so older readers refuse only what they cannot apply);
 - ``model.json``: how timm rebuilds the encoder, its normalisation, the test-time preprocessing,
   the class names in logit order, and the config and seed of the run;
 - ``base_model.safetensors``: the encoder's frozen weights in timm's key names, unless timm can
@@ -44,12 +48,14 @@ from fedlorm.data import Preprocessing
 from fedlorm.methods import METHODS
 from fedlorm.methods.prompts import PREFIX, PromptPool, PromptServer, attach_pool, model_pool
 from fedlorm.methods.prompts.vit import vit_encoder
+from fedlorm.projection import RandomFeatures, activation_from_module_name
 
 __all__ = [
     "BASE_WEIGHTS",
     "HEAD_WEIGHTS",
     "MODEL_DIR",
     "MODEL_JSON",
+    "PROJECTION_WEIGHTS",
     "PROMPT_WEIGHTS",
     "SavedModel",
     "base_state_dict",
@@ -65,10 +71,13 @@ MODEL_DIR = "model"
 """The folder a finished run writes its model to, inside the run's output directory."""
 MODEL_JSON = "model.json"
 HEAD_WEIGHTS = "head.safetensors"
+PROJECTION_WEIGHTS = "projection.safetensors"
 BASE_WEIGHTS = "base_model.safetensors"
 PROMPT_WEIGHTS = "prompts.safetensors"
 FORMAT = "fedlorm-model"
 FORMAT_VERSION = 1
+PROJECTED_FORMAT_VERSION = 2
+"""The version of a model whose head is over random features (``head_projection`` in model.json)."""
 
 _LAYER_TENSORS = ("lora_A", "lora_B", "fixed_delta", "fixed_A", "fixed_B")
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -163,13 +172,23 @@ def save_model(
         if layers:
             names = {name[len(ENCODER) + 1 :]: layer for name, layer in layers.items()}
             export_peft(names, tmp, base_model_name_or_path=model.arch, deployed=True)
-        head = {"weight": model.head.weight, "bias": model.head.bias}
+        head_layer = model.head if model.projected_head is None else model.projected_head
+        head = {"weight": head_layer.weight, "bias": head_layer.bias}
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in head.items()},
                   str(tmp / HEAD_WEIGHTS))
         copies = _copies_base(cfg)
         if copies:
             save_file(base_state_dict(model, layers), str(tmp / BASE_WEIGHTS))
         info = _model_info(model, class_names, cfg, BASE_WEIGHTS if copies else None)
+        if model.projected_head is not None:
+            assert model.projection is not None  # set_projected_head refuses a head without one
+            save_file({"weight": model.projection.weight.detach().cpu().contiguous().clone()},
+                      str(tmp / PROJECTION_WEIGHTS))
+            info["format_version"] = PROJECTED_FORMAT_VERSION
+            info["head_projection"] = {
+                "weights": PROJECTION_WEIGHTS,
+                "activation": type(model.projection.activation).__name__,
+            }
         if not layers:
             info["peft_adapter"] = False
         if pool is not None:
@@ -263,10 +282,10 @@ def read_model_info(directory: str | Path) -> dict[str, Any]:
         raise ValueError(f"cannot read {str(path)!r}: {' '.join(str(e).split())}") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a fedlorm model description (format {FORMAT!r})")
-    if info.get("format_version") != FORMAT_VERSION:
+    if info.get("format_version") not in (FORMAT_VERSION, PROJECTED_FORMAT_VERSION):
         raise ValueError(
             f"{str(path)!r} has format_version {info.get('format_version')!r}; this fedlorm "
-            f"reads {FORMAT_VERSION}"
+            f"reads {FORMAT_VERSION} and {PROJECTED_FORMAT_VERSION}"
         )
     for key, kind in _REQUIRED.items():
         if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
@@ -282,11 +301,13 @@ def read_model_info(directory: str | Path) -> dict[str, Any]:
     if not isinstance(adapter, bool):
         raise ValueError(f"{str(path)!r}: peft_adapter must be true or false, got {adapter!r}")
     prompts = _prompt_weights(info, path)
+    projection = _projection_weights(info, path)
     needed = [
         *([ADAPTER_WEIGHTS, ADAPTER_CONFIG] if adapter else []),
         HEAD_WEIGHTS,
         *([base] if base else []),
         *([prompts] if prompts else []),
+        *([projection] if projection else []),
     ]
     missing = [name for name in needed if not (directory / str(name)).is_file()]
     if missing:
@@ -311,6 +332,29 @@ def _prompt_weights(info: Mapping[str, Any], path: Path) -> str | None:
             f"{str(path)!r}: its prompts come from method {info.get('method')!r}, whose prompt pool this "
             f"fedlorm cannot rebuild (it rebuilds those of {known})"
         )
+    return weights
+
+
+def _projection_weights(info: Mapping[str, Any], path: Path) -> str | None:
+    """The projection file ``model.json`` (``info``, read from ``path``) names, checked; None: no
+    projection. Only a version-2 model has one, and a version-2 model must."""
+    fields = info.get("head_projection")
+    projected = info["format_version"] == PROJECTED_FORMAT_VERSION
+    if fields is None and not projected:
+        return None
+    if not projected:
+        raise ValueError(f"{str(path)!r}: head_projection needs format_version {PROJECTED_FORMAT_VERSION}")
+    fields = fields if isinstance(fields, dict) else {}
+    weights, activation = fields.get("weights"), fields.get("activation")
+    if not isinstance(weights, str) or Path(weights).name != weights or not isinstance(activation, str):
+        raise ValueError(
+            f"{str(path)!r}: head_projection must name a file in the folder and an activation, "
+            f"got {info.get('head_projection')!r}"
+        )
+    try:
+        activation_from_module_name(activation)
+    except ValueError as e:
+        raise ValueError(f"{str(path)!r}: {e}") from None
     return weights
 
 
@@ -360,7 +404,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Sav
     with torch.no_grad():
         model.mean.copy_(torch.tensor(info["mean"]).view(1, 3, 1, 1))
         model.std.copy_(torch.tensor(info["std"]).view(1, 3, 1, 1))
-    _load_head(model, directory / HEAD_WEIGHTS)
+    if info.get("head_projection") is None:
+        _load_head(model, directory / HEAD_WEIGHTS)
+    else:
+        _load_projected_head(model, directory, info["head_projection"])
     layers: dict[str, LoRALayer] = {}
     by_rank: dict[int, list[str]] = {}
     for name, rank in ranks.items():
@@ -395,15 +442,43 @@ def _load_prompts(model: Backbone, directory: Path, info: Mapping[str, Any]) -> 
     pool.load({PREFIX + name: array for name, array in state.items()}, task)
 
 
-def _load_head(model: Backbone, path: Path) -> None:
+def _read_file(path: Path) -> dict[str, Tensor]:
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except Exception as e:  # safetensors' errors have no common base
         raise ValueError(f"cannot read {str(path)!r}: {' '.join(str(e).split())}") from None
-    expected = {"weight": tuple(model.head.weight.shape), "bias": tuple(model.head.bias.shape)}
+
+
+def _read_weights(path: Path, expected: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """The tensors of ``path``, which must be exactly ``expected`` (name → shape)."""
+    state = _read_file(path)
     found = {k: tuple(v.shape) for k, v in state.items()}
-    if found != expected:
-        raise ValueError(f"{str(path)!r} holds {found}; the model needs {expected}")
+    if found != dict(expected):
+        raise ValueError(f"{str(path)!r} holds {found}; the model needs {dict(expected)}")
+    return state
+
+
+def _load_head(model: Backbone, path: Path) -> None:
+    expected = {"weight": tuple(model.head.weight.shape), "bias": tuple(model.head.bias.shape)}
+    state = _read_weights(path, expected)
     with torch.no_grad():
         model.head.weight.copy_(state["weight"])
         model.head.bias.copy_(state["bias"])
+
+
+def _load_projected_head(model: Backbone, directory: Path, fields: Mapping[str, Any]) -> None:
+    """Attach the saved projection R (d × M) and load the head over σ(F R) (read_model_info checked
+    ``fields``); M is the width the projection file holds."""
+    path = directory / fields["weights"]
+    state = _read_file(path)
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if set(found) != {"weight"} or len(found["weight"]) != 2 or found["weight"][0] != model.feature_dim:
+        needs = f"{{'weight': ({model.feature_dim}, M)}}"
+        raise ValueError(f"{str(path)!r} holds {found}; the model needs {needs}")
+    matrix = state["weight"]
+    width = matrix.shape[1]
+    model.projection = RandomFeatures(matrix, activation_from_module_name(fields["activation"]))
+    head = _read_weights(
+        directory / HEAD_WEIGHTS, {"weight": (model.num_classes, width), "bias": (model.num_classes,)}
+    )
+    model.set_projected_head(head["weight"], head["bias"])

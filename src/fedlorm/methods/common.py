@@ -16,6 +16,7 @@ from fedlorm.precision import autocast, backward_and_step, grad_scaler
 
 __all__ = [
     "HEAD",
+    "PROJECTED_HEAD",
     "Penalty",
     "apply_arrays",
     "collect_statistics",
@@ -26,6 +27,8 @@ __all__ = [
 ]
 
 HEAD = "head"
+PROJECTED_HEAD = f"{HEAD}.projected"
+"""Prefix of the deployed head over projected features (``head.projected.weight``, ``.bias``)."""
 
 Penalty = Callable[[Tensor, Tensor], Tensor]
 """A term added to the local loss: (batch inputs, logits over every class) → a scalar (LwF, EWC)."""
@@ -40,7 +43,8 @@ def apply_arrays(model: Backbone, layers: Mapping[str, LoRALayer], arrays: Mappi
     """Copy the named arrays into the model in place.
 
     A layer's frozen update comes as factors (``{layer}.fixed_B``, ``{layer}.fixed_A``) or dense
-    (``{layer}.fixed_delta``); a layer with neither gets none.
+    (``{layer}.fixed_delta``); a layer with neither gets none. Arrays with a head deploy the head
+    over projected features (``head.projected.*``) if they carry one, else the plain head alone.
     """
     with torch.no_grad():
         for name, layer in layers.items():
@@ -57,6 +61,8 @@ def apply_arrays(model: Backbone, layers: Mapping[str, LoRALayer], arrays: Mappi
         if f"{HEAD}.weight" in arrays:
             model.head.weight.copy_(arrays[f"{HEAD}.weight"])
             model.head.bias.copy_(arrays[f"{HEAD}.bias"])
+            projected = (arrays.get(f"{PROJECTED_HEAD}.weight"), arrays.get(f"{PROJECTED_HEAD}.bias"))
+            model.set_projected_head(*projected)
 
 
 def shared_model_arrays(model: Backbone, layers: Mapping[str, LoRALayer]) -> dict[str, Tensor]:

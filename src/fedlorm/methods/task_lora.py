@@ -294,8 +294,7 @@ class TaskLoRAServer(Server):
     def deployed_arrays(self) -> Arrays:
         if not self.task_finished:
             return self._training_arrays()
-        weight, bias = self.head.deployed() or (self.head_weight, self.head_bias)
-        out = {f"{HEAD}.weight": weight, f"{HEAD}.bias": bias}
+        out = self.head.deployed_arrays((self.head_weight, self.head_bias))
         for name in self.shapes:
             out[factor_key(name, "A")] = self.A[name]
             out[factor_key(name, "B")] = torch.zeros_like(self.B[name])

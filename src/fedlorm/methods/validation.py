@@ -41,6 +41,7 @@ def check_method_config(cfg: RunConfig) -> None:
     from fedlorm.methods.registry import HEADS, METHODS  # the registry imports the modules using this
 
     method = METHODS.get(cfg.method)
+    _check_head_projection(cfg, method is not None and method.within_task is not None)
     limit = method.adapted_tasks(cfg) if method is not None else cfg.lorm.adapt_tasks
     head = HEADS.get(cfg.lorm.head_merge)
     if limit is None or head is None or head.supports_frozen_backbone:
@@ -56,6 +57,24 @@ def check_method_config(cfg: RunConfig) -> None:
             f"{reason}, or lorm.adapt_tasks = none"
         )
     raise ConfigError(f"method {cfg.method!r}: {reason} (now {cfg.lorm.head_merge!r})")
+
+
+def _check_head_projection(cfg: RunConfig, task_structured: bool) -> None:
+    """``lorm.head_projection`` feeds the analytic head only: refuse it where no analytic head runs."""
+    width = cfg.lorm.head_projection
+    if width == 0:
+        return
+    if not task_structured:
+        raise ConfigError(
+            f"lorm.head_projection = {width} is not allowed with method {cfg.method!r}, which has no "
+            "analytic head; use a task-structured method (e.g. lorm, head-only, lorm-fsa) or 0"
+        )
+    if cfg.lorm.head_merge != "analytic":
+        raise ConfigError(
+            f"lorm.head_projection = {width} is not allowed: method {cfg.method!r} runs lorm.head_merge = "
+            f"{cfg.lorm.head_merge!r}, and the projection feeds only the analytic head; set "
+            "lorm.head_merge = 'analytic' or lorm.head_projection = 0"
+        )
 
 
 class InvalidReplyError(ValueError):

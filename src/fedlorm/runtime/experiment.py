@@ -30,6 +30,7 @@ from fedlorm.fcl import Scenario, dirichlet_partition, make_scenario
 from fedlorm.methods import METHODS, Client, ClientData, Server
 from fedlorm.methods.validation import check_method_config
 from fedlorm.precision import check_precision
+from fedlorm.projection import RandomFeatures, projection_matrix
 from fedlorm.seeding import derive_seed
 
 __all__ = [
@@ -205,7 +206,8 @@ def _pretrained(weights: str) -> bool | Path:
 def build_model(
     cfg: RunConfig, num_classes: int, device: torch.device
 ) -> tuple[Backbone, dict[str, LoRALayer]]:
-    """The run's frozen backbone with its head and LoRA layers on ``device`` (seeded by ``cfg.seed``)."""
+    """The run's frozen backbone with its head, LoRA layers and, with ``lorm.head_projection``, the
+    head's random projection, on ``device`` (seeded by ``cfg.seed``)."""
     torch.manual_seed(derive_seed(cfg.seed, "model"))
     model = create_backbone(
         cfg.model.backbone,
@@ -220,6 +222,10 @@ def build_model(
     layers = inject_lora(
         model, cfg.model.targets or model.lora_targets, cfg.model.rank, cfg.model.scaling
     )
+    if cfg.lorm.head_projection:
+        # From the run's seed alone: every client and the server build the same R.
+        matrix = projection_matrix(model.feature_dim, cfg.lorm.head_projection, cfg.seed)
+        model.projection = RandomFeatures(matrix, cfg.lorm.head_activation)
     return model.to(device), layers
 
 

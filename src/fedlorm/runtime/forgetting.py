@@ -7,10 +7,11 @@ no longer matches them (staleness). Two in-process diagnostics tell them apart:
 - **feature drift** of task j: ‖F_j(final) − F_j(end of j)‖_F / ‖F_j(end of j)‖_F, with F_j the
   deployed model's pooled features of task j's evaluation images;
 - **oracle head**: class-IL accuracy of the final backbone under a ridge head re-solved from every
-  task's training features recollected through that final backbone (the same solver and ridge as
-  the analytic head). No federated client can compute it once its data is gone, so it is reported
-  beside a method's accuracy, never as one. Oracle minus actual accuracy is what the stale head
-  costs; a frozen backbone's oracle minus this one is what the features lost.
+  task's training features recollected through that final backbone (the same solver, ridge and,
+  with ``lorm.head_projection``, random projection as the analytic head). No federated client can
+  compute it once its data is gone, so it is reported beside a method's accuracy, never as one.
+  Oracle minus actual accuracy is what the stale head costs; a frozen backbone's oracle minus this
+  one is what the features lost.
 """
 
 from __future__ import annotations
@@ -62,14 +63,14 @@ class ForgettingProbe:
         for task in range(scenario.num_tasks):
             for share in exp.client_data(task):
                 targets = nn.functional.one_hot(share.labels, scenario.num_classes).double()
-                g, c = analytic_head_summands(_features(exp, share.images), targets)
+                g, c = analytic_head_summands(_head_inputs(exp, share.images), targets)
                 gram, cross = (g, c) if gram is None else (gram + g, cross + c)
         assert gram is not None and cross is not None
         weight, bias = analytic_head_solve(gram, cross, ridge=exp.cfg.lorm.head_ridge)
         per_task, sizes = [], []
         for task in range(scenario.num_tasks):
             images, labels = _task_rows(exp.test.images, exp.test.labels, scenario.task_classes(task))
-            logits = _features(exp, images).double() @ weight.T + bias
+            logits = _head_inputs(exp, images).double() @ weight.T + bias
             per_task.append(100.0 * float((logits.argmax(1) == labels).double().mean()))
             sizes.append(len(labels))
         overall = sum(a * n for a, n in zip(per_task, sizes, strict=True)) / sum(sizes)
@@ -97,3 +98,14 @@ def _features(exp: Experiment, images: Tensor) -> Tensor:
         with autocast(device, exp.cfg.train.precision):
             out.append(model.features(batch.to(device, non_blocking=True)).float().cpu())
     return torch.cat(out)
+
+
+def _head_inputs(exp: Experiment, images: Tensor) -> Tensor:
+    """What the analytic head is solved on: the pooled features, or their projection σ(F R) when
+    the model carries one (``lorm.head_projection``); float32 on CPU."""
+    features = _features(exp, images)
+    projection = exp.model.projection
+    if projection is None:
+        return features
+    with torch.no_grad():
+        return projection(features.to(projection.weight.device)).cpu()

@@ -17,7 +17,7 @@ from fedlorm.config import config_to_dict
 from fedlorm.export import MODEL_DIR, save_model
 from fedlorm.fcl import summarize
 from fedlorm.methods import METHODS, Instruction
-from fedlorm.methods.common import HEAD
+from fedlorm.methods.common import HEAD, PROJECTED_HEAD
 from fedlorm.methods.steps import Phase, step_label
 from fedlorm.presets import config_sources
 from fedlorm.results import versions
@@ -208,7 +208,8 @@ def task_test_sizes(exp: Experiment) -> list[int]:
 
 def task_diagnostics(exp: Experiment, evaluation: Evaluation) -> dict[str, Any]:
     """Where class-IL accuracy goes: predictions in the newest task, logit and head-row norms."""
-    head = exp.server.deployed_arrays()[f"{HEAD}.weight"].float()
+    deployed = exp.server.deployed_arrays()
+    head = deployed.get(f"{PROJECTED_HEAD}.weight", deployed[f"{HEAD}.weight"]).float()
     task = len(evaluation.class_il) - 1
     row_norms = [
         float(head[c.start : c.stop].norm(dim=1).mean())

@@ -5,6 +5,12 @@ Training rounds average the trained head, which serves local training only. At e
 ``head_stats`` step asks every client for F̂ᵀF̂ and F̂ᵀY of its pooled features (F̂ = [F, 1], Y one-hot
 over the task's classes) through the deployed backbone; the server adds them into S and C and
 deploys [W, b] = Cᵀ(S + λI)⁻¹, λ = ``lorm.head_ridge``·mean(diag S).
+
+With ``lorm.head_projection = M`` the features are first expanded to H = σ(F R) by the model's
+fixed random projection (:mod:`fedlorm.projection`, R drawn from the run's seed on every client and
+the server alike): the same sums and solve on Ĥ = [H, 1], (M + 1)-wide, and the deployed model
+applies the projection before this head (``head.projected.*``), while local training keeps the
+trained head on F.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from fedlorm import merging
 from fedlorm.backbones import Backbone
 from fedlorm.config import LormConfig
 from fedlorm.methods.base import Arrays, ClientData, Instruction
-from fedlorm.methods.common import HEAD
+from fedlorm.methods.common import HEAD, PROJECTED_HEAD
 from fedlorm.methods.heads.average import TrainedAverageHead
 from fedlorm.methods.heads.base import Head
 from fedlorm.methods.replies import ReplySpec, gram, value
@@ -35,30 +41,45 @@ class AnalyticHead(TrainedAverageHead):
 
     def __init__(self, lorm: LormConfig, classes: int, features: int) -> None:
         super().__init__(lorm, classes, features)
-        self.gram: Tensor | None = None  # S, (features + 1)², allocated at the first fold
-        self.cross: Tensor | None = None  # C, (features + 1) × classes
+        self.width = lorm.head_projection or features
+        """The ridge head's input width: M with a projection, else the pooled features' d."""
+        self.gram: Tensor | None = None  # S, (width + 1)², allocated at the first fold
+        self.cross: Tensor | None = None  # C, (width + 1) × classes
         self.solution: Head | None = None
 
     @torch.no_grad()
     def feature_summands(
         self, model: Backbone, data: ClientData, instruction: Instruction, *, batch_size: int, precision: str
     ) -> Arrays:
-        """F̂ᵀF̂ and F̂ᵀY of the deployed model's pooled features, test-time transform (the head is
-        fitted to features as they are at test time, not to augmented ones)."""
+        """F̂ᵀF̂ and F̂ᵀY of the deployed model's pooled features (or of their projection Ĥ),
+        test-time transform (the head is fitted to features as they are at test time, not to
+        augmented ones)."""
         model.eval()
         device = model.head.weight.device
-        width = len(instruction.classes)
+        projected = self.lorm.head_projection > 0
+        if projected:
+            found = 0 if model.projection is None else model.projection.out_features
+            if found != self.width:
+                raise ValueError(
+                    f"lorm.head_projection = {self.width} but the model's projection is {found} wide: "
+                    "build the model with fedlorm.runtime.experiment.build_model"
+                )
+        task_classes = len(instruction.classes)
         gram_sum, cross_sum = None, None
         for batch in torch.arange(len(data)).split(batch_size):
             with autocast(device, precision):
                 features = model.features(data.images[batch].to(device, non_blocking=True))
-            targets = nn.functional.one_hot(data.labels[batch] - instruction.class_start, width)
-            g, c = merging.analytic_head_summands(features.float().cpu(), targets.double())
+            # Projected sums are formed and kept where the model runs ((M + 1)² per batch is GPU
+            # work); the plain head's stay on the CPU as they always were.
+            inputs = model.project(features) if projected else features.float().cpu()
+            targets = nn.functional.one_hot(data.labels[batch] - instruction.class_start, task_classes)
+            g, c = merging.analytic_head_summands(inputs, targets.to(inputs.device, torch.float64))
             gram_sum, cross_sum = (g, c) if gram_sum is None else (gram_sum + g, cross_sum + c)
-        return {f"{HEAD}.features.G": gram_sum, f"{HEAD}.features.Y": cross_sum}
+        assert gram_sum is not None and cross_sum is not None, "a client holds at least one sample"
+        return {f"{HEAD}.features.G": gram_sum.cpu(), f"{HEAD}.features.Y": cross_sum.cpu()}
 
     def feature_spec(self, instruction: Instruction) -> ReplySpec:
-        width = self.features + 1
+        width = self.width + 1
         return {
             f"{HEAD}.features.G": gram(width, full=True),
             f"{HEAD}.features.Y": value(width, len(instruction.classes)),
@@ -66,21 +87,35 @@ class AnalyticHead(TrainedAverageHead):
 
     def fold_features(self, sums: Arrays, classes: range, like: Head) -> None:
         if self.gram is None or self.cross is None:
-            self.gram = torch.zeros(self.features + 1, self.features + 1, dtype=torch.float64)
-            self.cross = torch.zeros(self.features + 1, self.classes, dtype=torch.float64)
+            self.gram = torch.zeros(self.width + 1, self.width + 1, dtype=torch.float64)
+            self.cross = torch.zeros(self.width + 1, self.classes, dtype=torch.float64)
         self.gram += sums[f"{HEAD}.features.G"]
         self.cross[:, classes.start : classes.stop] += sums[f"{HEAD}.features.Y"]
         seen = classes.stop
         weight, bias = merging.analytic_head_solve(
             self.gram, self.cross[:, :seen], ridge=self.lorm.head_ridge
         )
-        full_weight, full_bias = torch.zeros_like(like[0]), torch.zeros_like(like[1])
+        full_weight = like[0].new_zeros(self.classes, self.width)
+        full_bias = torch.zeros_like(like[1])
         full_weight[:seen] = weight.to(full_weight.device, full_weight.dtype)
         full_bias[:seen] = bias.to(full_bias.device, full_bias.dtype)
         self.solution = (full_weight, full_bias)
 
     def deployed(self) -> Head | None:
         return self.solution
+
+    def deployed_arrays(self, trained: Head) -> Arrays:
+        """With a projection, the solve goes out as ``head.projected.*`` beside the trained head
+        (the model's ``head`` on F, which local training starts from)."""
+        if self.solution is None or self.lorm.head_projection == 0:
+            return super().deployed_arrays(trained)
+        weight, bias = self.solution
+        return {
+            f"{HEAD}.weight": trained[0],
+            f"{HEAD}.bias": trained[1],
+            f"{PROJECTED_HEAD}.weight": weight,
+            f"{PROJECTED_HEAD}.bias": bias,
+        }
 
     def state_dict(self) -> Arrays:
         out: Arrays = {}

@@ -11,6 +11,7 @@ from torch import Tensor
 from fedlorm.backbones import Backbone
 from fedlorm.config import LormConfig
 from fedlorm.methods.base import Arrays, ClientData, Instruction
+from fedlorm.methods.common import HEAD
 from fedlorm.methods.replies import ReplySpec
 
 __all__ = ["HeadStrategy"]
@@ -74,6 +75,11 @@ class HeadStrategy(ABC):
     def deployed(self) -> Head | None:
         """The head to deploy instead of the trained one; None: deploy the trained head."""
         return None
+
+    def deployed_arrays(self, trained: Head) -> Arrays:
+        """The deployed model's head arrays: :meth:`deployed`'s head, else ``trained``."""
+        weight, bias = self.deployed() or trained
+        return {f"{HEAD}.weight": weight, f"{HEAD}.bias": bias}
 
     def state_dict(self) -> Arrays:
         """The strategy's own state (checkpoint contract of :meth:`Server.state_dict`)."""
