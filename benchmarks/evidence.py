@@ -11,15 +11,22 @@ The plan has two stages, both in ``--runs`` (default ``runs/evidence``):
 1. **Selection** (``select/SETTING/METHOD/lrLR/s0``), on each setting's own validation split
    (``data.validation_per_class=100``, seed 0), never on the test set: each method's learning rate
    from {3e-4, 1e-3, 3e-3}, the grid extended once to 1e-4 or 1e-2 where its best lies on an edge;
-   then LoRM's rank from {1, 4, 8} at β = 0.5 at its chosen rate. Every key a preset's validated
-   table may hold is passed explicitly, so a selection run does not depend on what was chosen before.
+   then LoRM's rank from {1, 4, 8} at β = 0.5 at its chosen rate; then the analytic head's random
+   projection (M, σ, ridge; ``projection/SETTING-METHOD.csv``), scored offline by
+   ``benchmarks/head_projection.py`` for the methods whose backbone stops moving (head-only on the
+   frozen backbone, lorm-fsa on its selection run's model) and, for the methods that adapt every
+   task, by one federated validation run with head-only's choice (``lrLR-proj``). A projection is
+   kept only where it beats the plain head on the same validation split. Every key a preset's
+   validated table may hold is passed explicitly, so a selection run does not depend on what was
+   chosen before.
    ``head-only`` with the analytic head does not train anything a rate acts on (one run), and
    ``head-only`` and ``joint`` do not depend on β: they are selected and tested at β = 0.5 only and
    serve the other β settings (the analytic head is solved from sums over all clients, which equal
    the centralised sums; joint has one client).
 2. **Test** (``test/SETTING/METHOD/sSEED``): ``fedlorm run --preset P --method M --seed S`` with no
    other setting, so each run uses the preset's validated table, seeds 0, 1, 2, with the forgetting
-   diagnostics (oracle head, feature drift).
+   diagnostics (oracle head, feature drift). Where a method's table holds a projection, its plain
+   head is run too (``METHOD-plain``), to show what the projection adds.
 
 ``report`` checks that every preset's validated table holds what the selection chose (and says
 which entries differ), then writes ``docs/evidence-*.csv``, ``docs/evidence-*.png``,
@@ -60,6 +67,11 @@ EDGE = {"3e-4": "1e-4", "3e-3": "1e-2"}
 RANKS = (1, 4, 8)
 RANK_SETTING = "b0.5"
 SEEDS = (0, 1, 2)
+PROJECTION_GRID = ["--widths", "0,500,1000,2000,4000", "--activations", "relu,gelu,tanh",
+                   "--ridges", "1e-4,1e-3,1e-2,1e-1,1"]
+"""M up to 4000: a head-only run's sums stay below LoRM's full-statistics upload (docs/projection-head.md)."""
+ADAPTING = ("lorm", "lorm-avg", "fedavg", "ffa")
+PLAIN = ("lorm.head_projection=0",)
 VALIDATION = ["data.validation_per_class=100"]
 COMMON = ["train.threads=1"]
 TEST = ["train.forgetting_diagnostics=true"]
@@ -87,6 +99,33 @@ class PlannedRun:
                                             seed=self.seed))
         cfg.pop("preset", None)
         return cfg
+
+
+@dataclass(frozen=True)
+class ProjectionScan:
+    """One ``benchmarks/head_projection.py`` grid, written to ``csv``."""
+
+    csv: Path
+    args: tuple[str, ...]
+
+    @property
+    def folder(self) -> Path:
+        return self.csv.parent
+
+    def command(self, resume: bool = False) -> list[str]:
+        script = Path(__file__).with_name("head_projection.py")
+        return [sys.executable, str(script), "--threads", "1", *PROJECTION_GRID, "--csv", str(self.csv),
+                *self.args]
+
+    def rows(self) -> list[dict[str, Any]] | None:
+        if not self.csv.is_file():
+            return None
+        with self.csv.open() as handle:
+            return [
+                {"M": int(r["head_projection"]), "σ": r["head_activation"], "ridge": float(r["head_ridge"]),
+                 "final": float(r["final_accuracy"])}
+                for r in csv.DictReader(handle)
+            ]
 
 
 def _results(run: PlannedRun) -> dict[str, Any] | None:
@@ -132,6 +171,8 @@ def _selection_keys(method: str, rate: str | None, rank: int = 4) -> dict[str, A
     keys: dict[str, Any] = {"model.rank": rank}
     if rate is not None:
         keys["train.lr"] = rate
+    if method != "joint":  # every other method here deploys the analytic head
+        keys["lorm.head_projection"] = 0
     return keys
 
 
@@ -190,7 +231,62 @@ def select(root: Path) -> Selection:
                 out.scores[(RANK_SETTING, "lorm")][f"lr{rate}-r{rank}"] = results["final_accuracy"]
         if len(ranks) == len(RANKS):
             out.chosen[(RANK_SETTING, "lorm")]["model.rank"] = max(ranks, key=ranks.get)
+    _select_projection(root, out)
     return out
+
+
+def _projection_choice(rows: list[dict[str, Any]], ridge: float) -> tuple[dict[str, Any], float, float]:
+    """The best grid point's keys, its accuracy and the plain head's (M = 0 at the preset's ridge)."""
+    best = max(rows, key=lambda r: r["final"])
+    plain = next(r["final"] for r in rows if r["M"] == 0 and math.isclose(r["ridge"], ridge))
+    keys = {"lorm.head_projection": best["M"], "lorm.head_activation": best["σ"],
+            "lorm.head_ridge": best["ridge"]}
+    return keys, best["final"], plain
+
+
+def _select_projection(root: Path, out: Selection) -> None:
+    """Choose each setting's projected head where it beats the plain one on validation."""
+    for setting, preset in SETTINGS.items():
+        ridge = PRESETS[preset].overrides["lorm"]["head_ridge"]
+        frozen_setting = "b0.5" if setting.startswith("b") else setting
+        scans = {
+            "head-only": ProjectionScan(root / "projection" / f"{frozen_setting}-head-only.csv",
+                                        ("--preset", SETTINGS[frozen_setting], *VALIDATION)),
+        }
+        fsa = out.chosen.get((setting, "lorm-fsa"))
+        if fsa is not None:
+            model = _selection_run(root, setting, "lorm-fsa", f"lr{_label(fsa['train.lr'])}", {}).folder
+            scans["lorm-fsa"] = ProjectionScan(root / "projection" / f"{setting}-lorm-fsa.csv",
+                                               ("--model", str(model / "model"), *VALIDATION))
+        for method, scan in scans.items():
+            rows = scan.rows()
+            if rows is None:
+                out.needed.append(scan)
+                continue
+            keys, best, plain = _projection_choice(rows, ridge)
+            out.scores.setdefault((setting, method), {})["projection"] = best
+            out.scores[(setting, method)]["plain head"] = plain
+            if keys["lorm.head_projection"] > 0 and best > plain:
+                out.chosen.setdefault((setting, method), {}).update(keys)
+        frozen = out.chosen.get((setting, "head-only"), {})
+        if "lorm.head_projection" not in frozen:
+            continue
+        projection = {k: v for k, v in frozen.items() if k.startswith("lorm.")}
+        for method in ADAPTING:
+            chosen = out.chosen.get((setting, method))
+            if chosen is None:
+                continue
+            rate = _label(chosen["train.lr"])
+            run = _selection_run(root, setting, method, f"lr{rate}-proj",
+                                 {**_selection_keys(method, rate), **projection})
+            results = _results(run)
+            if results is None:
+                out.needed.append(run)
+                continue
+            plain = out.scores[(setting, method)][f"lr{rate}"]
+            out.scores[(setting, method)][f"lr{rate}-proj"] = results["final_accuracy"]
+            if results["final_accuracy"] > plain:
+                chosen.update(projection)
 
 
 def _label(rate: float) -> str:
@@ -209,6 +305,11 @@ def test_runs(root: Path) -> list[PlannedRun]:
             for seed in SEEDS:
                 runs.append(PlannedRun(root / "test" / setting / method / f"s{seed}", preset, method, seed,
                                        tuple([*COMMON, *TEST])))
+                if PRESETS[preset].validated.get(method, {}).get("lorm.head_projection"):
+                    ridge = PRESETS[preset].overrides["lorm"]["head_ridge"]
+                    runs.append(PlannedRun(root / "test" / setting / f"{method}-plain" / f"s{seed}", preset,
+                                           method, seed,
+                                           tuple([*COMMON, *TEST, *PLAIN, f"lorm.head_ridge={ridge}"])))
     return runs
 
 
@@ -293,7 +394,7 @@ def report(root: Path, out: Path, readme: Path) -> None:
         chosen = sel.chosen.get((setting, method), {})
         grid = ", ".join(f"{k.removeprefix('lr')}: {v:.2f}" for k, v in
                          sorted(scores.items(), key=lambda kv: _sort_key(kv[0])))
-        picked = ", ".join(f"{k} = {v:g}" for k, v in chosen.items())
+        picked = ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}" for k, v in chosen.items())
         picked = picked or ("–" if method == "head-only" else "pending")
         emit(f"| {setting} | {method} | {grid} | {picked} |")
         for label, accuracy in scores.items():
