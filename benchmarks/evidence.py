@@ -394,7 +394,8 @@ def report(root: Path, out: Path, readme: Path) -> None:
         chosen = sel.chosen.get((setting, method), {})
         grid = ", ".join(f"{k.removeprefix('lr')}: {v:.2f}" for k, v in
                          sorted(scores.items(), key=lambda kv: _sort_key(kv[0])))
-        picked = ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}" for k, v in chosen.items())
+        picked = ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
+                           for k, v in chosen.items())
         picked = picked or ("–" if method == "head-only" else "pending")
         emit(f"| {setting} | {method} | {grid} | {picked} |")
         for label, accuracy in scores.items():
