@@ -23,7 +23,8 @@ from fedlorm.adapters import lora_layers
 from fedlorm.adapters.peft_io import adapter_ranks
 from fedlorm.backbones import create_backbone
 from fedlorm.cli import main
-from fedlorm.export import BASE_WEIGHTS, HEAD_WEIGHTS, MODEL_JSON, PROMPT_WEIGHTS, load_model, save_model
+from fedlorm.export import BASE_WEIGHTS, HEAD_WEIGHTS, MODEL_JSON, load_model, save_model
+from fedlorm.methods.prompts import PROMPT_WEIGHTS
 from fedlorm.methods.prompts import L2PServer
 from fedlorm.methods.prompts.vit import plain_features
 from fedlorm.runtime.experiment import Experiment, build_experiment

@@ -19,8 +19,9 @@ from torch import Tensor
 from fedlorm.adapters import LoRALayer
 from fedlorm.backbones import Backbone
 from fedlorm.config import RunConfig
+from fedlorm.methods.arrays import apply_arrays
 from fedlorm.methods.replies import ReplySpec
-from fedlorm.methods.steps import Factor, Phase
+from fedlorm.methods.steps import Factor, Instruction, Phase
 
 Arrays = dict[str, Tensor]
 
@@ -37,54 +38,6 @@ __all__ = [
     "add_arrays",
     "payload_bytes",
 ]
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """What the server asks of every client in one step; flat, so it travels as a config record.
-
-    ``phase`` and ``factor`` may be given as their strings; they are stored as the enums.
-    ``round`` is the training round, -1 for the end-of-task statistics steps.
-    """
-
-    task: int
-    round: int
-    phase: Phase
-    factor: Factor
-    class_start: int
-    class_stop: int
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "phase", Phase(self.phase))
-        object.__setattr__(self, "factor", Factor(self.factor))
-
-    def to_record(self) -> dict[str, int | str]:
-        """Plain key/value form (Flower ConfigRecord, checkpoints); enums as their plain strings."""
-        return {
-            "task": self.task,
-            "round": self.round,
-            "phase": self.phase.value,
-            "factor": self.factor.value,
-            "class_start": self.class_start,
-            "class_stop": self.class_stop,
-        }
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, int | str]) -> Instruction:
-        """Inverse of :meth:`to_record`; ValueError on an unknown phase or factor."""
-        return cls(
-            task=int(record["task"]),
-            round=int(record["round"]),
-            phase=Phase(str(record["phase"])),
-            factor=Factor(str(record["factor"])),
-            class_start=int(record["class_start"]),
-            class_stop=int(record["class_stop"]),
-        )
-
-    @property
-    def classes(self) -> range:
-        """Class positions of the current task (the only logits the local loss sees)."""
-        return range(self.class_start, self.class_stop)
 
 
 @dataclass
@@ -150,8 +103,6 @@ class Client(ABC):
     def deploy(self, arrays: Mapping[str, Tensor], task: int) -> None:
         """Load a deployed model (:meth:`Server.deployed_arrays` after a step of ``task``) into
         ``model``, e.g. to evaluate it on this client's data; the client's :meth:`Server.deploy`."""
-        from fedlorm.methods.common import apply_arrays  # here: common imports this module
-
         apply_arrays(self.model, self.layers, arrays)
 
 
@@ -193,8 +144,6 @@ class Server(ABC):
         The default loads :meth:`deployed_arrays` (LoRA factors, frozen updates, head); a method
         whose model holds more (e.g. a prompt pool) overrides it to load that too.
         """
-        from fedlorm.methods.common import apply_arrays  # here: common imports this module
-
         apply_arrays(model, layers, self.deployed_arrays())
 
     @abstractmethod

@@ -28,7 +28,7 @@ from fedlorm.data import (
 )
 from fedlorm.fcl import Scenario, dirichlet_partition, make_scenario
 from fedlorm.methods import METHODS, Client, ClientData, Server
-from fedlorm.methods.validation import check_method_config
+from fedlorm.methods.registry import check_method_config
 from fedlorm.precision import check_precision
 from fedlorm.seeding import derive_seed
 
@@ -316,8 +316,8 @@ def _assemble(
         test=data.test,
         model=model,
         layers=layers,
-        server=method.server(cfg, model, layers),
-        client=method.client(cfg, model, layers),
+        server=method.build_server(cfg, model, layers),
+        client=method.build_client(cfg, model, layers),
         device=device,
         partitions=data.partitions,
         class_names=data.class_names,

@@ -17,7 +17,7 @@ from fedlorm.config import config_to_dict
 from fedlorm.export import MODEL_DIR, save_model
 from fedlorm.fcl import summarize
 from fedlorm.methods import Instruction
-from fedlorm.methods.common import HEAD
+from fedlorm.methods.arrays import HEAD
 from fedlorm.methods.steps import Phase, step_label
 from fedlorm.results import versions
 from fedlorm.runtime.evaluation import Evaluation, evaluate
