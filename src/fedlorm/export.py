@@ -141,7 +141,22 @@ def save_model(
     ``Server.deploy``) to ``directory``, with whatever extra its method's export hook writes.
 
     The folder is written beside ``directory`` and renamed into place, replacing an earlier one, so
-    a reader never sees half a model. Returns ``directory``.
+    a reader never sees half a model.
+
+    Args:
+        directory: The model folder to write, e.g. ``runs/NAME/model``.
+        model: The model, with the deployed model loaded into it.
+        layers: Its LoRA layers, all inside the encoder.
+        class_names: The class names in logit order, one per head row.
+        cfg: The run's config; it names the method (whose export hook writes any extra) and is
+            recorded in ``model.json``.
+
+    Returns:
+        ``directory``.
+
+    Raises:
+        ValueError: One line, if a layer lies outside the encoder, the class names do not fit the
+            head, or the model carries an extra its method does not rebuild.
     """
     directory = Path(directory)
     outside = [name for name in layers if not name.startswith(ENCODER + ".")]
@@ -248,7 +263,17 @@ def _replace(tmp: Path, directory: Path) -> None:
 
 
 def read_model_info(directory: str | Path) -> dict[str, Any]:
-    """``model.json`` of a saved model, checked, with every file it needs present (cheap: no tensors)."""
+    """The checked description of a saved model; cheap, as it reads no tensors.
+
+    Args:
+        directory: A model folder written by :func:`save_model`.
+
+    Returns:
+        ``model.json`` as a dict, once its fields and every file it names were checked.
+
+    Raises:
+        ValueError: One line naming the folder or file and what is wrong with it.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         problem = "is not a directory" if directory.exists() else "does not exist"
@@ -315,7 +340,17 @@ def _extra_files(info: Mapping[str, Any], path: Path) -> list[str]:
 
 
 def model_preprocessing(info: Mapping[str, Any]) -> Preprocessing:
-    """The test-time transform ``model.json`` (``info``) describes."""
+    """The test-time transform a saved model's description names.
+
+    Args:
+        info: ``model.json`` as :func:`read_model_info` returns it.
+
+    Returns:
+        The size, crop and interpolation the run's test images went through.
+
+    Raises:
+        ValueError: One line, if the description names no usable transform.
+    """
     size, crop, pct, mode = (info.get(k) for k in ("image_size", "test_crop", "crop_pct", "interpolation"))
     if (
         not isinstance(size, int)
@@ -333,8 +368,19 @@ def model_preprocessing(info: Mapping[str, Any]) -> Preprocessing:
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> SavedModel:
-    """The model saved in ``directory`` (:func:`save_model`), rebuilt with fedlorm's backbone and
-    LoRA layers, in eval mode on ``device``; a one-line ValueError if the folder is not usable."""
+    """Rebuild a saved model with fedlorm's backbone and LoRA layers, ready for inference.
+
+    Args:
+        directory: A model folder written by :func:`save_model`.
+        device: Where to put the model (default CPU).
+
+    Returns:
+        The model in eval mode, its class names in logit order, its test-time transform and
+        ``model.json``.
+
+    Raises:
+        ValueError: One line, if the folder is not a usable model folder.
+    """
     directory = Path(directory)
     info = read_model_info(directory)
     preprocessing = model_preprocessing(info)

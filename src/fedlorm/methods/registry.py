@@ -80,7 +80,14 @@ class Method:
     (e.g. a prompt pool): how ``model/`` stores that and how loading rebuilds it."""
 
     def adapted_tasks(self, cfg: RunConfig) -> int | None:
-        """The run's adapted-task limit: ``lorm.adapt_tasks`` if set, else the method's own."""
+        """The run's adapted-task limit.
+
+        Args:
+            cfg: The run's config.
+
+        Returns:
+            ``lorm.adapt_tasks`` if set, else the method's own limit; None: every task adapts.
+        """
         return cfg.lorm.adapt_tasks or self.adapt_tasks
 
     def task_parts(self, cfg: RunConfig, model: Backbone) -> TaskParts:

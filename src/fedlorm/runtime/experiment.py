@@ -220,7 +220,19 @@ def build_model(
 
 
 def effective_config(cfg: RunConfig) -> RunConfig:
-    """``cfg`` validated, as the run uses it (``joint``: one task of all classes, one client)."""
+    """The config as the run uses it, checked before any data loads.
+
+    Args:
+        cfg: The config as given.
+
+    Returns:
+        ``cfg`` with the method's own changes applied (e.g. ``joint``: one task of all classes on
+        one client).
+
+    Raises:
+        ConfigError: One line, if a value is out of range, the method unknown, or the method's parts
+            cannot run the combination asked for.
+    """
     validate_config(cfg)
     if cfg.method not in METHODS:
         raise ConfigError(
@@ -262,7 +274,21 @@ def build_data(cfg: RunConfig) -> RunData:
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
-    """Validate the config, then load data and build model and method (no training)."""
+    """Everything a run needs, built from its config: no training yet.
+
+    The config is checked first (:func:`effective_config`), so a bad combination fails before any
+    data loads; then the data, the class order and partitions, the model with its LoRA layers, and
+    the method's server and client are built.
+
+    Args:
+        cfg: The run's config.
+
+    Returns:
+        The experiment, with the config as the run uses it (``experiment.cfg``).
+
+    Raises:
+        ValueError: One line, if the config, the device, the data or the weights cannot be used.
+    """
     cfg = effective_config(cfg)
     device = _compute_device(cfg)
     data = build_data(cfg)
@@ -280,6 +306,19 @@ def build_experiment_without_data(
 
     Loads no dataset: ``train`` is empty and ``partitions`` is ``[]``; the scenario, class names
     and the evaluation set ``test`` (empty if None) come from the caller (e.g. a partition folder).
+
+    Args:
+        cfg: The run's config.
+        scenario: The run's class order and tasks.
+        class_names: The class names in logit order.
+        client_source: ``source(task, client)`` gives a client's share of a task.
+        test: The evaluation set; empty if None.
+
+    Returns:
+        The experiment.
+
+    Raises:
+        ValueError: One line, if the config, the device or the weights cannot be used.
     """
     cfg = effective_config(cfg)
     device = _compute_device(cfg)
