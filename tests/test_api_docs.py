@@ -1,6 +1,7 @@
 """The public API documents its parameters and what it returns: every public function and method of
-the merges, the adapters, the method base classes, the runtime entry points and export/inference
-has an ``Args:`` section naming each parameter, and a ``Returns:`` section unless it returns None."""
+the merges, the adapters, the method base classes, the runtime entry points, the run set-up and
+export/inference has an ``Args:`` section naming each parameter, and a ``Returns:`` section unless
+it returns None."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from fedlorm import adapters, export, inference, merging
+from fedlorm import adapters, export, inference, merging, run_setup
 from fedlorm.adapters import peft_io
 from fedlorm.methods import base, registry
 from fedlorm.runtime import experiment, simulator
@@ -25,6 +26,7 @@ MODULES = {
     experiment: ["build_experiment", "build_experiment_without_data", "effective_config"],
     export: ["save_model", "load_model", "read_model_info", "model_preprocessing"],
     inference: ["read_image", "predict_images", "evaluate_saved"],
+    run_setup: [name for name in run_setup.__all__ if name[0].islower() or name == "RunSetup"],
 }
 """Module → the public names whose documentation this file checks."""
 

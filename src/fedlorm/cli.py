@@ -29,7 +29,13 @@ from fedlorm.flower.cli import add_parser as add_flower_parser
 from fedlorm.flower.cli import run as run_flower
 from fedlorm.logs import add_logging_arguments, command_logging, log_level
 from fedlorm.presets import PRESETS, resolve_config
-from fedlorm.run_setup import MODEL_DIR, check_creatable, comparison_output, setup_from_args
+from fedlorm.run_setup import (
+    MODEL_DIR,
+    add_run_arguments,
+    check_creatable,
+    comparison_output,
+    setup_from_args,
+)
 
 __all__ = ["main"]
 
@@ -83,21 +89,10 @@ def _build_parser() -> argparse.ArgumentParser:
             "fedlorm run --resume runs/smoke",
         ],
     )
-    run.add_argument(
-        "--preset", help="Named configuration to start from; 'fedlorm presets' lists them (default: default)."
-    )
-    run.add_argument("--config", type=Path, help="TOML file applied on top of the preset.")
-    run.add_argument("--method", help="Federated method (default: lorm).")
-    run.add_argument("--seed", type=int, help="Seed of every random choice in the run (default: 0).")
-    run.add_argument(
-        "--out", type=Path, help="Output folder (default: runs/PRESET-METHOD-sSEED)."
-    )
-    run.add_argument("--overwrite", action="store_true", help="Replace the results already in --out.")
-    run.add_argument(
-        "--resume",
-        type=Path,
-        metavar="DIR",
-        help="Continue the interrupted run in DIR from its last completed step, with the config "
+    add_run_arguments(
+        run,
+        default_out="runs/PRESET-METHOD-sSEED",
+        resume_help="Continue the interrupted run in DIR from its last completed step, with the config "
         "stored in its checkpoint.",
     )
     run.add_argument("--quiet", action="store_true", help="Show no progress bar.")

@@ -35,6 +35,7 @@ __all__ = [
     "RUN_OUTPUTS",
     "Options",
     "RunSetup",
+    "add_run_arguments",
     "check_creatable",
     "check_output",
     "check_resume",
@@ -238,6 +239,12 @@ def check_resume(folder: Path, given: Mapping[str, bool], *, option: str = "--re
 def checkpointed_config(folder: Path) -> RunConfig:
     """The config of the run checkpointed in ``folder`` (read from its record, no tensors).
 
+    Args:
+        folder: The folder of the interrupted run.
+
+    Returns:
+        The config the run started with.
+
     Raises:
         ConfigError: If the checkpoint is missing or its config is damaged.
     """
@@ -253,6 +260,28 @@ def _effective(cfg: RunConfig) -> RunConfig:
     from fedlorm.runtime.experiment import effective_config  # imports torch: only once a run is asked for
 
     return effective_config(cfg)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, default_out: str, resume_help: str) -> None:
+    """Add the options :func:`setup_from_args` reads to a command that starts a run.
+
+    They are ``--preset``, ``--config``, ``--method``, ``--seed``, ``--out``, ``--overwrite`` and
+    ``--resume``; the command adds its ``key=value`` overrides itself, last.
+
+    Args:
+        parser: The command's parser.
+        default_out: The output folder used without ``--out``, as the help shows it.
+        resume_help: What ``--resume DIR`` does for this command, in a sentence.
+    """
+    parser.add_argument(
+        "--preset", help="Named configuration to start from; 'fedlorm presets' lists them (default: default)."
+    )
+    parser.add_argument("--config", type=Path, help="TOML file applied on top of the preset.")
+    parser.add_argument("--method", help="Federated method (default: lorm).")
+    parser.add_argument("--seed", type=int, help="Seed of every random choice in the run (default: 0).")
+    parser.add_argument("--out", type=Path, help=f"Output folder (default: {default_out}).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace the results already in --out.")
+    parser.add_argument("--resume", type=Path, metavar="DIR", help=resume_help)
 
 
 def setup_from_args(args: argparse.Namespace, *, prefix: str = "") -> RunSetup:
@@ -294,11 +323,21 @@ def setup_from_args(args: argparse.Namespace, *, prefix: str = "") -> RunSetup:
 
 
 def comparison_output(given: Path | None, presets: Sequence[str]) -> Path:
-    """The folder of ``fedlorm compare``: ``given``, or ``runs/compare-PRESET`` for one preset and
-    ``runs/compare-FIRST-and-N-more`` for several; checked to be creatable.
+    """The folder of ``fedlorm compare``, checked to be creatable.
 
     Finished runs in it are read back and interrupted ones resumed (:mod:`fedlorm.compare`), so an
     existing folder is no refusal.
+
+    Args:
+        given: ``--out``, or None.
+        presets: The presets compared.
+
+    Returns:
+        ``given``, or ``runs/compare-PRESET`` for one preset and ``runs/compare-FIRST-and-N-more``
+        for several.
+
+    Raises:
+        ConfigError: If the folder cannot be written or created.
     """
     name = presets[0] if len(presets) == 1 else f"{presets[0]}-and-{len(presets) - 1}-more"
     out = given or Path("runs") / f"compare-{name}"

@@ -37,7 +37,7 @@ from fedlorm.flower.settings import (
     to_toml,
 )
 from fedlorm.logs import add_logging_arguments
-from fedlorm.run_setup import setup_from_args
+from fedlorm.run_setup import add_run_arguments, setup_from_args
 
 __all__ = ["add_parser", "run"]
 
@@ -160,22 +160,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--preset", help="Named configuration to start from; 'fedlorm presets' lists them (default: default)."
-    )
-    parser.add_argument("--config", type=Path, help="TOML file applied on top of the preset.")
-    parser.add_argument("--method", help="Federated method (default: lorm).")
-    parser.add_argument("--seed", type=int, help="Seed of every random choice in the run (default: 0).")
-    parser.add_argument(
-        "--out", type=Path, help="Output folder (default: runs/flower-PRESET-METHOD-sSEED)."
-    )
-    parser.add_argument("--overwrite", action="store_true", help="Replace the results already in --out.")
-    parser.add_argument(
-        "--resume",
-        type=Path,
-        metavar="DIR",
-        help="Continue the run checkpointed in DIR after its ServerApp or SuperLink died, with the "
-        "config stored in the checkpoint.",
+    add_run_arguments(
+        parser,
+        default_out="runs/flower-PRESET-METHOD-sSEED",
+        resume_help="Continue the run checkpointed in DIR after its ServerApp or SuperLink died, with "
+        "the config stored in the checkpoint.",
     )
     parser.add_argument(
         "--min-clients",
