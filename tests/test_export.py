@@ -87,6 +87,7 @@ def _documented_snippet() -> str:
     return blocks[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lite0_run", "vit_run"])
 def test_timm_and_peft_alone_give_the_runs_logits(name, request, tmp_path):
     run: Run = request.getfixturevalue(name)

@@ -192,26 +192,52 @@ def test_check_output_accepts_an_empty_folder_and_a_missing_one(tmp_path):
 
 @pytest.mark.slow
 def test_plain_flwr_run_refuses_an_out_with_results_and_nothing_is_lost(tmp_path):
-    """The ServerApp started by ``flwr run`` on a simulation SuperLink (as a user would, with run-config
-    keys only): the run fails with the one line in its streamed log, and the folder keeps its bytes."""
+    """The ServerApp started by ``flwr run`` on a SuperLink (as a user would, with run-config keys
+    only): the run fails with the one line in its streamed log, and the folder keeps its bytes. No
+    SuperNode is needed: the ServerApp refuses before it sends anything."""
     pytest.importorskip("flwr")
     from fedlorm.flower import launch
 
     out = tmp_path / "out"
     before = _earlier_run(out)
     home, log = tmp_path / "flwr-home", tmp_path / "serverapp.log"
-    link, address = launch.start_superlink(home, simulation=True, log=tmp_path / "superlink.log")
+    link, address = launch.start_superlink(home, log=tmp_path / "superlink.log")
     try:
         launch.write_connection(home, "local", address)
         app = launch.write_app(tmp_path / "app")
         run_config = {"preset": "smoke", "out": str(out)}
-        launch.flwr_run(
-            app, "local", run_config, flwr_home=home, federation_config=["num-supernodes=2"], log=log,
-            timeout=300,
-        )
+        launch.flwr_run(app, "local", run_config, flwr_home=home, log=log, timeout=300)
     finally:
         link.stop()
     text = log.read_text()
     assert f"out {str(out)!r} already holds results" in text, text[-3000:]
     assert "set overwrite=true in the run config to replace them" in text
     assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["lorm.task_start=merged"],
+            "lorm.stats_model='reference' reproduces the authors' setup and needs "
+            "lorm.task_start='pretrained', got 'merged'",
+        ),
+        (
+            ["method=lorm-fsa", "lorm.head_merge=fedavg"],
+            "method 'lorm-fsa': tasks after the first 1 add their classes to the head through its "
+            "feature sums only; set lorm.head_merge = 'analytic' (now 'fedavg')",
+        ),
+    ],
+)
+def test_a_combination_the_methods_parts_cannot_run_is_refused_before_any_data_loads(
+    tmp_path, capsys, monkeypatch, overrides, message
+):
+    """The data root does not exist, so any data loading would fail with another message first."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    no_data = [f"data.root={tmp_path / 'no-data'}", "data.download=false"]
+    for command in (["run"], ["flower", "simulate"]):
+        out = tmp_path / "out"
+        assert main([*command, "--out", str(out), *TINY, *no_data, *overrides]) == 2
+        assert capsys.readouterr().err.strip() == f"fedlorm: error: {message}"
+        assert not out.exists() and not (tmp_path / "flwr-home").exists()
