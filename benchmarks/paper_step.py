@@ -83,8 +83,8 @@ def measure(preset: str, backbone: str, precision: str, device: torch.device, ba
     cfg.train.batch_size = cfg.train.eval_batch_size = batch
     dataset = cfg.data.datasets[0]
     model, layers = build_model(cfg, SPLITS[dataset][2], device)
-    server_cls, client_cls = METHODS["lorm"].server, METHODS["lorm"].client
-    server, client = server_cls(cfg, model, layers), client_cls(cfg, model, layers)
+    method = METHODS["lorm"]
+    server, client = method.build_server(cfg, model, layers), method.build_client(cfg, model, layers)
     classes = range(0, 10)
     server.start_task(0, classes, torch.Generator().manual_seed(0))
     instruction = next(iter(server.instructions(0, classes)))

@@ -43,7 +43,7 @@ from fedlorm.adapters import LoRALayer, inject_lora
 from fedlorm.backbones import Backbone, create_backbone
 from fedlorm.config import RunConfig, apply_overrides
 from fedlorm.fcl import make_scenario
-from fedlorm.methods import payload_bytes
+from fedlorm.methods import METHODS, payload_bytes
 from fedlorm.methods.base import Arrays, ReplySpec
 from fedlorm.methods.replies import Kind
 from fedlorm.methods.task_lora import TaskLoRAServer
@@ -107,7 +107,8 @@ def spec_bytes(spec: ReplySpec) -> int:
 
 def ours(cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer], classes: int) -> Traffic:
     """Drive a real TaskLoRAServer through the preset's steps; bytes per client per step."""
-    server = TaskLoRAServer(cfg, model, layers)
+    server = METHODS[cfg.method].build_server(cfg, model, layers)
+    assert isinstance(server, TaskLoRAServer)
     scenario = make_scenario(classes, cfg.scenario.tasks, "natural")
     rng, sums_rng = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     traffic = Traffic()

@@ -51,3 +51,12 @@ def tiny_config(*overrides: str) -> RunConfig:
 @pytest.fixture
 def tiny() -> RunConfig:
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def reference_run():
+    """``reference_run(cfg)``: the in-process run of ``cfg``, computed once per test session and shared
+    by every test that compares another runtime with it (tests/reference_runs.py)."""
+    from reference_runs import reference_run as run
+
+    return run

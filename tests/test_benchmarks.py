@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,6 +35,7 @@ def test_traffic_benchmark_quick_mode_runs_and_reports_both_protocols():
     assert float(row.split()[-1]) < 1e-6  # the broadcast's factors multiply out to the dense merge
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_quick_mode_runs_and_both_sides_agree():
     stdout = run_quick("train_step.py", "--threads", "1", timeout=600)
     row = next(line for line in stdout.splitlines() if line.startswith("vit_tiny_patch16_224"))

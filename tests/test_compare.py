@@ -311,6 +311,7 @@ def test_bad_compare_arguments_fail_in_one_line_before_running(tmp_path, capsys,
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_compare_cli_end_to_end_and_resume(tmp_path, capsys):
     argv = ["compare", "--methods", "lorm,ffa,joint", "--seeds", "0,1", "--out", str(tmp_path),
             "--quiet", *TINY, "train.rounds=1"]
@@ -384,6 +385,7 @@ def _fedlorm(*argv: str, kill_at: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_killed_compare_resumes_from_the_checkpoint_to_the_uninterrupted_numbers(tmp_path, capsys):
     small = ["--preset", "smoke", "--seeds", "0", "--quiet", "data.train_per_class=8",
              "data.test_per_class=5", "train.rounds=1", "train.threads=1"]

@@ -13,8 +13,7 @@ from fedlorm.config import (
     load_toml,
     validate_config,
 )
-from fedlorm.methods.registry import HEADS
-from fedlorm.methods.validation import check_method_config
+from fedlorm.methods.registry import HEADS, check_method_config
 from fedlorm.presets import PRESETS, preset_config
 
 

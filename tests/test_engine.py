@@ -20,7 +20,7 @@ from fedlorm.adapters import InputStatistics
 from fedlorm.config import ConfigError
 from fedlorm.fcl import summarize
 from fedlorm.methods import add_arrays
-from fedlorm.methods.common import HEAD
+from fedlorm.methods.arrays import HEAD
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.report import METRICS_FIELDS
 from fedlorm.runtime.simulator import run_simulation

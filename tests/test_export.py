@@ -29,11 +29,10 @@ from fedlorm.export import (
     HEAD_WEIGHTS,
     MODEL_JSON,
     PROJECTION_WEIGHTS,
-    PROMPT_WEIGHTS,
     load_model,
     save_model,
 )
-from fedlorm.methods.prompts import L2PServer
+from fedlorm.methods.prompts import PROMPT_WEIGHTS, L2PServer
 from fedlorm.methods.prompts.vit import plain_features
 from fedlorm.runtime.experiment import Experiment, build_experiment
 from fedlorm.runtime.report import save_run_model
@@ -41,8 +40,9 @@ from fedlorm.runtime.simulator import run_simulation
 
 pytest.importorskip("peft")
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-README_PATH = 'path = "runs/default-lorm-s0/model"'
+MODEL_DOC = Path(__file__).resolve().parents[1] / "docs" / "outputs.md"
+"""The page whose section "The model a run leaves" holds the timm + peft snippet this file runs."""
+SNIPPET_PATH = 'path = "runs/default-lorm-s0/model"'
 
 
 @dataclass
@@ -96,13 +96,14 @@ def vit_run(tmp_path_factory) -> Run:
     )
 
 
-def _readme_snippet() -> str:
-    section = README.read_text().split("## The model a run leaves", 1)[1].split("\n## ", 1)[0]
+def _documented_snippet() -> str:
+    section = MODEL_DOC.read_text().split("## The model a run leaves", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
-    assert len(blocks) == 1 and README_PATH in blocks[0]
+    assert len(blocks) == 1 and SNIPPET_PATH in blocks[0]
     return blocks[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lite0_run", "vit_run", "projected_run"])
 def test_timm_and_peft_alone_give_the_runs_logits(name, request, tmp_path):
     run: Run = request.getfixturevalue(name)
@@ -111,7 +112,7 @@ def test_timm_and_peft_alone_give_the_runs_logits(name, request, tmp_path):
         [
             "import sys, torch",
             f"x = torch.load({str(tmp_path / 'x.pt')!r})",
-            _readme_snippet().replace(README_PATH, f"path = {str(run.model_dir)!r}"),
+            _documented_snippet().replace(SNIPPET_PATH, f"path = {str(run.model_dir)!r}"),
             f"torch.save(logits.detach(), {str(tmp_path / 'logits.pt')!r})",
             "assert 'fedlorm' not in sys.modules, 'the snippet imported fedlorm'",
         ]

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, tiny_config
+from reference_runs import assert_equals_reference
 
 pytest.importorskip("flwr")
 
@@ -51,7 +52,6 @@ from fedlorm.runtime.engine import step_clients, step_plan
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.partitions import write_partitions
 from fedlorm.runtime.report import untimed
-from fedlorm.runtime.simulator import run_simulation
 from fedlorm.seeding import torch_generator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +187,7 @@ def test_core_imports_no_flower():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_the_wrapper_rejects_bad_input_before_starting_flower(tmp_path):
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
     command = [sys.executable, "-m", "fedlorm.flower"]
@@ -394,6 +395,7 @@ class _ServerCrashError(Exception):
     """Stands for the ServerApp's process dying (an in-process grid cannot SIGKILL the test)."""
 
 
+@pytest.mark.slow
 def test_a_flower_run_that_died_resumes_from_its_checkpoint_and_equals_an_uninterrupted_one(
     fault_setup, tmp_path
 ):
@@ -453,26 +455,15 @@ def test_resuming_a_flower_run_without_a_checkpoint_is_one_clear_error(fault_set
         )
 
 
-def _loopback_and_in_process(cfg, record, *, nodes, min_clients, out):
-    """``cfg`` run over the loopback grid (``record`` sees every message) and in process, as
-    (Flower experiment, its results, in-process experiment, its results)."""
+def _over_loopback(cfg, record, *, nodes, min_clients, out):
+    """``cfg`` run over the loopback grid (``record`` sees every message), as (experiment, results)."""
     run_config = run_config_for(cfg, FlowerSettings(out="", federated_eval=False))
     exp = build_experiment(cfg)
     settings = FlowerSettings(out=str(out), min_clients=min_clients, reply_timeout=30.0, federated_eval=False)
-    flower = run_federation(LoopbackGrid(run_config, range(nodes), record), exp, settings, out)
-    local_exp = build_experiment(cfg)
-    return exp, flower, local_exp, run_simulation(cfg, experiment=local_exp)
+    return exp, run_federation(LoopbackGrid(run_config, range(nodes), record), exp, settings, out)
 
 
-def _assert_same_server_state(exp, local_exp):
-    """The Flower run's server holds what the in-process run's does (float round-off apart)."""
-    merged, reference = exp.server.state_dict(), local_exp.server.state_dict()
-    assert merged.keys() == reference.keys()
-    for key, value in reference.items():
-        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
-
-
-def test_a_sampled_run_reaches_only_the_sampled_nodes_and_equals_the_in_process_run(tmp_path):
+def test_a_sampled_run_reaches_only_the_sampled_nodes_and_equals_the_in_process_run(tmp_path, reference_run):
     """``scenario.participation`` 0.5 over the loopback grid vs ``run_simulation`` (same seed).
 
     The loopback grid runs the real strategy, federation loop and ClientApp; only Flower's transport
@@ -487,9 +478,9 @@ def test_a_sampled_run_reaches_only_the_sampled_nodes_and_equals_the_in_process_
             reached.append((config["task"], config["round"], config["phase"], partition))
         return reply
 
-    exp, flower, local_exp, local = _loopback_and_in_process(
-        cfg, record, nodes=4, min_clients=2, out=tmp_path
-    )
+    exp, flower = _over_loopback(cfg, record, nodes=4, min_clients=2, out=tmp_path)
+    reference = reference_run(cfg)
+    local = reference.results
 
     expected = [
         (i.task, i.round, i.phase, k) for steps in step_plan(exp) for i in steps for k in step_clients(cfg, i)
@@ -500,19 +491,11 @@ def test_a_sampled_run_reaches_only_the_sampled_nodes_and_equals_the_in_process_
     assert len({tuple(s["asked"]) for s in train}) > 1
     assert all(s["merged"] == s["asked"] for s in flower["flower"]["steps"])
     assert flower["flower"]["dropped"] == []
-    assert flower["accuracy_matrix"] == local["accuracy_matrix"]
-
-    def rows(results):
-        return untimed(results["rounds"])
-
-    assert rows(flower) == rows(local)
     assert [r["clients"] for r in local["rounds"]] == [2, 2, 4] * 2
-    for key in ("upload_bytes", "download_bytes", "diagnostics"):
-        assert flower[key] == local[key], key
-    _assert_same_server_state(exp, local_exp)
+    assert_equals_reference(flower, exp.server.state_dict(), reference, exact_accuracy=True, traffic=True)
 
 
-def test_ewc_with_its_fisher_step_over_flower_equals_the_in_process_run(tmp_path):
+def test_ewc_with_its_fisher_step_over_flower_equals_the_in_process_run(tmp_path, reference_run):
     """``ewc`` (a ``fisher_stats`` step after task 0, then the anchor and Fisher in every broadcast)
     over the loopback grid vs ``run_simulation``: every node answers every step without an error
     reply, and accuracies, rows, bytes and the server state (Fisher and anchor included) agree."""
@@ -527,25 +510,20 @@ def test_ewc_with_its_fisher_step_over_flower_equals_the_in_process_run(tmp_path
             errors.append((partition, reply.error.reason))
         return reply
 
-    exp, flower, local_exp, local = _loopback_and_in_process(
-        cfg, record, nodes=3, min_clients=3, out=tmp_path
-    )
+    exp, flower = _over_loopback(cfg, record, nodes=3, min_clients=3, out=tmp_path)
+    reference = reference_run(cfg)
 
     assert errors == []
     assert [(t, k) for t, phase, k in steps if phase == "fisher_stats"] == [(0, 0), (0, 1), (0, 2)]
     assert flower["flower"]["dropped"] == []
     assert all(s["merged"] == s["asked"] == [0, 1, 2] for s in flower["flower"]["steps"])
-    assert flower["accuracy_matrix"] == local["accuracy_matrix"]
-    assert untimed(flower["rounds"]) == untimed(local["rounds"])
-    assert [r["phase"] for r in local["rounds"]] == ["train", "fisher_stats", "train"]
-    for key in ("upload_bytes", "download_bytes", "diagnostics"):
-        assert flower[key] == local[key], key
-    reference = local_exp.server.state_dict()
-    assert {p for p in (ANCHOR, FISHER) for key in reference if key.startswith(p)} == {ANCHOR, FISHER}
-    _assert_same_server_state(exp, local_exp)
+    assert [r["phase"] for r in reference.results["rounds"]] == ["train", "fisher_stats", "train"]
+    state = reference.server_state
+    assert {p for p in (ANCHOR, FISHER) for key in state if key.startswith(p)} == {ANCHOR, FISHER}
+    assert_equals_reference(flower, exp.server.state_dict(), reference, exact_accuracy=True, traffic=True)
 
 
-def test_a_projected_analytic_head_over_flower_equals_the_in_process_run(tmp_path):
+def test_a_projected_analytic_head_over_flower_equals_the_in_process_run(tmp_path, reference_run):
     """``lorm-fsa`` with ``lorm.head_projection`` over the loopback grid vs ``run_simulation``: each node
     derives the server's R from the seed alone (nothing carries it), the (M + 1)-wide head sums merge
     as in process, and accuracies, rows, bytes and the server state agree."""
@@ -561,20 +539,15 @@ def test_a_projected_analytic_head_over_flower_equals_the_in_process_run(tmp_pat
             errors.append((partition, reply.error.reason))
         return reply
 
-    exp, flower, local_exp, local = _loopback_and_in_process(
-        cfg, record, nodes=3, min_clients=3, out=tmp_path
-    )
+    exp, flower = _over_loopback(cfg, record, nodes=3, min_clients=3, out=tmp_path)
+    reference = reference_run(cfg)
 
     assert errors == [] and flower["flower"]["dropped"] == []
     assert not any("projection" in key for key in broadcast)
     (node_exp,) = client._CACHE.values()
     assert torch.equal(node_exp.model.projection.weight, exp.model.projection.weight)
     assert exp.server.state_dict()["analytic.gram"].shape == (49, 49)
-    assert flower["accuracy_matrix"] == local["accuracy_matrix"]
-    assert untimed(flower["rounds"]) == untimed(local["rounds"])
-    for key in ("upload_bytes", "download_bytes", "diagnostics"):
-        assert flower[key] == local[key], key
-    _assert_same_server_state(exp, local_exp)
+    assert_equals_reference(flower, exp.server.state_dict(), reference, exact_accuracy=True, traffic=True)
     saved = load_model(tmp_path / "model")
     assert saved.model.projection is not None and saved.model.projected_head is not None
 
@@ -597,12 +570,13 @@ def _no_datasets(tmp_path, cfg):
     return apply_overrides(cfg, [f"data.root={tmp_path / 'no-datasets-here'}", "data.download=false"])
 
 
-def test_a_run_over_partition_folders_loads_no_dataset_and_equals_the_in_process_run(tiny_parts, tmp_path):
+def test_a_run_over_partition_folders_loads_no_dataset_and_equals_the_in_process_run(
+    tiny_parts, tmp_path, reference_run
+):
     """The server reads a copy of server/ only; nodes 0 and 1 their own copied folder (``data-dir``),
     node 2 ``client-data/client-2`` (the simulation route). No process can load a dataset."""
     cfg = tiny_config(*PARTS_CFG)
-    local_exp = build_experiment(cfg)
-    local = run_simulation(cfg, experiment=local_exp)
+    reference = reference_run(cfg)
 
     own = {}
     for who in ("client-0", "client-1", "server"):
@@ -618,22 +592,14 @@ def test_a_run_over_partition_folders_loads_no_dataset_and_equals_the_in_process
         grid.contexts[NODE0 + k].node_config[clientapp.DATA_DIR] = str(own[f"client-{k}"])
     exp = serverapp.server_experiment(*settings_from_run_config(run_config))
     assert len(exp.train) == 0 and exp.partitions == []
-    assert exp.scenario == local_exp.scenario and exp.class_names == local_exp.class_names
+    assert exp.scenario == reference.scenario and exp.class_names == reference.class_names
     results = run_federation(grid, exp, settings, out)
 
     assert results["tasks_completed"] == 2 and results["flower"]["dropped"] == []
     assert [s["merged"] for s in results["flower"]["steps"]] == [[0, 1, 2]] * 4
     assert [e["partitions"] for e in results["flower"]["federated_evaluation"]] == [[0, 1, 2]] * 2
-    assert results["task_test_sizes"] == local["task_test_sizes"]
-    flat = [[v for row in r["accuracy_matrix"] for v in row] for r in (results, local)]
-    assert len(flat[0]) == len(flat[1]) == 3
-    assert np.allclose(flat[0], flat[1], rtol=0, atol=1e-6)
-
-    def rows(run):
-        return untimed(run["rounds"])
-
-    assert rows(results) == rows(local)
-    _assert_same_server_state(exp, local_exp)
+    assert [len(row) for row in results["accuracy_matrix"]] == [1, 2]
+    assert_equals_reference(results, exp.server.state_dict(), reference)
     assert (out / "results.json").exists() and load_model(out / "model").class_names == exp.class_names
 
 
@@ -759,7 +725,8 @@ def test_the_launchers_check_the_partitions_folder_up_front(tiny_parts, tmp_path
 SMOKE = ["train.threads=1"]
 
 
-def test_flower_simulation_equals_the_in_process_run(tmp_path):
+@pytest.mark.slow
+def test_flower_simulation_equals_the_in_process_run(tmp_path, reference_run):
     """``fedlorm flower simulate`` (SuperLink, Ray, 4 SuperNodes) vs ``run_simulation``; smoke, seed 0."""
     out = tmp_path / "flower"
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "HF_HUB_OFFLINE": "1"}
@@ -772,12 +739,9 @@ def test_flower_simulation_equals_the_in_process_run(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     flower = json.loads((out / "results.json").read_text())
 
-    started = time.perf_counter()
-    cfg = apply_overrides(preset_config("smoke"), SMOKE)
-    exp = build_experiment(cfg)
-    local = run_simulation(cfg, experiment=exp)
-    local_seconds = time.perf_counter() - started
-    print(f"smoke wall time: flower simulation {flower_seconds:.1f} s, in process {local_seconds:.1f} s")
+    reference = reference_run(apply_overrides(preset_config("smoke"), SMOKE))
+    local = reference.results
+    print(f"smoke wall time: flower simulation {flower_seconds:.1f} s, in process {reference.seconds:.1f} s")
 
     assert flower["flower"]["dropped"] == [] and flower["flower"]["clients_at_start"] == [0, 1, 2, 3]
     assert flower["flower"]["ignored_nodes"] == {}
@@ -787,24 +751,14 @@ def test_flower_simulation_equals_the_in_process_run(tmp_path):
         == [len(row) for row in local["accuracy_matrix"]]
         == [1, 2]
     )
-    flat = [[v for row in results["accuracy_matrix"] for v in row] for results in (flower, local)]
-    assert np.allclose(flat[0], flat[1], rtol=0, atol=1e-6)
     # Same files and rows as the simulator (timings aside): losses, accuracies, bytes, clients, rejections.
     assert set(flower) - set(local) == {"flower"} and set(local) <= set(flower)
     assert (flower["runtime"], local["runtime"]) == ("flower", "in-process")
-
-    def rows(results):
-        return untimed(results["rounds"])
-
-    assert rows(flower) == rows(local)
-    assert flower["diagnostics"] == local["diagnostics"] and flower["upload_bytes"] == local["upload_bytes"]
     assert flower["diverged"] is None and local["diverged"] is None
-    assert flower["download_bytes"] == local["download_bytes"] > 0
+    assert flower["download_bytes"] > 0
     merged = load_file(str(out / SERVER_STATE))
-    reference = exp.server.state_dict()
-    assert merged.keys() == reference.keys() and any(k.startswith("merged.") for k in merged)
-    for key, value in reference.items():
-        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+    assert any(k.startswith("merged.") for k in merged)
+    assert_equals_reference(flower, merged, reference, traffic=True)
     assert len(flower["flower"]["federated_evaluation"]) == 2
 
 

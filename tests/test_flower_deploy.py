@@ -18,16 +18,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("flwr")
 
 from conftest import tiny_config
+from reference_runs import ReferenceRun, assert_equals_reference
 from safetensors.torch import load_file
 
-from fedlorm.config import RunConfig, apply_overrides
+from fedlorm.config import apply_overrides
 from fedlorm.flower.federation import SERVER_STATE
 from fedlorm.flower.launch import (
     FlowerProcess,
@@ -38,10 +38,7 @@ from fedlorm.flower.launch import (
 )
 from fedlorm.flower.settings import FlowerSettings, run_config_for
 from fedlorm.presets import preset_config
-from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.partitions import write_partitions
-from fedlorm.runtime.report import untimed
-from fedlorm.runtime.simulator import run_simulation
 
 # One xdist worker runs them one after another: each starts four processes of its own, and two such
 # deployments side by side on a small machine slow each other past their reply timeouts.
@@ -133,7 +130,9 @@ def test_a_supernode_killed_mid_run_is_dropped_and_the_run_completes(loopback, t
     assert all(0.0 <= v <= 100.0 for row in results["accuracy_matrix"] for v in row)
 
 
-def test_a_deployed_run_sigkilled_at_the_superlink_resumes_and_equals_the_in_process_run(tmp_path):
+def test_a_deployed_run_sigkilled_at_the_superlink_resumes_and_equals_the_in_process_run(
+    tmp_path, reference_run
+):
     """The SuperLink (with its ServerApp) is SIGKILLed once the run's first task is checkpointed; a
     fresh SuperLink and SuperNodes, given ``resume``, finish the run with the uninterrupted numbers."""
     out = tmp_path / "out"
@@ -162,10 +161,13 @@ def test_a_deployed_run_sigkilled_at_the_superlink_resumes_and_equals_the_in_pro
     assert results["tasks_completed"] == 2 and not (out / "checkpoint.json").exists()
     assert [s["merged"] for s in results["flower"]["steps"]] == [[0, 1, 2]] * 4
     assert results["flower"]["dropped"] == []
-    _assert_equals_in_process(results, out, apply_overrides(preset_config("smoke"), OVERRIDES))
+    reference = reference_run(apply_overrides(preset_config("smoke"), OVERRIDES))
+    _assert_equals_in_process(results, out, reference)
 
 
-def test_a_deployed_secure_two_task_run_completes_and_equals_the_in_process_secure_run(loopback, tmp_path):
+def test_a_deployed_secure_two_task_run_completes_and_equals_the_in_process_secure_run(
+    loopback, tmp_path, reference_run
+):
     """secure.aggregation on real SuperNodes: every step is a SecAgg+ sum (several message rounds per
     step, the mod's keys kept in each node's context between them) and the run's numbers are the
     in-process secure run's. (Plain deployed runs are compared with in-process ones by the resume and
@@ -182,7 +184,7 @@ def test_a_deployed_secure_two_task_run_completes_and_equals_the_in_process_secu
     assert results["tasks_completed"] == 2, log.read_text()[-3000:]
     assert all(s["secure"] and s["merged"] == [0, 1, 2] for s in results["flower"]["steps"])
     assert len(results["flower"]["steps"]) == 4 and results["flower"]["dropped"] == []
-    _assert_equals_in_process(results, out, cfg)
+    _assert_equals_in_process(results, out, reference_run(cfg))
 
 
 def _checkpointed_step(out: Path) -> str | None:
@@ -193,7 +195,7 @@ def _checkpointed_step(out: Path) -> str | None:
         return None
 
 
-def test_deployed_nodes_reading_only_their_own_folders_equal_the_in_process_run(tmp_path):
+def test_deployed_nodes_reading_only_their_own_folders_equal_the_in_process_run(tmp_path, reference_run):
     """Tiny config, 2 tasks: SuperNode k holds only a copy of client-k/, the server only a copy of
     server/, and data.root names no folder, so no process could load a dataset."""
     cfg = tiny_config("train.threads=1", "train.rounds=1")
@@ -222,24 +224,14 @@ def test_deployed_nodes_reading_only_their_own_folders_equal_the_in_process_run(
     assert results["flower"]["ignored_nodes"] == {}
     assert [s["merged"] for s in results["flower"]["steps"]] == [[0, 1, 2]] * 4
 
-    _assert_equals_in_process(results, out, cfg)
+    _assert_equals_in_process(results, out, reference_run(cfg))
 
 
-def _assert_equals_in_process(results: dict, out: Path, cfg: RunConfig) -> None:
-    """The Flower run's accuracies (to 1e-6), metrics rows and merged server state equal those of the
-    in-process run of ``cfg``."""
-    exp = build_experiment(cfg)
-    local = run_simulation(cfg, experiment=exp)
-    flat = [[v for row in r["accuracy_matrix"] for v in row] for r in (results, local)]
-    assert len(flat[0]) == len(flat[1]) == 3
-    assert np.allclose(flat[0], flat[1], rtol=0, atol=1e-6)
-    assert results["task_test_sizes"] == local["task_test_sizes"]
-    strip = [untimed(x["rounds"]) for x in (results, local)]
-    assert strip[0] == strip[1]
-    merged = load_file(str(out / SERVER_STATE))
-    assert merged.keys() == exp.server.state_dict().keys()
-    for key, value in exp.server.state_dict().items():
-        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+def _assert_equals_in_process(results: dict, out: Path, reference: ReferenceRun) -> None:
+    """The deployed run (two tasks) equals the in-process run of its config: accuracies, metrics rows
+    and the merged server state it saved in ``out``."""
+    assert [len(row) for row in results["accuracy_matrix"]] == [1, 2]
+    assert_equals_reference(results, load_file(str(out / SERVER_STATE)), reference)
 
 
 def _completed_steps(path: Path) -> int:

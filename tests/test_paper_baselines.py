@@ -15,8 +15,8 @@ from fedlorm.adapters.peft_io import deployed_factors
 from fedlorm.compare import check_methods, plan_comparison
 from fedlorm.config import ConfigError, validate_config
 from fedlorm.methods import METHODS, add_arrays
+from fedlorm.methods.arrays import apply_arrays
 from fedlorm.methods.base import ClientData, Instruction
-from fedlorm.methods.common import apply_arrays
 from fedlorm.methods.cross_task.ties import TiesMerge, ties_merge
 from fedlorm.methods.heads.ccvr import (
     BATCH,

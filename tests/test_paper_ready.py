@@ -42,8 +42,8 @@ def _step(name: str, precision: str, backbone: str = "vit_base_patch16_224") -> 
         assert (layer.out_features, layer.in_features) == (d_out * width // 768, d_in * width // 768)
     assert float(model.head.weight.std()) == pytest.approx(0.02, rel=0.1)  # the reference's head
 
-    server_cls, client_cls = METHODS["lorm"].server, METHODS["lorm"].client
-    server, client = server_cls(cfg, model, layers), client_cls(cfg, model, layers)
+    method = METHODS["lorm"]
+    server, client = method.build_server(cfg, model, layers), method.build_client(cfg, model, layers)
     classes = range(0, 10)
     server.start_task(0, classes, torch.Generator().manual_seed(0))
     side = STORED.get(cfg.data.datasets[0], model.preprocessing.storage_size)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, tiny_config
+from reference_runs import assert_equals_reference
 from safetensors.torch import save_file
 
 from fedlorm.cli import main
@@ -78,16 +79,15 @@ def test_the_folders_hold_exactly_the_simulators_shares_and_evaluation_set(writt
     assert json.loads((written / SERVER / MANIFEST).read_text())["split"] == "test"
 
 
-def test_a_run_fed_from_the_folders_equals_the_normal_run(written):
+def test_a_run_fed_from_the_folders_equals_the_normal_run(written, reference_run):
     cfg = tiny_config()
-    normal = run_simulation(cfg, experiment=build_experiment(cfg))
     exp = build_experiment(cfg)
     exp.client_source = folder_source(written, cfg)
     exp.train = ClientData(exp.train.images[:0], exp.train.labels[:0])  # nothing left to fall back on
     exp.partitions = []
     from_folders = run_simulation(cfg, experiment=exp)
-    assert from_folders["accuracy_matrix"] == normal["accuracy_matrix"]
-    assert [r["train_loss"] for r in from_folders["rounds"]] == [r["train_loss"] for r in normal["rounds"]]
+    normal = reference_run(cfg)
+    assert_equals_reference(from_folders, exp.server.state_dict(), normal, exact_accuracy=True, traffic=True)
 
 
 @pytest.fixture

@@ -17,9 +17,10 @@ from PIL import Image
 from fedlorm.backbones import create_backbone
 from fedlorm.cli import main
 from fedlorm.config import ConfigError, apply_overrides, validate_config
-from fedlorm.export import MODEL_JSON, PROMPT_WEIGHTS, load_model
+from fedlorm.export import MODEL_JSON, load_model
 from fedlorm.methods import ClientData, Instruction, Phase, add_arrays, step_label
 from fedlorm.methods.prompts import (
+    PROMPT_WEIGHTS,
     CodaClient,
     CodaPool,
     CodaServer,

@@ -21,7 +21,7 @@ from conftest import tiny_config
 
 from fedlorm.config import ConfigError, RunConfig, apply_overrides, validate_config
 from fedlorm.methods import ClientData, Instruction, Phase, ewc, step_label
-from fedlorm.methods.common import apply_arrays
+from fedlorm.methods.arrays import apply_arrays
 from fedlorm.methods.ewc import (
     ANCHOR,
     FISHER,

@@ -74,6 +74,7 @@ def _stable_rows(out: Path) -> list[dict[str, str]]:
         return [{k: row[k] for k in STABLE} for row in csv.DictReader(handle)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kills",
     [
@@ -119,6 +120,7 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path, capsys, unint
         assert all(torch.equal(resumed_model[k], expected_model[k]) for k in resumed_model), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", ["task0.head", "task0.round-1"])
 def test_a_run_killed_after_the_analytic_head_step_resumes_under_its_label_or_the_old_one(
     tmp_path, capsys, label

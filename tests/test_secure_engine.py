@@ -12,6 +12,7 @@ import logging
 import pytest
 import torch
 from conftest import tiny_config
+from reference_runs import results_of
 
 pytest.importorskip("flwr")
 
@@ -86,14 +87,14 @@ def _relative(a, b):
 
 
 @pytest.fixture(scope="module")
-def plain_and_secure():
-    """The in-process run without and with secure aggregation (server states and results)."""
+def plain_and_secure(reference_run):
+    """The in-process run without and with secure aggregation (server states and results), from the
+    session's shared reference runs."""
     out = {}
     for on in ("false", "true"):
         cfg = tiny_config("train.threads=1", f"secure.aggregation={on}")
-        exp = build_experiment(cfg)
-        results = run_simulation(cfg, experiment=exp)
-        out[on] = (cfg, exp.server.state_dict(), results)
+        run = reference_run(cfg)
+        out[on] = (cfg, dict(run.server_state), results_of(run))
     return out
 
 

@@ -17,8 +17,8 @@ from torch import nn
 
 from fedlorm.adapters import LoRAConv2d, LoRALinear
 from fedlorm.config import RunConfig, apply_overrides
-from fedlorm.methods import Instruction, Kind, payload_bytes
-from fedlorm.methods.common import apply_arrays
+from fedlorm.methods import METHODS, Instruction, Kind, payload_bytes
+from fedlorm.methods.arrays import apply_arrays
 from fedlorm.methods.task_lora import TaskLoRAServer
 from fedlorm.presets import preset_config
 from fedlorm.runtime.experiment import build_experiment
@@ -40,7 +40,9 @@ class _Model(nn.Module):
 def _server(*overrides: str, d_out: int = D_OUT, d_in: int = D_IN) -> TaskLoRAServer:
     cfg = apply_overrides(RunConfig(), ["train.rounds=2", "model.scaling=0.5", *overrides])
     layers = {LAYER: LoRALinear(nn.Linear(d_in, d_out).double(), rank=RANK)}
-    return TaskLoRAServer(cfg, _Model(), layers)
+    server = METHODS[cfg.method].build_server(cfg, _Model(), layers)
+    assert isinstance(server, TaskLoRAServer)
+    return server
 
 
 def _sums(server: TaskLoRAServer, instruction: Instruction, generator: torch.Generator) -> dict:

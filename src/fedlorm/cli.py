@@ -3,7 +3,8 @@
 
 Bad input (unknown names, values out of range, missing data, an output directory that already holds
 results or cannot be created, a model folder or image that cannot be read) ends with one line on
-stderr and exit code 2, before anything is written.
+stderr and exit code 2, before anything is written. The help a terminal shows is written with the
+parsers below and laid out by :mod:`fedlorm.cli_help`; this docstring is not part of it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from fedlorm import __version__
+from fedlorm.cli_help import add_command, command_parser_options
 from fedlorm.config import (
     ConfigError,
     RunConfig,
@@ -25,15 +26,21 @@ from fedlorm.config import (
     load_toml,
     validate_config,
 )
+from fedlorm.flower.cli import add_parser as add_flower_parser
+from fedlorm.flower.cli import run as run_flower
 from fedlorm.logs import add_logging_arguments, command_logging, log_level
 from fedlorm.presets import PRESETS, config_sources, resolve_config
+from fedlorm.run_setup import (
+    MODEL_DIR,
+    add_run_arguments,
+    check_creatable,
+    comparison_output,
+    setup_from_args,
+)
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
-RESULT_FILES = ("results.json", "metrics.csv", "accuracy.png")
-CHECKPOINT = "checkpoint.json"  # fedlorm.runtime.checkpoint.CHECKPOINT_RECORD, without importing torch
-MODEL = "model"  # fedlorm.export.MODEL_DIR, without importing torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,107 +51,187 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fedlorm", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="fedlorm",
+        **command_parser_options(
+            """
+            Federated class-incremental learning with LoRA adapters and closed-form merges (LoRM,
+            ICLR 2025). Run one experiment, compare methods on the same scenarios and seeds, run
+            on Flower, or use the model a run left.
+
+            Bad input ends with one line on stderr and exit code 2, before anything is written.
+            Every command has its own help: fedlorm COMMAND --help.
+            """,
+            [
+                "fedlorm run --preset smoke --out runs/smoke",
+                "fedlorm compare --methods lorm,fedavg,ffa --seeds 0,1,2 --out runs/cmp",
+                "fedlorm flower simulate --preset smoke",
+            ],
+        ),
+    )
     parser.add_argument("--version", action="version", version=f"fedlorm {__version__}")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-    run = sub.add_parser("run", help="run one federated class-incremental experiment")
-    run.add_argument(
-        "--preset", help="named configuration (see `fedlorm presets`; default: default)"
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    run = add_command(
+        sub,
+        "run",
+        summary="Run one federated class-incremental experiment.",
+        description="""
+            Run one experiment in this process and write results.json, metrics.csv,
+            accuracy.png and the deployed model (model/) to the output folder. The config is a
+            preset, then a TOML file, then key=value overrides, each on top of the one before.
+
+            The run checkpoints its folder after every step: an interrupted run continues with
+            --resume. A folder that already holds results is refused unless --overwrite is given.
+            """,
+        examples=[
+            "fedlorm run",
+            "fedlorm run --preset smoke --out runs/smoke",
+            "fedlorm run --method fedavg --seed 1 train.rounds=6 model.rank=8",
+            "fedlorm run --resume runs/smoke",
+        ],
     )
-    run.add_argument("--config", type=Path, help="TOML file applied on top of the preset")
-    run.add_argument("--method", help="federated method (default: lorm)")
-    run.add_argument("--seed", type=int, help="seed of every random choice in the run")
-    run.add_argument(
-        "--out", type=Path, help="output directory (default: runs/PRESET-METHOD-sSEED)"
+    add_run_arguments(
+        run,
+        default_out="runs/PRESET-METHOD-sSEED",
+        resume_help="Continue the interrupted run in DIR from its last completed step, with the config "
+        "stored in its checkpoint.",
     )
-    run.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    run.add_argument(
-        "--resume",
-        type=Path,
-        metavar="DIR",
-        help="continue the interrupted run in DIR from its last completed round (config from DIR)",
-    )
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true", help="Show no progress bar.")
     add_logging_arguments(run)
     run.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5"
+        "overrides", nargs="*", metavar="key=value", help="Config overrides, e.g. train.rounds=5."
     )
-    compare = sub.add_parser(
-        "compare", help="run several methods on the same scenarios and seeds; table and plot"
+    compare = add_command(
+        sub,
+        "compare",
+        summary="Run several methods on the same scenarios and seeds, with a table and a plot.",
+        description="""
+            Run every method with every seed on the same class order and client partitions, then
+            write comparison.md, comparison.csv and comparison.png. Each run keeps its own folder
+            OUT/METHOD/sSEED; finished runs of the same config are read back and interrupted ones
+            continue from their checkpoints, so running the same command again resumes it.
+
+            With several presets, each is compared in OUT/PRESET and a combined table is written
+            to OUT.
+            """,
+        examples=[
+            "fedlorm compare --methods lorm,fedavg,ffa,head-only,joint --seeds 0,1,2 --out runs/cmp",
+            "fedlorm compare --methods lorm,fedavg --preset smoke lorm:train.lr=1e-3",
+        ],
     )
     compare.add_argument(
-        "--methods", required=True, help="comma-separated methods, e.g. lorm,fedavg,ffa,joint"
+        "--methods", required=True, help="Comma-separated methods, e.g. lorm,fedavg,ffa,joint."
     )
-    compare.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    compare.add_argument("--seeds", default="0", help="Comma-separated seeds (default: 0).")
     compare.add_argument(
         "--preset",
         default="default",
-        help="named configuration, or a comma-separated list of them, each compared in OUT/PRESET "
-        "(see `fedlorm presets`)",
+        help="Named configuration, or a comma-separated list of them, each compared in OUT/PRESET "
+        "(default: default).",
     )
-    compare.add_argument("--config", type=Path, help="TOML file applied on top of every preset")
+    compare.add_argument("--config", type=Path, help="TOML file applied on top of every preset.")
     compare.add_argument(
-        "--out", type=Path, help="output directory (default: runs/compare-PRESET, or "
-        "runs/compare-FIRST-and-N-more for several presets); finished runs in it are reused and "
-        "interrupted ones resumed from their checkpoints"
+        "--out",
+        type=Path,
+        help="Output folder (default: runs/compare-PRESET, or runs/compare-FIRST-and-N-more for "
+        "several presets).",
     )
-    compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    compare.add_argument("--quiet", action="store_true", help="Show no progress bars.")
     add_logging_arguments(compare)
     compare.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5; "
-        "METHOD:key=value for one method only, e.g. lorm:train.lr=1e-3"
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="Config overrides for every run, e.g. train.rounds=5; METHOD:key=value applies to one "
+        "method only, e.g. lorm:train.lr=1e-3.",
     )
-    partition = sub.add_parser(
+    partition = add_command(
+        sub,
         "partition",
-        help="write each client's share of every task, and the server's evaluation set, to its own "
-        "folder (see docs/partitions.md)",
+        summary="Write each client's share of every task, and the server's evaluation set, to folders.",
+        description="""
+            Draw the run's seeded split of the data across clients, exactly as a run would, and
+            write each client's share of every task to DIR/client-K and the evaluation set to
+            DIR/server. A Flower node given one of these folders reads no dataset. The format is
+            described in docs/partitions.md.
+            """,
+        examples=[
+            "fedlorm partition --preset smoke --seed 0 --out parts/smoke",
+            "fedlorm partition --out parts/four scenario.num_clients=4",
+        ],
     )
-    partition.add_argument("--preset", help="named configuration (default: default)")
-    partition.add_argument("--config", type=Path, help="TOML file applied on top of the preset")
-    partition.add_argument("--seed", type=int, help="seed of the run the folders are for")
+    partition.add_argument("--preset", help="Named configuration to start from (default: default).")
+    partition.add_argument("--config", type=Path, help="TOML file applied on top of the preset.")
+    partition.add_argument("--seed", type=int, help="Seed of the run the folders are for (default: 0).")
     partition.add_argument(
-        "--out", type=Path, required=True, metavar="DIR", help="writes DIR/client-K/ and DIR/server/"
+        "--out", type=Path, required=True, metavar="DIR", help="Folder to write client-K/ and server/ to."
     )
     partition.add_argument(
-        "--overwrite", action="store_true", help="replace the partition folders already in DIR"
+        "--overwrite", action="store_true", help="Replace partition folders already in DIR."
     )
     add_logging_arguments(partition)
     partition.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. scenario.num_clients=4"
+        "overrides", nargs="*", metavar="key=value", help="Config overrides, e.g. scenario.num_clients=4."
     )
-    presets = sub.add_parser(
+    presets = add_command(
+        sub,
         "presets",
-        help="list the presets, or show one preset's settings and where each comes from",
-        description="Without a name, list every preset with its validated per-method settings. "
-        "With a name, show every setting of that preset's run that differs from the config "
-        "default, and where it comes from. Example: fedlorm presets headroom --method lorm-fsa",
+        summary="List the named configurations, or show one and where each of its settings comes from.",
+        description="""
+            Without a name, list every preset with a one-line description (the built-in offline
+            benchmark, a quick smoke run, the paper's settings) and the settings chosen for each
+            method on the preset's own validation split. With a name, show every setting of a run
+            of that preset that differs from the config's default, and whether it comes from the
+            preset, its validated table or the method.
+            """,
+        examples=["fedlorm presets", "fedlorm presets headroom --method lorm-fsa"],
     )
-    presets.add_argument("name", nargs="?", help="a preset to show in full")
-    presets.add_argument("--method", help="the method whose validated settings to show (default: lorm)")
+    presets.add_argument("name", nargs="?", help="A preset to show in full.")
+    presets.add_argument(
+        "--method", help="The method whose validated settings to show with a name (default: lorm)."
+    )
     add_logging_arguments(presets)
-    predict = sub.add_parser("predict", help="the top classes of image files under a run's model")
+    predict = add_command(
+        sub,
+        "predict",
+        summary="Show the top classes of image files under the model a run left.",
+        description="""
+            Load the model/ folder of a finished run and print, for each image, its most likely
+            classes with their probabilities. Images are resized or cropped as the run's test
+            images were.
+            """,
+        examples=["fedlorm predict --model runs/default-lorm-s0/model shoe.png --top 3"],
+    )
     _add_model_argument(predict)
     predict.add_argument(
-        "--top", type=int, default=5, metavar="K", help="classes shown per image (default: 5)"
+        "--top", type=int, default=5, metavar="K", help="Classes shown per image (default: 5)."
     )
     add_logging_arguments(predict)
-    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format)")
-    evaluate = sub.add_parser(
-        "evaluate", help="class-IL accuracy of a run's model on a dataset's test split"
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="Image files in any format PIL reads.")
+    evaluate = add_command(
+        sub,
+        "evaluate",
+        summary="Measure the class-incremental accuracy of a run's model on a test split.",
+        description="""
+            Load the model/ folder of a finished run and measure its accuracy over every class it
+            has seen, with no task id, on the test split of the run's own data settings, or of
+            --preset and the overrides given.
+            """,
+        examples=[
+            "fedlorm evaluate --model runs/default-lorm-s0/model",
+            "fedlorm evaluate --model runs/default-lorm-s0/model data.test_per_class=50",
+        ],
     )
     _add_model_argument(evaluate)
     evaluate.add_argument(
-        "--preset", help="take the data settings from this preset (default: the run's config)"
+        "--preset", help="Take the data settings from this preset instead of the run's own config."
     )
-    evaluate.add_argument("--config", type=Path, help="TOML file applied on top of that config")
+    evaluate.add_argument("--config", type=Path, help="TOML file applied on top of that config.")
     add_logging_arguments(evaluate)
     evaluate.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.test_per_class=50"
+        "overrides", nargs="*", metavar="key=value", help="Config overrides, e.g. data.test_per_class=50."
     )
-    # The Flower commands; importing their parser pulls in neither flwr nor torch.
-    from fedlorm.flower.cli import add_parser as add_flower_parser
-
-    add_flower_parser(sub)
+    add_flower_parser(sub)  # imports neither flwr nor torch
     return parser
 
 
@@ -154,111 +241,30 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
         type=Path,
         required=True,
         metavar="DIR",
-        help="the model/ folder a finished run wrote, e.g. runs/default-lorm-s0/model",
+        help="The model/ folder a finished run wrote, e.g. runs/default-lorm-s0/model.",
     )
-
-
-def _creatable_dir(option: str, path: Path) -> None:
-    """A one-line error naming ``path`` unless it is a writable directory or can be created as one."""
-    if path.exists():
-        if not path.is_dir():
-            raise ConfigError(f"{option} {str(path)!r} exists and is not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"{option} {str(path)!r} is not writable")
-        return
-    parent = next(p for p in path.absolute().parents if p.exists())
-    if not parent.is_dir():
-        raise ConfigError(
-            f"{option} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a directory"
-        )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {str(path)!r} cannot be created: {str(parent)!r} is not writable")
-
-
-def _run_config(args: argparse.Namespace) -> RunConfig:
-    return resolve_config(
-        args.preset or "default", args.config, args.overrides, method=args.method, seed=args.seed
-    )
-
-
-def _output_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
-    from fedlorm.runtime.checkpoint import load_record
-
-    out = args.out or Path("runs") / f"{args.preset or 'default'}-{cfg.method}-s{cfg.seed}"
-    _creatable_dir("--out", out)
-    if (out / CHECKPOINT).exists() and not args.overwrite:
-        try:
-            step = load_record(out).get("completed_step", "?")
-        except ValueError:
-            step = "unknown: its checkpoint is unreadable"
-        raise ConfigError(
-            f"--out {str(out)!r} holds an unfinished run (last completed step {step}); "
-            f"pass --resume {str(out)!r} to continue it or --overwrite to start over"
-        )
-    existing = [name for name in (*RESULT_FILES, MODEL) if (out / name).exists()]
-    if existing and not args.overwrite:
-        raise ConfigError(
-            f"--out {str(out)!r} already holds results ({', '.join(existing)}); "
-            "pass --overwrite to replace them or choose another --out"
-        )
-    return out
-
-
-def resume_dir(args: argparse.Namespace) -> Path:
-    """``--resume``'s directory, holding a readable checkpoint; options that would change the
-    checkpointed run are errors (ConfigError / CheckpointError, one line). ``fedlorm run`` and
-    ``fedlorm flower`` share it."""
-    from fedlorm.runtime.checkpoint import load_record
-
-    given = {
-        "--preset": args.preset is not None,
-        "--config": args.config is not None,
-        "--method": args.method is not None,
-        "--seed": args.seed is not None,
-        "--out": args.out is not None,
-        "--overwrite": args.overwrite,
-        "key=value overrides": bool(args.overrides),
-    }
-    clash = [name for name, present in given.items() if present]
-    if clash:
-        raise ConfigError(
-            f"--resume takes the run's config and directory from its checkpoint; drop {', '.join(clash)}"
-        )
-    out = args.resume
-    if not out.is_dir():
-        raise ConfigError(f"--resume {str(out)!r} is not a directory")
-    _creatable_dir("--resume", out)
-    load_record(out)  # a missing or unreadable checkpoint fails here, before any heavy work
-    return out
 
 
 def _command_run(args: argparse.Namespace) -> int:
     # Heavy imports (torch, timm) only once the arguments are known to be sane.
     from fedlorm.results import summary_table
-    from fedlorm.runtime.checkpoint import remove_checkpoint
     from fedlorm.runtime.experiment import build_experiment
     from fedlorm.runtime.simulator import resume_simulation, run_simulation
 
-    if args.resume is not None:
-        out = resume_dir(args)
+    setup = setup_from_args(args)
+    out = setup.out
+    if setup.resume:
         results = resume_simulation(out, progress=not args.quiet)
         print(summary_table(results))
         print(f"results: {out / 'results.json'}")
         return 0
-    cfg = _run_config(args)
-    out = _output_dir(args, cfg)
-    experiment = build_experiment(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_checkpoint(out)
-    for name in RESULT_FILES:
-        (out / name).unlink(missing_ok=True)
-    if (out / MODEL).is_dir():
-        shutil.rmtree(out / MODEL)
-    results = run_simulation(cfg, out, progress=not args.quiet, experiment=experiment)
+    experiment = build_experiment(setup.cfg)
+    setup.prepare()
+    results = run_simulation(setup.cfg, out, progress=not args.quiet, experiment=experiment)
     print(summary_table(results))
     print(
         f"results: {out / 'results.json'}  metrics: {out / 'metrics.csv'}  plot: {out / 'accuracy.png'}"
-        f"  model: {out / MODEL}"
+        f"  model: {out / MODEL_DIR}"
     )
     return 0
 
@@ -282,14 +288,6 @@ def _preset_base(preset: str, config: Path | None, overrides: Sequence[str], met
     return resolve_config(preset, config, overrides, method=method)
 
 
-def _compare_out(args: argparse.Namespace, presets: Sequence[str]) -> Path:
-    """``--out``, or runs/compare-PRESET (one preset), runs/compare-FIRST-and-N-more (several)."""
-    name = presets[0] if len(presets) == 1 else f"{presets[0]}-and-{len(presets) - 1}-more"
-    out = args.out or Path("runs") / f"compare-{name}"
-    _creatable_dir("--out", out)
-    return out
-
-
 def _command_compare(args: argparse.Namespace) -> int:
     from fedlorm.compare import check_methods, check_presets, run_comparisons, split_method_overrides
     from fedlorm.runtime.simulator import resume_simulation, run_simulation
@@ -299,7 +297,7 @@ def _command_compare(args: argparse.Namespace) -> int:
     presets = check_presets(_names(args.preset))
     common, own = split_method_overrides(args.overrides, methods)
     bases = {name: functools.partial(_preset_base, name, args.config, common) for name in presets}
-    out = _compare_out(args, presets)
+    out = comparison_output(args.out, presets)
 
     def run(run_cfg: RunConfig, run_dir: Path) -> dict:
         print(f"{run_cfg.method}, seed {run_cfg.seed} → {run_dir}", flush=True)
@@ -412,7 +410,7 @@ def _command_evaluate(args: argparse.Namespace) -> int:
 
 def _command_partition(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.preset or "default", args.config, args.overrides, seed=args.seed)
-    _creatable_dir("--out", args.out)
+    check_creatable("--out", args.out)
     from fedlorm.data.partition_store import check_output
 
     check_output(args.out, args.overwrite)  # before the datasets are loaded
@@ -459,8 +457,6 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "compare":
         return _command_compare(args)
     if args.command == "flower":
-        from fedlorm.flower.cli import run as run_flower
-
         return run_flower(args)
     if args.command == "partition":
         return _command_partition(args)

@@ -31,7 +31,8 @@ from fedlorm.config import (
 from fedlorm.methods import METHODS
 from fedlorm.presets import PRESETS, published_accuracy
 from fedlorm.results import plot_comparison
-from fedlorm.runtime.checkpoint import CheckpointError, find_checkpoint, load_record, remove_checkpoint
+from fedlorm.run_setup import clear_output
+from fedlorm.runtime.checkpoint import CheckpointError, find_checkpoint, load_record
 
 __all__ = [
     "MethodSummary",
@@ -55,7 +56,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RUN_FILES = ("results.json", "metrics.csv", "accuracy.png")
 PUBLISHED_METHOD = "lorm"
 """The method whose rows show the paper's published accuracy (the paper reports LoRM's)."""
 
@@ -249,9 +249,7 @@ def _run_one(planned: PlannedRun, run: Runner, resume: Runner | None) -> dict[st
         return resume(cfg, run_dir)
     logger.info("running %s, seed %d → %s", method, seed, run_dir)
     created = _make_dirs(run_dir)
-    remove_checkpoint(run_dir)
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
+    clear_output(run_dir)
     try:
         return run(cfg, run_dir)
     except BaseException:

@@ -15,10 +15,10 @@ read back with fedlorm's own modules for ``fedlorm predict`` and ``fedlorm evalu
   the class names in logit order, and the config and seed of the run;
 - ``base_model.safetensors``: the encoder's frozen weights in timm's key names, unless timm can
   fetch them by name (``model.weights=pretrained`` on a timm hub model);
-- ``prompts.safetensors`` (prompt methods only): the rows in use of every array of the prompt pool,
-  under the pool's array names; ``model.json``'s ``prompts`` names the file and the task whose layout
-  the pool had, and the method and ``config`` say how to rebuild the pool. timm and peft alone do
-  not apply the prompts: only :func:`load_model` gives the prompted model.
+- whatever else a method's deployed model holds, written by the method's export hook
+  (:class:`fedlorm.methods.extras.ModelExtra`) and described under its own ``model.json`` key, e.g.
+  the prompt methods' ``prompts.safetensors``. timm and peft alone do not apply such an extra: only
+  :func:`load_model` gives the whole model.
 
 A model without LoRA layers has no peft files (``"peft_adapter": false`` in ``model.json``).
 """
@@ -46,8 +46,7 @@ from fedlorm.backbones import DEFAULT_BACKBONE, ENCODER, Backbone, create_backbo
 from fedlorm.config import RunConfig, config_from_plain, config_to_dict
 from fedlorm.data import Preprocessing
 from fedlorm.methods import METHODS
-from fedlorm.methods.prompts import PREFIX, PromptPool, PromptServer, attach_pool, model_pool
-from fedlorm.methods.prompts.vit import vit_encoder
+from fedlorm.methods.extras import ModelExtra
 from fedlorm.projection import RandomFeatures, activation_from_module_name
 
 __all__ = [
@@ -56,7 +55,6 @@ __all__ = [
     "MODEL_DIR",
     "MODEL_JSON",
     "PROJECTION_WEIGHTS",
-    "PROMPT_WEIGHTS",
     "SavedModel",
     "base_state_dict",
     "load_model",
@@ -71,9 +69,8 @@ MODEL_DIR = "model"
 """The folder a finished run writes its model to, inside the run's output directory."""
 MODEL_JSON = "model.json"
 HEAD_WEIGHTS = "head.safetensors"
-PROJECTION_WEIGHTS = "projection.safetensors"
 BASE_WEIGHTS = "base_model.safetensors"
-PROMPT_WEIGHTS = "prompts.safetensors"
+PROJECTION_WEIGHTS = "projection.safetensors"
 FORMAT = "fedlorm-model"
 FORMAT_VERSION = 1
 PROJECTED_FORMAT_VERSION = 2
@@ -150,10 +147,25 @@ def save_model(
     cfg: RunConfig,
 ) -> Path:
     """Write ``model`` as it computes now (a run first loads its server's deployed model into it,
-    ``Server.deploy``), its prompt pool included, to ``directory``.
+    ``Server.deploy``) to ``directory``, with whatever extra its method's export hook writes.
 
     The folder is written beside ``directory`` and renamed into place, replacing an earlier one, so
-    a reader never sees half a model. Returns ``directory``.
+    a reader never sees half a model.
+
+    Args:
+        directory: The model folder to write, e.g. ``runs/NAME/model``.
+        model: The model, with the deployed model loaded into it.
+        layers: Its LoRA layers, all inside the encoder.
+        class_names: The class names in logit order, one per head row.
+        cfg: The run's config; it names the method (whose export hook writes any extra) and is
+            recorded in ``model.json``.
+
+    Returns:
+        ``directory``.
+
+    Raises:
+        ValueError: One line, if a layer lies outside the encoder, the class names do not fit the
+            head, or the model carries an extra its method does not rebuild.
     """
     directory = Path(directory)
     outside = [name for name in layers if not name.startswith(ENCODER + ".")]
@@ -163,9 +175,7 @@ def save_model(
         raise ValueError(
             f"{len(class_names)} class names for a head of {model.num_classes} classes"
         )
-    pool = model_pool(model)
-    if pool is not None:
-        _check_exportable_pool(pool, cfg.method)
+    extra = _check_extras(model, cfg.method)
     tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
@@ -180,6 +190,8 @@ def save_model(
         if copies:
             save_file(base_state_dict(model, layers), str(tmp / BASE_WEIGHTS))
         info = _model_info(model, class_names, cfg, BASE_WEIGHTS if copies else None)
+        if not layers:
+            info["peft_adapter"] = False
         if model.projected_head is not None:
             assert model.projection is not None  # set_projected_head refuses a head without one
             save_file({"weight": model.projection.weight.detach().cpu().contiguous().clone()},
@@ -189,13 +201,10 @@ def save_model(
                 "weights": PROJECTION_WEIGHTS,
                 "activation": type(model.projection.activation).__name__,
             }
-        if not layers:
-            info["peft_adapter"] = False
-        if pool is not None:
-            rows = {name: array[: pool.active] for name, array in pool.arrays.items()}
-            save_file({k: v.detach().cpu().contiguous().clone() for k, v in rows.items()},
-                      str(tmp / PROMPT_WEIGHTS))
-            info["prompts"] = {"weights": PROMPT_WEIGHTS, "task": pool.task}
+        if extra is not None:
+            entry = extra.save(model, tmp)
+            if entry is not None:
+                info[extra.key] = entry
         (tmp / MODEL_JSON).write_text(json.dumps(info, indent=2, allow_nan=False) + "\n")
         _replace(tmp, directory)
     except BaseException:
@@ -205,20 +214,29 @@ def save_model(
     return directory
 
 
-def _prompt_pool_type(method: object) -> type[PromptPool] | None:
-    """The pool class the server of ``method`` (a method name) attaches; None for any other method."""
+def _method_extra(method: object) -> ModelExtra | None:
+    """The export hook of ``method`` (a method name), or None: its model is backbone, adapters, head."""
     entry = METHODS.get(method) if isinstance(method, str) else None
-    if entry is None or not issubclass(entry.server, PromptServer):
-        return None
-    return entry.server.pool_type
+    return None if entry is None else entry.model_extra
 
 
-def _check_exportable_pool(pool: PromptPool, method: str) -> None:
-    """ValueError unless ``pool`` is loaded and is the pool ``method`` rebuilds on loading."""
-    if pool.task is None:
-        raise ValueError("the model's prompt pool holds no prompts: deploy the server's model into it first")
-    if _prompt_pool_type(method) is not type(pool):
-        raise ValueError(f"the model carries a {type(pool).__name__}; method {method!r} does not rebuild one")
+def _every_extra() -> list[ModelExtra]:
+    """The export hook of every registered method that has one."""
+    return [m.model_extra for m in METHODS.values() if m.model_extra is not None]
+
+
+def _check_extras(model: Backbone, method: str) -> ModelExtra | None:
+    """``method``'s export hook, once it accepted what ``model`` carries; ValueError (one line) if
+    ``model`` carries an extra that ``method`` would not rebuild."""
+    extra = _method_extra(method)
+    if extra is not None:
+        extra.check(model, method)
+        return extra
+    for other in _every_extra():
+        carried = other.carried_by(model)
+        if carried is not None:
+            raise ValueError(f"the model carries a {carried}; method {method!r} does not rebuild one")
+    return None
 
 
 def _model_info(
@@ -265,7 +283,17 @@ def _replace(tmp: Path, directory: Path) -> None:
 
 
 def read_model_info(directory: str | Path) -> dict[str, Any]:
-    """``model.json`` of a saved model, checked, with every file it needs present (cheap: no tensors)."""
+    """The checked description of a saved model; cheap, as it reads no tensors.
+
+    Args:
+        directory: A model folder written by :func:`save_model`.
+
+    Returns:
+        ``model.json`` as a dict, once its fields and every file it names were checked.
+
+    Raises:
+        ValueError: One line naming the folder or file and what is wrong with it.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         problem = "is not a directory" if directory.exists() else "does not exist"
@@ -300,14 +328,12 @@ def read_model_info(directory: str | Path) -> dict[str, Any]:
     adapter = info.get("peft_adapter", True)
     if not isinstance(adapter, bool):
         raise ValueError(f"{str(path)!r}: peft_adapter must be true or false, got {adapter!r}")
-    prompts = _prompt_weights(info, path)
-    projection = _projection_weights(info, path)
     needed = [
         *([ADAPTER_WEIGHTS, ADAPTER_CONFIG] if adapter else []),
         HEAD_WEIGHTS,
         *([base] if base else []),
-        *([prompts] if prompts else []),
-        *([projection] if projection else []),
+        *_extra_files(info, path),
+        *filter(None, [_projection_weights(info, path)]),
     ]
     missing = [name for name in needed if not (directory / str(name)).is_file()]
     if missing:
@@ -315,24 +341,23 @@ def read_model_info(directory: str | Path) -> dict[str, Any]:
     return info
 
 
-def _prompt_weights(info: Mapping[str, Any], path: Path) -> str | None:
-    """The prompt file ``model.json`` (``info``, read from ``path``) names, checked; None: no prompts."""
-    prompts = info.get("prompts")
-    if prompts is None:
-        return None
-    fields = prompts if isinstance(prompts, dict) else {}
-    weights, task = fields.get("weights"), fields.get("task")
-    if not isinstance(weights, str) or Path(weights).name != weights or type(task) is not int or task < 0:
-        raise ValueError(
-            f"{str(path)!r}: prompts must name a file in the folder and a task index, got {prompts!r}"
+def _extra_files(info: Mapping[str, Any], path: Path) -> list[str]:
+    """The files of the extra ``model.json`` (``info``, read from ``path``) describes, checked by the
+    run's method's export hook; ValueError (one line) if an extra's method cannot rebuild it."""
+    method, extra = info.get("method"), _method_extra(info.get("method"))
+    for other in _every_extra():
+        if info.get(other.key) is None or (extra is not None and extra.key == other.key):
+            continue
+        known = ", ".join(
+            name for name, m in METHODS.items() if m.model_extra and m.model_extra.key == other.key
         )
-    if _prompt_pool_type(info.get("method")) is None:
-        known = ", ".join(name for name in METHODS if _prompt_pool_type(name) is not None)
         raise ValueError(
-            f"{str(path)!r}: its prompts come from method {info.get('method')!r}, whose prompt pool this "
+            f"{str(path)!r}: its {other.key} come from method {method!r}, whose {other.noun} this "
             f"fedlorm cannot rebuild (it rebuilds those of {known})"
         )
-    return weights
+    if extra is None or info.get(extra.key) is None:
+        return []
+    return extra.files(info[extra.key], str(path))
 
 
 def _projection_weights(info: Mapping[str, Any], path: Path) -> str | None:
@@ -359,7 +384,17 @@ def _projection_weights(info: Mapping[str, Any], path: Path) -> str | None:
 
 
 def model_preprocessing(info: Mapping[str, Any]) -> Preprocessing:
-    """The test-time transform ``model.json`` (``info``) describes."""
+    """The test-time transform a saved model's description names.
+
+    Args:
+        info: ``model.json`` as :func:`read_model_info` returns it.
+
+    Returns:
+        The size, crop, interpolation and photo storage the run's test images went through.
+
+    Raises:
+        ValueError: One line, if the description names no usable transform.
+    """
     size, crop, pct, mode = (info.get(k) for k in ("image_size", "test_crop", "crop_pct", "interpolation"))
     photo = info.get("photo_resize", "crop")  # models saved before the key existed stored crops
     if (
@@ -381,8 +416,19 @@ def model_preprocessing(info: Mapping[str, Any]) -> Preprocessing:
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> SavedModel:
-    """The model saved in ``directory`` (:func:`save_model`), rebuilt with fedlorm's backbone and
-    LoRA layers, in eval mode on ``device``; a one-line ValueError if the folder is not usable."""
+    """Rebuild a saved model with fedlorm's backbone and LoRA layers, ready for inference.
+
+    Args:
+        directory: A model folder written by :func:`save_model`.
+        device: Where to put the model (default CPU).
+
+    Returns:
+        The model in eval mode, its class names in logit order, its test-time transform and
+        ``model.json``.
+
+    Raises:
+        ValueError: One line, if the folder is not a usable model folder.
+    """
     directory = Path(directory)
     info = read_model_info(directory)
     preprocessing = model_preprocessing(info)
@@ -418,28 +464,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Sav
     if layers:
         import_peft({name[len(ENCODER) + 1 :]: layer for name, layer in layers.items()}, directory)
     model = model.to(device).eval()
-    if info.get("prompts") is not None:
-        _load_prompts(model, directory, info)
+    extra = _method_extra(info.get("method"))
+    if extra is not None and info.get(extra.key) is not None:
+        extra.load(model, directory, info[extra.key], config_from_plain(info["config"]))
     return SavedModel(model, list(info["class_names"]), preprocessing, info)
-
-
-def _load_prompts(model: Backbone, directory: Path, info: Mapping[str, Any]) -> None:
-    """Attach the run's prompt pool to ``model`` and load the saved rows with the saved task's layout."""
-    cfg = config_from_plain(info["config"])
-    pool_type = _prompt_pool_type(info["method"])
-    assert pool_type is not None  # read_model_info checked it
-    pool = attach_pool(model, vit_encoder(model.encoder, cfg), pool_type, cfg)
-    path, task = directory / info["prompts"]["weights"], info["prompts"]["task"]
-    try:
-        state = load_file(str(path))
-    except Exception as e:  # safetensors' errors have no common base
-        raise ValueError(f"cannot read {str(path)!r}: {' '.join(str(e).split())}") from None
-    active, _ = pool.layout(task)
-    expected = {name: (active, *array.shape[1:]) for name, array in pool.arrays.items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if found != expected:
-        raise ValueError(f"{str(path)!r} holds {found}; task {task}'s {type(pool).__name__} needs {expected}")
-    pool.load({PREFIX + name: array for name, array in state.items()}, task)
 
 
 def _read_file(path: Path) -> dict[str, Tensor]:

@@ -36,6 +36,16 @@ def read_image(path: str | Path, preprocessing: Preprocessing) -> Tensor:
     A non-square image is first made square as photo datasets are when they are stored: squashed
     to the storage size with ``photo_resize = squash``; else, with ``test_crop = resize``, it loses
     the margins of its longer side, so that the resize does not squash it.
+
+    Args:
+        path: An image file in any format PIL reads.
+        preprocessing: The saved model's test-time transform (:func:`fedlorm.export.model_preprocessing`).
+
+    Returns:
+        A uint8 tensor (1, 3, H, W).
+
+    Raises:
+        ValueError: One line, if the file cannot be read as an image.
     """
     image = open_rgb(Path(path))
     w, h = image.size
@@ -50,7 +60,16 @@ def read_image(path: str | Path, preprocessing: Preprocessing) -> Tensor:
 
 @torch.no_grad()
 def predict_images(saved: SavedModel, images: Sequence[Tensor], top: int) -> list[list[tuple[str, float]]]:
-    """For each uint8 image (:func:`read_image`), its ``top`` classes with their probabilities."""
+    """The most likely classes of each image.
+
+    Args:
+        saved: The model :func:`fedlorm.export.load_model` read.
+        images: uint8 images as :func:`read_image` returns them; the model resizes or crops them.
+        top: How many classes to give per image.
+
+    Returns:
+        Per image, its ``top`` (class name, probability) pairs, most likely first.
+    """
     model = saved.model.eval()
     device = model.head.weight.device
     out = []
@@ -65,8 +84,18 @@ def evaluate_saved(saved: SavedModel, cfg: RunConfig) -> Scores:
     """Class-IL accuracy on the test split of ``cfg``'s datasets (``data.test_per_class`` per class,
     subsampled with ``cfg.seed`` as a run does), over the test images of classes the model knows.
 
-    Dataset classes are matched to the model's by name; a dataset none of whose classes the model
-    knows is a ValueError.
+    Dataset classes are matched to the model's by name.
+
+    Args:
+        saved: The model :func:`fedlorm.export.load_model` read.
+        cfg: The data settings to evaluate on (the run's own, from ``model.json``, or a preset's).
+
+    Returns:
+        The accuracy (%) and how many images, classes and datasets it counts.
+
+    Raises:
+        ValueError: One line, if the data cannot be loaded or none of its classes is known to
+            the model.
     """
     data = load_split(cfg, "test", cfg.data.test_per_class, size=saved.preprocessing.storage_size)
     position = {name: p for p, name in enumerate(saved.class_names)}

@@ -34,10 +34,13 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
         "--verbose",
         action="count",
         default=0,
-        help="more messages on stderr: -v info, -vv debug (default: warnings and errors only)",
+        help="Show more messages on stderr: -v info, -vv debug (default: warnings and errors only).",
     )
     group.add_argument(
-        "--log-level", type=_level_name, metavar="LEVEL", help="debug, info, warning or error; overrides -v"
+        "--log-level",
+        type=_level_name,
+        metavar="LEVEL",
+        help="Log level: debug, info, warning or error; it overrides -v.",
     )
 
 

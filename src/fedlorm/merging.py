@@ -276,7 +276,18 @@ def _checked_solve(
 
 
 def shrink_gram(G: Tensor, alpha: float) -> Tensor:
-    """RegMean shrink α·G + (1−α)·diag(G); the (d_in,) diagonal when α == 0 or G is 1-D."""
+    """RegMean's shrink of a Gram toward its diagonal: α·G + (1−α)·diag(G).
+
+    Args:
+        G: A full Gram (d_in, d_in), or its diagonal (d_in,), which is returned as a copy.
+        alpha: The shrink α in [0, 1]; 0 keeps only the diagonal, 1 the exact Gram.
+
+    Returns:
+        The shrunk Gram: (d_in, d_in), or the (d_in,) diagonal when ``alpha`` is 0 or ``G`` is 1-D.
+
+    Raises:
+        ValueError: If ``G`` is not square or finite, or ``alpha`` is outside [0, 1].
+    """
     G = _check_tensor(G, "G", (1, 2))
     if G.ndim == 2 and G.shape[0] != G.shape[1]:
         raise ValueError(f"G has shape {_shape(G)}; expected a square (d_in, d_in) Gram or (d_in,)")
@@ -295,7 +306,20 @@ def shrink_gram(G: Tensor, alpha: float) -> Tensor:
 def merge_b_summands(
     B_i: Tensor, A: Tensor, gram: Tensor, weight: float = 1.0
 ) -> tuple[Tensor, Tensor]:
-    """One client's B-round sums (M_i = B_i H_i, H_i = w·A G̃_i Aᵀ), float64."""
+    """One client's B-round summands: M_i = B_i H_i and H_i = w·A G̃_i Aᵀ.
+
+    Args:
+        B_i: The client's trained B (d_out, r).
+        A: The shared A (r, d_in) every client trained against.
+        gram: The client's (shrunk) input Gram G̃_i, (d_in, d_in) or its diagonal (d_in,).
+        weight: The client's weight w (default 1; the Gram already counts its samples).
+
+    Returns:
+        ``(M_i, H_i)`` in float64, (d_out, r) and (r, r): what the client uploads.
+
+    Raises:
+        ValueError: If a shape does not fit or a value is not finite.
+    """
     A = _check_tensor(A, "A", (2,))
     B_i = _check_tensor(B_i, "B_i", (2,))
     if B_i.shape[1] != A.shape[0]:
@@ -312,12 +336,39 @@ def merge_b_solve(
     dtype: torch.dtype | None = None,
     ridge: float = DEFAULT_RIDGE,
 ) -> Tensor:
-    """B = reference + (ΣM − reference·ΣH)(ΣH + λI)⁻¹; an all-zero ΣH returns the reference."""
+    """The merged B from the summed B-round summands: B = R + (ΣM − R·ΣH)(ΣH + λI)⁻¹.
+
+    Args:
+        M_sum: Σ_i M_i over the clients (d_out, r).
+        H_sum: Σ_i H_i over the clients (r, r).
+        reference: R, the value directions no client saw keep (default 0); the protocol passes
+            the previous global B.
+        dtype: The result's dtype (default: ``M_sum``'s).
+        ridge: The relative ridge λ / mean(diag ΣH); iterative refinement removes its bias.
+
+    Returns:
+        B (d_out, r); an all-zero ``H_sum`` returns the reference.
+
+    Raises:
+        ValueError: If the shapes do not fit or a value is not finite.
+    """
     return _checked_solve(M_sum, H_sum, reference, dtype, ridge, ("M_sum", "H_sum"))
 
 
 def merge_a_summands(A_i: Tensor, gram: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor]:
-    """One client's A-round sums (N_i = w·A_i G̃_i, w·G̃_i), float64."""
+    """One client's A-round summands: N_i = w·A_i G̃_i and w·G̃_i.
+
+    Args:
+        A_i: The client's trained A (r, d_in).
+        gram: The client's (shrunk) input Gram G̃_i, (d_in, d_in) or its diagonal (d_in,).
+        weight: The client's weight w (default 1).
+
+    Returns:
+        ``(N_i, w·G̃_i)`` in float64: what the client uploads.
+
+    Raises:
+        ValueError: If a shape does not fit or a value is not finite.
+    """
     A_i = _check_tensor(A_i, "A_i", (2,))
     gram = _check_stat(gram, "gram", A_i.shape[1], f"A_i's d_in={A_i.shape[1]}")
     return _right_summands(A_i, gram, _check_weight(weight, "weight"))
@@ -331,12 +382,40 @@ def merge_a_solve(
     dtype: torch.dtype | None = None,
     ridge: float = DEFAULT_RIDGE,
 ) -> Tensor:
-    """A = reference + (ΣN − reference·ΣG̃)(ΣG̃ + λI)⁻¹ (column-wise division if ΣG̃ is 1-D)."""
+    """The merged A from the summed A-round summands: A = R + (ΣN − R·ΣG̃)(ΣG̃ + λI)⁻¹.
+
+    With diagonal Grams this is a column-wise division, a weighted average with no solve.
+
+    Args:
+        N_sum: Σ_i N_i over the clients (r, d_in).
+        G_sum: Σ_i w_i·G̃_i, (d_in, d_in) or (d_in,).
+        reference: R, the value a feature no client saw keeps (default 0).
+        dtype: The result's dtype (default: ``N_sum``'s).
+        ridge: The relative ridge (full Grams only).
+
+    Returns:
+        A (r, d_in).
+
+    Raises:
+        ValueError: If the shapes do not fit or a value is not finite.
+    """
     return _checked_solve(N_sum, G_sum, reference, dtype, ridge, ("N_sum", "G_sum"))
 
 
 def regmean_summands(W_i: Tensor, gram: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor]:
-    """One client's RegMean sums (w·W_i G̃_i, w·G̃_i), float64 (weights only; no bias)."""
+    """One client's RegMean summands for a whole weight matrix (e.g. a head): w·W_i G̃_i and w·G̃_i.
+
+    Args:
+        W_i: The client's weight (d_out, d_in); a bias is merged separately.
+        gram: The client's (shrunk) input Gram, (d_in, d_in) or (d_in,).
+        weight: The client's weight w (default 1).
+
+    Returns:
+        ``(w·W_i G̃_i, w·G̃_i)`` in float64.
+
+    Raises:
+        ValueError: If a shape does not fit or a value is not finite.
+    """
     W_i = _check_tensor(W_i, "W_i", (2,))
     gram = _check_stat(gram, "gram", W_i.shape[1], f"W_i's d_in={W_i.shape[1]}")
     return _right_summands(W_i, gram, _check_weight(weight, "weight"))
@@ -350,14 +429,40 @@ def regmean_solve(
     dtype: torch.dtype | None = None,
     ridge: float = DEFAULT_RIDGE,
 ) -> Tensor:
-    """W = reference + (ΣW_iG̃_i − reference·ΣG̃_i)(ΣG̃_i + λI)⁻¹."""
+    """The RegMean-merged weight from summed summands: W = R + (P − R·Q)(Q + λI)⁻¹.
+
+    Args:
+        P: Σ_i w_i W_i G̃_i (d_out, d_in).
+        Q: Σ_i w_i G̃_i, (d_in, d_in) or (d_in,).
+        reference: R, the value a feature no client saw keeps (default 0).
+        dtype: The result's dtype (default: ``P``'s).
+        ridge: The relative ridge (full Grams only).
+
+    Returns:
+        W (d_out, d_in).
+
+    Raises:
+        ValueError: If the shapes do not fit or a value is not finite.
+    """
     return _checked_solve(P, Q, reference, dtype, ridge, ("P", "Q"))
 
 
 def merge_tasks_summands(
     delta_t: Tensor, gram_t: Tensor, weight: float = 1.0
 ) -> tuple[Tensor, Tensor]:
-    """One task's sums (w·ΔW_t G_t, w·G_t), float64."""
+    """One finished task's summands for the cross-task merge: w·ΔW_t G_t and w·G_t.
+
+    Args:
+        delta_t: The task's merged update ΔW_t (d_out, d_in).
+        gram_t: The task's summed input Gram G_t, (d_in, d_in) or (d_in,).
+        weight: The task's weight w (default 1).
+
+    Returns:
+        ``(w·ΔW_t G_t, w·G_t)`` in float64; the server keeps their running sums over tasks.
+
+    Raises:
+        ValueError: If a shape does not fit or a value is not finite.
+    """
     delta_t = _check_tensor(delta_t, "delta_t", (2,))
     gram_t = _check_stat(gram_t, "gram_t", delta_t.shape[1], f"delta_t's d_in={delta_t.shape[1]}")
     return _right_summands(delta_t, gram_t, _check_weight(weight, "weight"))
@@ -371,7 +476,21 @@ def merge_tasks_solve(
     dtype: torch.dtype | None = None,
     ridge: float = DEFAULT_RIDGE,
 ) -> Tensor:
-    """ΔW = reference + (P − reference·Q)(Q + λI)⁻¹ with P = Σ ΔW_t G_t, Q = Σ G_t."""
+    """The update merged over tasks: ΔW = R + (P − R·Q)(Q + λI)⁻¹.
+
+    Args:
+        P: Σ_t w_t ΔW_t G_t (d_out, d_in).
+        Q: Σ_t w_t G_t, (d_in, d_in) or (d_in,).
+        reference: R, the value a feature no task saw keeps (default 0).
+        dtype: The result's dtype (default: ``P``'s).
+        ridge: The relative ridge (full Grams only).
+
+    Returns:
+        ΔW (d_out, d_in).
+
+    Raises:
+        ValueError: If the shapes do not fit or a value is not finite.
+    """
     return _checked_solve(P, Q, reference, dtype, ridge, ("P", "Q"))
 
 
@@ -384,7 +503,24 @@ def merge_b(
     reference: Tensor | None = None,
     ridge: float = DEFAULT_RIDGE,
 ) -> Tensor:
-    """B minimising Σ_i w_i‖(B A − B_i A) X_iᵀ‖² for a shared A; dtype of ``Bs``."""
+    """The B that best reproduces every client's responses for a shared A (summands and solve in one).
+
+    Minimises Σ_i w_i‖(B A − B_i A) X_iᵀ‖², with G̃_i standing for X_iᵀX_i.
+
+    Args:
+        Bs: Each client's B_i (d_out, r), all the same shape.
+        A: The shared A (r, d_in).
+        grams: Each client's (shrunk) Gram, all full or all diagonal.
+        weights: Each client's weight (default: all 1).
+        reference: The value directions no client saw keep (default 0).
+        ridge: The relative ridge.
+
+    Returns:
+        B (d_out, r) in the dtype of ``Bs``.
+
+    Raises:
+        ValueError: If the lists are empty or of different lengths, or a shape or value is bad.
+    """
     A = _check_tensor(A, "A", (2,))
     Bs = [_check_tensor(B, f"Bs[{i}]", (2,)) for i, B in enumerate(_check_list(Bs, "Bs"))]
     _check_same_shape(Bs, "Bs")
@@ -432,7 +568,23 @@ def merge_a(
     reference: Tensor | None = None,
     ridge: float = DEFAULT_RIDGE,
 ) -> Tensor:
-    """A minimising Σ_i w_i‖(A − A_i) X_iᵀ‖²; dtype of ``As``."""
+    """The A that best reproduces every client's responses (summands and solve in one).
+
+    Minimises Σ_i w_i‖(A − A_i) X_iᵀ‖², with G̃_i standing for X_iᵀX_i.
+
+    Args:
+        As: Each client's A_i (r, d_in), all the same shape.
+        grams: Each client's (shrunk) Gram, all full or all diagonal.
+        weights: Each client's weight (default: all 1).
+        reference: The value a feature no client saw keeps (default 0).
+        ridge: The relative ridge (full Grams only).
+
+    Returns:
+        A (r, d_in) in the dtype of ``As``.
+
+    Raises:
+        ValueError: If the lists are empty or of different lengths, or a shape or value is bad.
+    """
     return _merge_right(As, grams, weights, reference, ridge, "As")
 
 
@@ -444,9 +596,22 @@ def regmean(
     reference: Tensor | None = None,
     ridge: float = DEFAULT_RIDGE,
 ) -> Tensor:
-    """W minimising Σ_i w_i‖(W − W_i) X_iᵀ‖² (full weights, e.g. a head; no bias).
+    """RegMean of whole weight matrices (e.g. a head; a bias is merged separately).
 
-    Returns the dtype of ``Ws``.
+    Minimises Σ_i w_i‖(W − W_i) X_iᵀ‖², with G̃_i standing for X_iᵀX_i.
+
+    Args:
+        Ws: Each client's W_i (d_out, d_in), all the same shape.
+        grams: Each client's (shrunk) Gram, all full or all diagonal.
+        weights: Each client's weight (default: all 1).
+        reference: The value a feature no client saw keeps (default 0).
+        ridge: The relative ridge (full Grams only).
+
+    Returns:
+        W (d_out, d_in) in the dtype of ``Ws``.
+
+    Raises:
+        ValueError: If the lists are empty or of different lengths, or a shape or value is bad.
     """
     return _merge_right(Ws, grams, weights, reference, ridge, "Ws")
 
@@ -459,15 +624,41 @@ def merge_tasks(
     reference: Tensor | None = None,
     ridge: float = DEFAULT_RIDGE,
 ) -> Tensor:
-    """ΔW minimising Σ_t w_t‖(ΔW − ΔW_t) X_tᵀ‖²; dtype of ``deltas``."""
+    """The cross-task merge of finished tasks' updates (summands and solve in one).
+
+    Minimises Σ_t w_t‖(ΔW − ΔW_t) X_tᵀ‖², with G_t standing for X_tᵀX_t.
+
+    Args:
+        deltas: Each task's update ΔW_t (d_out, d_in), all the same shape.
+        grams: Each task's Gram G_t, all full or all diagonal.
+        weights: Each task's weight (default: all 1).
+        reference: The value a feature no task saw keeps (default 0).
+        ridge: The relative ridge (full Grams only).
+
+    Returns:
+        ΔW (d_out, d_in) in the dtype of ``deltas``.
+
+    Raises:
+        ValueError: If the lists are empty or of different lengths, or a shape or value is bad.
+    """
     return _merge_right(deltas, grams, weights, reference, ridge, "deltas")
 
 
 def low_rank_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """B (d_out, r), A (r, d_in) with B·A the best rank-r approximation of ``delta`` (truncated SVD).
+    """LoRA factors whose product is the best rank-r approximation of ``delta`` (truncated SVD).
 
     The singular values are split evenly, B = U_r·√S_r and A = √S_r·V_rᵀ, so both factors have the
-    same scale; used to bring a merged full update back to LoRA's rank. Float64, like ``delta`` in.
+    same scale; used to bring a merged full update back to LoRA's rank.
+
+    Args:
+        delta: The full update (d_out, d_in).
+        rank: The rank r >= 1; a shape of lower rank is padded with zero directions.
+
+    Returns:
+        ``(B, A)`` in float64, (d_out, r) and (r, d_in).
+
+    Raises:
+        ValueError: If ``delta`` is not a finite matrix or ``rank`` is not an integer >= 1.
     """
     delta = _check_tensor(delta, "delta", (2,))
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -484,9 +675,17 @@ def low_rank_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 def analytic_head_summands(features: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """One client's sums for the ridge-regression head: (F̂ᵀF̂, F̂ᵀY) with F̂ = [F, 1], float64.
+    """One client's summands for the ridge-regression head: F̂ᵀF̂ and F̂ᵀY, with F̂ = [F, 1].
 
-    ``features`` (n, d), ``targets`` (n, K) (one-hot rows for classification).
+    Args:
+        features: The client's features F (n, d).
+        targets: The targets Y (n, K), one-hot rows for classification.
+
+    Returns:
+        ``(F̂ᵀF̂, F̂ᵀY)`` in float64, (d+1, d+1) and (d+1, K).
+
+    Raises:
+        ValueError: If the row counts differ or a value is not finite.
     """
     features = _check_tensor(features, "features", (2,))
     targets = _check_tensor(targets, "targets", (2,))
@@ -501,11 +700,23 @@ def analytic_head_summands(features: Tensor, targets: Tensor) -> tuple[Tensor, T
 def analytic_head_solve(
     gram: Tensor, cross: Tensor, *, ridge: float, dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Weight (K, d) and bias (K,) of the ridge-regression classifier from summed statistics.
+    """The ridge-regression classifier from summed statistics: [W, b] = crossᵀ(gram + λI)⁻¹.
 
-    Minimises Σ‖W f + b − y‖² + λ‖[W, b]‖² with λ = ridge · mean(diag(gram)), i.e.
-    [W, b] = crossᵀ (gram + λI)⁻¹ for gram = Σ F̂ᵀF̂, cross = Σ F̂ᵀY. Unlike the merges above the ridge
-    here is a real regulariser (chosen on validation data), so there is no refinement toward λ = 0.
+    Minimises Σ‖W f + b − y‖² + λ‖[W, b]‖² with λ = ridge · mean(diag(gram)). Unlike the merges
+    above, the ridge here is a real regulariser (chosen on validation data), so there is no
+    refinement toward λ = 0.
+
+    Args:
+        gram: Σ F̂ᵀF̂ over clients (and tasks), (d+1, d+1).
+        cross: Σ F̂ᵀY, (d+1, K).
+        ridge: The relative ridge; λ must come out > 0.
+        dtype: The result's dtype (default float64).
+
+    Returns:
+        ``(weight, bias)``: (K, d) and (K,).
+
+    Raises:
+        ValueError: If the shapes do not fit, a value is not finite or λ is not positive.
     """
     gram = _check_tensor(gram, "gram", (2,)).to(_F64)
     cross = _check_tensor(cross, "cross", (2,)).to(_F64)

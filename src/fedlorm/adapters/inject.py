@@ -40,14 +40,28 @@ def inject_lora(
     scaling: float = 1.0,
     exclude: str | None = None,
 ) -> dict[str, LoRALayer]:
-    """Wrap every module whose name fully matches one of ``targets`` (and not ``exclude``).
+    r"""Wrap every module whose name fully matches one of ``targets`` (and not ``exclude``).
 
     Matches must be ``nn.Linear`` or 1×1 ``nn.Conv2d`` modules; each is replaced in its parent
     by a :class:`LoRALinear` / :class:`LoRAConv2d` (which freezes the wrapped module's parameters;
     other parameters' ``requires_grad`` is left to the caller). Matching a module that already
     is, or is inside, a LoRA layer is an error; calls on disjoint targets (e.g. different ranks)
-    are fine. Nothing is changed if any check fails. Returns the new layers, name → layer, in
-    model order (:func:`lora_layers` lists all).
+    are fine. Nothing is changed if any check fails.
+
+    Args:
+        model: The model to change in place.
+        targets: Regular expressions, each of which must fully match at least one module name
+            (e.g. ``r"blocks\.\d+\.attn\.qkv"``).
+        rank: The rank of every new layer.
+        scaling: The factor on B A of every new layer (default 1).
+        exclude: A regular expression of module names to leave alone.
+
+    Returns:
+        The new layers, name → layer, in model order (:func:`lora_layers` lists all of them).
+
+    Raises:
+        ValueError: If a pattern matches nothing, a match is not a linear or pointwise
+            convolution, is already adapted, or every match is excluded.
     """
     patterns = [targets] if isinstance(targets, str) else list(targets)
     if not patterns:
@@ -104,12 +118,27 @@ def _wrap(name: str, cls: type[LoRALayer], module: nn.Module, rank: int, scaling
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
-    """The LoRA layers already in ``model``, name → layer, in model order."""
+    """The LoRA layers already in ``model``.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        Name → layer, in model order.
+    """
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
 def set_trainable_factor(layers: Mapping[str, LoRALayer], factor: Factor) -> None:
-    """Set ``requires_grad`` of the factors: "A", "B", "both" or "none"."""
+    """Choose which factors train, by their ``requires_grad``.
+
+    Args:
+        layers: The LoRA layers, name → layer.
+        factor: ``"A"``, ``"B"``, ``"both"`` or ``"none"``.
+
+    Raises:
+        ValueError: If ``factor`` is none of these.
+    """
     if factor not in _FACTORS:
         raise ValueError(f"factor must be one of {sorted(_FACTORS)}, got {factor!r}")
     train_A, train_B = _FACTORS[factor]
@@ -119,13 +148,25 @@ def set_trainable_factor(layers: Mapping[str, LoRALayer], factor: Factor) -> Non
 
 
 def reset_lora(layers: Mapping[str, LoRALayer], generator: torch.Generator | None = None) -> None:
-    """B = 0 and a fresh kaiming-uniform A for every layer, in order, from one generator."""
+    """Start every layer's adapter anew: B = 0 and a fresh kaiming-uniform A.
+
+    Args:
+        layers: The LoRA layers, drawn in their order.
+        generator: The one random stream every A is drawn from (default: torch's global one).
+    """
     for layer in layers.values():
         layer.reset_parameters(generator)
 
 
 def lora_state_dict(layers: Mapping[str, LoRALayer]) -> dict[str, Tensor]:
-    """Detached copies of the factors under ``f"{name}.lora_A"`` / ``f"{name}.lora_B"``."""
+    """The layers' factors, for saving.
+
+    Args:
+        layers: The LoRA layers, name → layer.
+
+    Returns:
+        Detached copies under ``f"{name}.lora_A"`` and ``f"{name}.lora_B"``.
+    """
     state = {}
     for name, layer in layers.items():
         state[f"{name}.lora_A"] = layer.lora_A.detach().clone()
@@ -137,9 +178,16 @@ def lora_state_dict(layers: Mapping[str, LoRALayer]) -> dict[str, Tensor]:
 def load_lora_state_dict(
     layers: Mapping[str, LoRALayer], state: Mapping[str, Tensor], strict: bool = True
 ) -> None:
-    """Copy factors from ``state`` into the layers in place (dtype/device of the layer).
+    """Copy factors into the layers in place, in each layer's dtype and on its device.
 
-    Shapes must match; with ``strict`` every key must be present and no other key allowed.
+    Args:
+        layers: The LoRA layers, name → layer.
+        state: Factors keyed as :func:`lora_state_dict` writes them.
+        strict: Require every key and no other (default); otherwise load what is there.
+
+    Raises:
+        ValueError: If a shape does not match, or with ``strict`` a key is missing or unexpected;
+            nothing is loaded then.
     """
     params = {}
     for name, layer in layers.items():

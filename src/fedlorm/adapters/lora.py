@@ -27,6 +27,12 @@ def check_pointwise_conv(conv: nn.Conv2d) -> None:
 
     Such a convolution is a linear map of the channel vector at every (strided) position, which is
     what LoRA factors and input Grams assume. The stride may be anything.
+
+    Args:
+        conv: The convolution to check.
+
+    Raises:
+        ValueError: One line naming every property that is not allowed.
     """
     kernel = tuple(conv.kernel_size)
     padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
@@ -53,6 +59,16 @@ class LoRALayer(nn.Module):
     merged update of earlier tasks there) is None, dense (``fixed_delta``, d_out × d_in), or in
     factor form F = ``fixed_B`` (d_out × k) · ``fixed_A`` (k × d_in), applied as two thin products
     like the trainable pair. Subclasses say how a d_out × d_in matrix acts on their input.
+
+    Args:
+        base: The module to wrap; its parameters are frozen.
+        in_features: d_in of the wrapped layer.
+        out_features: d_out of the wrapped layer.
+        rank: The rank r, 1 <= r <= min(d_in, d_out).
+        scaling: The factor on B A (fedlorm's default 1: ΔW = B A, no α/r).
+
+    Raises:
+        ValueError: If ``rank`` is out of range.
     """
 
     fixed_delta: Tensor | None
@@ -99,9 +115,12 @@ class LoRALayer(nn.Module):
         raise NotImplementedError
 
     def merged_weight(self) -> Tensor:
-        """W + F + scaling·B A (d_out × d_in, the base weight's dtype): the layer as one matrix.
+        """The layer as one matrix: W + F + scaling·B A.
 
         With B = 0 and no frozen update this is W itself, bit for bit (W + 0 = W).
+
+        Returns:
+            A (d_out, d_in) tensor in the base weight's dtype, differentiable in the factors.
         """
         weight = self.base.weight.reshape(self.out_features, self.in_features)
         frozen = self.frozen_delta()
@@ -131,18 +150,31 @@ class LoRALayer(nn.Module):
         return out + lora
 
     def delta_weight(self) -> Tensor:
-        """The trainable update ``scaling · B A`` (d_out × d_in); the frozen update not included."""
+        """The trainable update alone.
+
+        Returns:
+            ``scaling · B A`` (d_out, d_in); the frozen update is not included.
+        """
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def frozen_delta(self) -> Tensor | None:
-        """The frozen update as a dense d_out × d_in matrix, whatever its form (None if unset)."""
+        """The frozen update as a dense matrix, whatever form it was set in.
+
+        Returns:
+            F (d_out, d_in), or None if no frozen update is set.
+        """
         if self.fixed_A is not None and self.fixed_B is not None:
             return self.fixed_B @ self.fixed_A
         return self.fixed_delta
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """B = 0; A kaiming-uniform (a=√5, as nn.Linear), drawn from ``generator`` if given."""
+        """Start a new adapter: B = 0 and A kaiming-uniform (a = √5, as ``nn.Linear`` draws).
+
+        Args:
+            generator: The random stream to draw A from (default: torch's global one); a CPU
+                generator may initialise factors on another device.
+        """
         self.lora_B.zero_()
         A = self.lora_A
         if generator is None or generator.device == A.device:
@@ -152,11 +184,18 @@ class LoRALayer(nn.Module):
             A.copy_(nn.init.kaiming_uniform_(draw, a=math.sqrt(5), generator=generator))
 
     def set_fixed_delta(self, delta: Tensor | tuple[Tensor, Tensor] | None) -> None:
-        """Set (detached copies, in the base's dtype/device) or clear the frozen update.
+        """Set or clear the frozen update F, e.g. the merged update of earlier tasks.
 
-        ``delta`` is a dense (d_out, d_in) matrix, a factor pair ``(B, A)`` with B (d_out, k) and
-        A (k, d_in) (cheaper to send and to apply when k·(d_out + d_in) < d_out·d_in), or None.
-        Setting one form clears the other.
+        Setting one form clears the other; the layer keeps detached copies in the base's dtype and
+        on its device.
+
+        Args:
+            delta: A dense (d_out, d_in) matrix; a factor pair ``(B, A)`` with B (d_out, k) and
+                A (k, d_in), cheaper to send and apply when k·(d_out + d_in) < d_out·d_in; or None
+                to clear it.
+
+        Raises:
+            ValueError: If the shapes do not fit the layer.
         """
         self.fixed_delta = self.fixed_A = self.fixed_B = None
         if delta is None:
@@ -203,7 +242,17 @@ class LoRALayer(nn.Module):
 
 
 class LoRALinear(LoRALayer):
-    """LoRA around an ``nn.Linear`` (any leading dimensions)."""
+    """LoRA around an ``nn.Linear`` (any leading dimensions).
+
+    Args:
+        base: The linear layer to wrap.
+        rank: The rank r.
+        scaling: The factor on B A (default 1).
+
+    Raises:
+        TypeError: If ``base`` is not an ``nn.Linear``.
+        ValueError: If ``rank`` is out of range.
+    """
 
     def __init__(self, base: nn.Linear, rank: int, scaling: float = 1.0) -> None:
         if not isinstance(base, nn.Linear):
@@ -226,6 +275,15 @@ class LoRAConv2d(LoRALayer):
     Per (strided) spatial position this is LoRALinear on the channel vector: A, ``fixed_A`` and
     ``fixed_delta`` are applied with the base's stride, B and ``fixed_B`` at stride 1 (as peft does
     for convolutions).
+
+    Args:
+        base: The 1×1 convolution to wrap.
+        rank: The rank r.
+        scaling: The factor on B A (default 1).
+
+    Raises:
+        TypeError: If ``base`` is not an ``nn.Conv2d``.
+        ValueError: If it is not a pointwise convolution, or ``rank`` is out of range.
     """
 
     def __init__(self, base: nn.Conv2d, rank: int, scaling: float = 1.0) -> None:

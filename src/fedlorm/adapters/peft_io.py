@@ -73,6 +73,12 @@ def deployed_factors(layer: LoRALayer) -> tuple[Tensor, Tensor, float]:
     min(d_out, d_in), is written as the identity factorisation of the total update / s (rank
     min(d_out, d_in); see :func:`_identity_factors`). A layer without any update keeps one zero
     rank-one term (peft needs r >= 1).
+
+    Args:
+        layer: The LoRA layer, with its frozen update (if any) set.
+
+    Returns:
+        ``(B, A, s)`` with ``s · B A`` equal to the layer's whole update.
     """
     s = layer.scaling if layer.scaling != 0 else 1.0
     trainable = layer.scaling / s
@@ -103,9 +109,23 @@ def export_peft(
 ) -> Path:
     """Write the factors of ``layers`` (name → layer, names relative to the model) to ``directory``.
 
-    ``deployed``: write each layer's whole update, the frozen one included (:func:`deployed_factors`),
-    instead of the trainable factors alone. Ranks or scalings that differ from the most common
-    (rank, scaling) go to peft's ``rank_pattern`` / ``alpha_pattern``. Returns the directory.
+    Writes ``adapter_model.safetensors`` and ``adapter_config.json``, which
+    ``peft.PeftModel.from_pretrained`` loads. Ranks or scalings that differ from the most common
+    (rank, scaling) go to peft's ``rank_pattern`` / ``alpha_pattern``.
+
+    Args:
+        layers: The LoRA layers, under their names in the model peft will wrap.
+        directory: The folder to write to (created if missing).
+        base_model_name_or_path: Recorded in the config, e.g. the timm architecture.
+        prefix: Put before every weight key, as peft names them (default ``base_model.model.``).
+        deployed: Write each layer's whole update, the frozen one included
+            (:func:`deployed_factors`), instead of the trainable factors alone.
+
+    Returns:
+        ``directory``.
+
+    Raises:
+        ValueError: If ``layers`` is empty.
     """
     if not layers:
         raise ValueError("no LoRA layers to export")
@@ -176,7 +196,17 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 
 def adapter_ranks(directory: str | Path) -> dict[str, int]:
-    """Rank of every module an adapter written by :func:`export_peft` names (``target_modules``)."""
+    """The rank of every module an adapter folder names (its ``target_modules``).
+
+    Args:
+        directory: A folder written by :func:`export_peft` (or by peft with explicit module names).
+
+    Returns:
+        Module name → rank, per-module ranks (``rank_pattern``) applied.
+
+    Raises:
+        ValueError: If the config is missing, unreadable or names no modules.
+    """
     directory = Path(directory)
     config = _read_config(directory)
     targets = config.get("target_modules")
@@ -195,7 +225,16 @@ def import_peft(
     """Load factors and scaling (alpha / r) written by peft or :func:`export_peft` into ``layers``.
 
     Every layer must find both factors with its rank and shape; the file must hold no other LoRA
-    weights. ``fixed_delta`` is left as it is.
+    weights. A frozen update set on a layer is left as it is.
+
+    Args:
+        layers: The LoRA layers to load into, under the names the adapter uses.
+        directory: The adapter folder (``adapter_model.safetensors``, ``adapter_config.json``).
+        prefix: What every weight key starts with (default ``base_model.model.``).
+
+    Raises:
+        ValueError: If a file is missing or unreadable, or the weights do not fit the layers;
+            one line naming the problem.
     """
     directory = Path(directory)
     weights_path = directory / ADAPTER_WEIGHTS

@@ -46,6 +46,15 @@ class InputStatistics:
     ``mode`` is "full" (XᵀX, d × d) or "diag" (column sums of squares, d), for all modules or per
     name. Use it around forward passes; statistics persist after ``__exit__`` (which removes the
     hooks) until :meth:`reset`. Hooked inputs are upcast to float64 (also under autocast).
+
+    Args:
+        modules: The modules whose inputs are counted, name → module (linear layers, whose
+            inputs are flattened to (tokens, d_in), or pointwise convolutions, counted at each
+            strided position).
+        mode: ``"full"`` or ``"diag"`` for every module, or one of them per name.
+
+    Raises:
+        ValueError: If a mode is unknown, or a per-name mapping misses or adds a name.
     """
 
     def __init__(
@@ -111,7 +120,12 @@ class InputStatistics:
         return hook
 
     def grams(self) -> dict[str, Tensor]:
-        """Float64 copies: (d, d) for "full", (d,) for "diag"; zeros for a module not yet run."""
+        """The Grams accumulated so far.
+
+        Returns:
+            Name → float64 copy: (d_in, d_in) for ``"full"``, (d_in,) for ``"diag"``; zeros for a
+            module that has not run yet.
+        """
         out = {}
         for name, module in self.modules.items():
             buf = self._sums.get(name)
@@ -124,7 +138,11 @@ class InputStatistics:
         return out
 
     def rows(self) -> dict[str, int]:
-        """Number of rows (tokens / strided positions) accumulated per module."""
+        """How many input rows each Gram sums over.
+
+        Returns:
+            Name → the number of tokens (or strided positions) accumulated.
+        """
         return dict(self._rows)
 
     def reset(self) -> None:

@@ -1,5 +1,7 @@
-"""``python -m fedlorm.flower ...`` is ``fedlorm flower ...`` (until the main CLI carries it)."""
+"""``python -m fedlorm.flower ...`` is ``fedlorm flower ...``: the same options, errors and exit codes."""
 
-from fedlorm.flower.cli import main
+import sys
 
-raise SystemExit(main())
+from fedlorm.cli import main
+
+raise SystemExit(main(["flower", *sys.argv[1:]]))

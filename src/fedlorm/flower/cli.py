@@ -24,10 +24,10 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlorm.cli_help import add_command
 from fedlorm.config import ConfigError, RunConfig
 from fedlorm.flower.settings import (
     RUNTIME_DEFAULTS,
@@ -37,89 +37,159 @@ from fedlorm.flower.settings import (
     to_toml,
 )
 from fedlorm.logs import add_logging_arguments
-from fedlorm.presets import resolve_config
+from fedlorm.run_setup import add_run_arguments, setup_from_args
 
-__all__ = ["add_parser", "main", "run"]
+__all__ = ["add_parser", "run"]
 
 logger = logging.getLogger(__name__)
 
-RESULT_FILES = ("results.json", "metrics.csv", "accuracy.png", "server_state.safetensors")
-"""What a run writes (as serverapp.RESULT_FILES, named here without importing flwr)."""
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``flower`` command (with its sub-commands) to an argparse ``subparsers`` object."""
-    flower = subparsers.add_parser("flower", help="run an experiment on Flower (simulation or deployment)")
-    commands = flower.add_subparsers(dest="flower_command", parser_class=type(flower))
-    simulate = commands.add_parser("simulate", help="Flower simulation: N virtual SuperNodes (Ray)")
+    """Add the ``flower`` command, with its subcommands, to the ``fedlorm`` command.
+
+    Args:
+        subparsers: What ``ArgumentParser.add_subparsers`` returned for the ``fedlorm`` command.
+
+    Returns:
+        The ``flower`` command's parser.
+    """
+    flower = add_command(
+        subparsers,
+        "flower",
+        summary="Run an experiment on Flower, in simulation or deployed.",
+        description="""
+            Run the same experiment as fedlorm run over Flower: the server's steps in a
+            ServerApp, each client's work in a ClientApp on its own SuperNode. For the same config
+            and seed it gives the numbers of the in-process run, and writes the same files to
+            --out, plus server_state.safetensors and the Flower processes' logs.
+
+            Choose a subcommand: simulate (virtual SuperNodes in one machine), deploy-local (real
+            SuperLink and SuperNode processes on 127.0.0.1), submit (a SuperLink you run) or
+            app-config. Each has its own help: fedlorm flower SUBCOMMAND --help.
+            """,
+        examples=[
+            "fedlorm flower simulate --preset smoke --out runs/flower-smoke",
+            "fedlorm flower deploy-local --resume runs/deployed",
+        ],
+    )
+    commands = flower.add_subparsers(dest="flower_command", parser_class=type(flower), metavar="SUBCOMMAND")
+    simulate = add_command(
+        commands,
+        "simulate",
+        summary="Run in a Flower simulation, one virtual SuperNode per client.",
+        description="""
+            Start a private simulation SuperLink, run the experiment on virtual SuperNodes (Ray)
+            with flwr run, and stop everything when the run ends. With --partitions, each node
+            reads only its own folder written by fedlorm partition, and the server only the
+            server folder.
+            """,
+        examples=[
+            "fedlorm flower simulate --preset smoke --out runs/flower-smoke",
+            "fedlorm flower simulate --preset smoke --partitions parts/smoke --out runs/flower-parts",
+        ],
+    )
     _common_arguments(simulate)
     _partitions_argument(simulate)
-    simulate.add_argument("--supernodes", type=int, help="virtual SuperNodes (default: scenario.num_clients)")
+    simulate.add_argument(
+        "--supernodes", type=int, help="Virtual SuperNodes to start (default: scenario.num_clients)."
+    )
     simulate.add_argument(
         "--federation-config",
         action="append",
         default=[],
         metavar="K=V",
-        help="extra simulation settings, e.g. client-resources-num-gpus=0.25 (repeatable)",
+        help="An extra simulation setting, e.g. client-resources-num-gpus=0.25; repeat it for more.",
     )
-    local = commands.add_parser("deploy-local", help="a SuperLink and N SuperNode processes on 127.0.0.1")
+    local = add_command(
+        commands,
+        "deploy-local",
+        summary="Run on a SuperLink and SuperNode processes started on 127.0.0.1.",
+        description="""
+            Start a SuperLink and one SuperNode process per client on this machine (insecure,
+            loopback only), run the experiment with flwr run, and stop every process when it
+            ends. After a crash, the same command with --resume continues from the last completed
+            step.
+            """,
+        examples=[
+            "fedlorm flower deploy-local --preset smoke --out runs/deployed",
+            "fedlorm flower deploy-local --resume runs/deployed",
+        ],
+    )
     _common_arguments(local)
     _partitions_argument(local)
-    local.add_argument("--supernodes", type=int, help="SuperNode processes (default: scenario.num_clients)")
-    submit = commands.add_parser("submit", help="run on a deployed SuperLink (a connection in FLWR_HOME)")
+    local.add_argument(
+        "--supernodes", type=int, help="SuperNode processes to start (default: scenario.num_clients)."
+    )
+    submit = add_command(
+        commands,
+        "submit",
+        summary="Run on a SuperLink you deployed, named in $FLWR_HOME/config.toml.",
+        description="""
+            Submit the experiment with flwr run to a running SuperLink, whose connection is
+            named in $FLWR_HOME/config.toml. The SuperNodes must already run, each with its
+            partition-id and num-partitions in its node config. docs/deployment.md shows a whole
+            deployment.
+            """,
+        examples=[
+            "fedlorm flower submit --superlink my-link --preset smoke --out /srv/runs/smoke",
+            "fedlorm flower submit --superlink my-link --server-data /srv/parts/server --preset smoke",
+        ],
+    )
     _common_arguments(submit)
-    submit.add_argument("--superlink", required=True, help="connection name in $FLWR_HOME/config.toml")
+    submit.add_argument(
+        "--superlink", required=True, help="The connection's name in $FLWR_HOME/config.toml."
+    )
     submit.add_argument(
         "--server-data",
         metavar="PATH",
-        help="the server/ folder of `fedlorm partition` on the SuperLink host (absolute path there; "
-        "not checked here): the ServerApp evaluates on it and loads no dataset",
+        help="The server/ folder written by fedlorm partition, as an absolute path on the SuperLink "
+        "host (not checked here); the ServerApp evaluates on it and loads no dataset.",
     )
-    app_config = commands.add_parser(
-        "app-config", help="print the [tool.flwr.app.config] table a Flower app's pyproject.toml declares"
+    app_config = add_command(
+        commands,
+        "app-config",
+        summary="Print the run-config table a Flower app's pyproject.toml declares.",
+        description="""
+            Print the [tool.flwr.app.config] table that declares every run-config key fedlorm's
+            Flower app reads: the runtime keys with their defaults, then every config key, whose
+            empty value keeps the preset's.
+            """,
+        examples=["fedlorm flower app-config >> pyproject.toml"],
     )
     add_logging_arguments(app_config)
     return flower
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", help="named configuration (see `fedlorm presets`; default: default)")
-    parser.add_argument("--config", type=Path, help="TOML file applied on top of the preset")
-    parser.add_argument("--method", help="federated method (default: lorm)")
-    parser.add_argument("--seed", type=int, help="seed of every random choice in the run")
-    parser.add_argument(
-        "--out", type=Path, help="output directory (default: runs/flower-PRESET-METHOD-sSEED)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    parser.add_argument(
-        "--resume",
-        type=Path,
-        metavar="DIR",
-        help="continue the run checkpointed in DIR (a killed ServerApp or SuperLink); its config "
-        "comes from the checkpoint",
+    add_run_arguments(
+        parser,
+        default_out="runs/flower-PRESET-METHOD-sSEED",
+        resume_help="Continue the run checkpointed in DIR after its ServerApp or SuperLink died, with "
+        "the config stored in the checkpoint.",
     )
     parser.add_argument(
         "--min-clients",
         type=int,
         default=RUNTIME_DEFAULTS["min-clients"],
-        help="merge a step only if at least this many clients replied validly (default: %(default)s)",
+        help="Merge a step only if at least this many clients replied validly (default: %(default)s).",
     )
     parser.add_argument(
         "--reply-timeout",
         type=float,
         default=RUNTIME_DEFAULTS["reply-timeout"],
-        help="seconds to wait for a step's replies; later ones are dropped (default: %(default)s)",
+        help="Seconds to wait for a step's replies; later ones are dropped (default: %(default)s).",
     )
     parser.add_argument(
         "--node-wait",
         type=float,
         default=RUNTIME_DEFAULTS["node-wait"],
-        help="seconds to wait at start for one SuperNode per client (default: %(default)s)",
+        help="Seconds to wait at the start for one SuperNode per client (default: %(default)s).",
     )
-    parser.add_argument("--no-federated-eval", action="store_true", help="skip the clients' local evaluation")
+    parser.add_argument(
+        "--no-federated-eval", action="store_true", help="Skip the clients' evaluation on their own data."
+    )
     add_logging_arguments(parser)
     parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.rounds=5"
+        "overrides", nargs="*", metavar="key=value", help="Config overrides, e.g. train.rounds=5."
     )
 
 
@@ -128,8 +198,8 @@ def _partitions_argument(parser: argparse.ArgumentParser) -> None:
         "--partitions",
         type=Path,
         metavar="DIR",
-        help="folders written by `fedlorm partition` for this run: SuperNode k reads only "
-        "DIR/client-k, the server only DIR/server (no dataset is loaded)",
+        help="Folders written by fedlorm partition for this run: SuperNode K reads only DIR/client-K "
+        "and the server only DIR/server, so no process loads a dataset.",
     )
 
 
@@ -159,54 +229,6 @@ def _check_partitions(given: Path, clients: int) -> Path:
     return root
 
 
-def _config(args: argparse.Namespace) -> RunConfig:
-    if args.resume is not None:
-        return _checkpointed_config(args)
-    return resolve_config(
-        args.preset or "default", args.config, args.overrides, method=args.method, seed=args.seed
-    )
-
-
-def _checkpointed_config(args: argparse.Namespace) -> RunConfig:
-    """The config of the run checkpointed in ``--resume`` (ConfigError, one line, if there is none, it
-    is damaged, or the command also chose a config or an output directory)."""
-    from fedlorm.cli import resume_dir
-    from fedlorm.config import config_from_plain
-    from fedlorm.runtime.checkpoint import load_record
-
-    out = resume_dir(args)
-    try:
-        return config_from_plain(load_record(out)["config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"--resume: the checkpoint in {str(out)!r} is damaged: {err}") from None
-
-
-def _output_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
-    if args.resume is not None:
-        return args.resume.expanduser().resolve()
-    preset = args.preset or "default"
-    out = (args.out or Path("runs") / f"flower-{preset}-{cfg.method}-s{cfg.seed}").expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
-    existing = [name for name in RESULT_FILES if (out / name).exists()]
-    if existing and not args.overwrite:
-        raise ConfigError(
-            f"--out {str(out)!r} already holds results ({', '.join(existing)}); "
-            "pass --overwrite to replace them or choose another --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    for name in existing:
-        (out / name).unlink()
-    return out
-
-
-def _clients(cfg: RunConfig) -> int:
-    """Clients the run really has (``joint`` turns the scenario into one client)."""
-    from fedlorm.methods import METHODS
-
-    return METHODS[cfg.method].run_config(cfg).scenario.num_clients
-
-
 def _asked(cfg: RunConfig, clients: int) -> int:
     """Clients a training round asks (``scenario.participation`` of ``clients``)."""
     from fedlorm.fcl.participation import clients_per_round
@@ -223,16 +245,18 @@ def run(args: argparse.Namespace) -> int:
     if args.flower_command == "app-config":
         print("[tool.flwr.app.config]\n" + to_toml(default_run_config()), end="")
         return 0
-    cfg = _config(args)
+    setup = setup_from_args(args, prefix="flower-")
+    cfg = setup.cfg
     settings = FlowerSettings(
         preset=args.preset or "default",
-        resume=args.resume is not None,
+        resume=setup.resume,
+        overwrite=setup.overwrite,
         min_clients=args.min_clients,
         reply_timeout=args.reply_timeout,
         node_wait=args.node_wait,
         federated_eval=not args.no_federated_eval,
     )
-    clients = _clients(cfg)
+    clients = setup.effective.scenario.num_clients  # joint turns the scenario into one client
     asked = _asked(cfg, clients)
     if not 1 <= settings.min_clients <= asked:
         who = (
@@ -250,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
         if args.flower_command == "simulate":
             # Virtual SuperNodes get no node config of their own: each reads client-data/client-K.
             data["client_data"] = str(partitions)
-    out = _output_dir(args, cfg)
+    # Created here, and with --overwrite cleared here, so the results reported below are this run's.
+    out = setup.prepare().expanduser().resolve()
     settings = FlowerSettings(**{**settings.__dict__, **data, "out": str(out)})
     run_config = run_config_for(cfg, settings)
     logs = out / "flower-logs"
@@ -333,10 +358,3 @@ def _report(out: Path, code: int) -> int:
         )
         return 1
     return 0 if code == 0 else 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedlorm.flower ...``: exactly ``fedlorm flower ...`` (same options, errors, exit codes)."""
-    from fedlorm.cli import main as fedlorm_main
-
-    return fedlorm_main(["flower", *(sys.argv[1:] if argv is None else argv)])

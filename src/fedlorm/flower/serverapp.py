@@ -1,5 +1,9 @@
 """The Flower ServerApp: builds the run from the run config, then runs :func:`run_federation`.
 
+Its output folder follows the rules of every other run (:mod:`fedlorm.run_setup`): a folder that
+holds an earlier run's results or checkpoint is refused, with one logged line and nothing in it
+changed, unless the run config sets ``overwrite = true`` (or ``resume = true`` to continue it).
+
 With ``resume = true`` it continues the run checkpointed in ``out`` from its last completed step
 (the engine checkpoints after every step), so a ServerApp or SuperLink that was killed loses at most
 the step in flight. With the run-config key ``server-data`` (the ``server/`` folder ``fedlorm
@@ -10,45 +14,23 @@ needs nothing but it.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlorm.config import RunConfig
-from fedlorm.flower.federation import SERVER_STATE, run_federation
+from fedlorm.config import ConfigError, RunConfig
+from fedlorm.flower.federation import run_federation
 from fedlorm.flower.logs import use_flower_logging
 from fedlorm.flower.settings import FlowerSettings, settings_from_run_config
+from fedlorm.run_setup import server_setup
 from fedlorm.runtime.checkpoint import CheckpointError
 from fedlorm.runtime.experiment import Experiment, build_experiment
 
-__all__ = ["app", "output_dir", "server_experiment"]
+__all__ = ["app", "server_experiment"]
 
 logger = logging.getLogger(__name__)
 
-RESULT_FILES = ("results.json", "metrics.csv", "accuracy.png", SERVER_STATE)
-
 app = ServerApp()
-
-
-def output_dir(cfg: RunConfig, settings: FlowerSettings) -> Path:
-    """``out`` or runs/flower-PRESET-METHOD-sSEED: absolute, created, earlier results removed (kept
-    when resuming: the checkpoint and metrics.csv are the run's own)."""
-    out = (
-        Path(settings.out)
-        if settings.out
-        else Path("runs") / f"flower-{settings.preset}-{cfg.method}-s{cfg.seed}"
-    )
-    out = out.expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    if settings.resume:
-        return out
-    stale = [out / name for name in RESULT_FILES if (out / name).exists()]
-    if stale:
-        logger.warning("replacing the results of an earlier run in %s", out)
-        for path in stale:
-            path.unlink()
-    return out
 
 
 def server_experiment(cfg: RunConfig, settings: FlowerSettings) -> Experiment:
@@ -68,11 +50,32 @@ def server_experiment(cfg: RunConfig, settings: FlowerSettings) -> Experiment:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federated class-incremental experiment the run config describes."""
+    """Run the federated class-incremental experiment the run config describes.
+
+    Args:
+        grid: Flower's grid, through which the steps reach the SuperNodes.
+        context: The ServerApp's context; its run config holds the fedlorm config and the runtime
+            keys (``out``, ``overwrite``, ``resume``, ...; :mod:`fedlorm.flower.settings`).
+
+    Raises:
+        ConfigError: Logged as one line first, if the run config or the output folder cannot be
+            used; nothing in the folder changes then.
+    """
     use_flower_logging()
     cfg, settings = settings_from_run_config(context.run_config)
+    try:  # before any data loads: a refusal costs nothing and nothing in the folder changes
+        setup = server_setup(
+            cfg,
+            out=settings.out,
+            preset=settings.preset,
+            resume=settings.resume,
+            overwrite=settings.overwrite,
+        )
+    except ConfigError as err:
+        logger.error("%s", err)
+        raise
     exp = server_experiment(cfg, settings)
-    out = output_dir(exp.cfg, settings)
+    out = setup.prepare()
     logger.info("fedlorm %s on Flower; results in %s", exp.cfg.method, out)
     try:
         results = run_federation(grid, exp, settings, out, resume=settings.resume, context=context)

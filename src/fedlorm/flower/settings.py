@@ -43,6 +43,7 @@ RUNTIME_DEFAULTS: dict[str, bool | float | int | str] = {
     "server-data": "",
     "client-data": "",
     "resume": False,
+    "overwrite": False,
 }
 """Run-config keys of the Flower runtime itself (not fedlorm config keys), with their defaults."""
 
@@ -76,6 +77,9 @@ class FlowerSettings:
     resume: bool = False
     """Continue the run checkpointed in ``out`` (after a killed ServerApp or SuperLink) instead of
     starting over; the config must be the checkpoint's."""
+    overwrite: bool = False
+    """Replace an earlier run's results or checkpoint in ``out``; without it the ServerApp refuses a
+    folder that holds either, and nothing there is lost."""
 
 
 def config_keys() -> list[str]:
@@ -122,6 +126,7 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, 
         server_data=str(values["server-data"]),
         client_data=str(values["client-data"]),
         resume=_boolean(values["resume"], "resume"),
+        overwrite=_boolean(values["overwrite"], "overwrite"),
     )
     from fedlorm.fcl.participation import clients_per_round  # imports torch, needed only here
 
@@ -158,6 +163,7 @@ def run_config_for(cfg: RunConfig, settings: FlowerSettings) -> dict[str, Scalar
         "server-data": settings.server_data,
         "client-data": settings.client_data,
         "resume": settings.resume,
+        "overwrite": settings.overwrite,
     }
     for key, value in _flatten(config_to_dict(cfg)).items():
         # The method always goes: the other keys are compared with the preset's settings for it.

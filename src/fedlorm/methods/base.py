@@ -19,8 +19,9 @@ from torch import Tensor
 from fedlorm.adapters import LoRALayer
 from fedlorm.backbones import Backbone
 from fedlorm.config import RunConfig
+from fedlorm.methods.arrays import apply_arrays
 from fedlorm.methods.replies import ReplySpec
-from fedlorm.methods.steps import Factor, Phase
+from fedlorm.methods.steps import Factor, Instruction, Phase
 
 Arrays = dict[str, Tensor]
 
@@ -37,54 +38,6 @@ __all__ = [
     "add_arrays",
     "payload_bytes",
 ]
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """What the server asks of every client in one step; flat, so it travels as a config record.
-
-    ``phase`` and ``factor`` may be given as their strings; they are stored as the enums.
-    ``round`` is the training round, -1 for the end-of-task statistics steps.
-    """
-
-    task: int
-    round: int
-    phase: Phase
-    factor: Factor
-    class_start: int
-    class_stop: int
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "phase", Phase(self.phase))
-        object.__setattr__(self, "factor", Factor(self.factor))
-
-    def to_record(self) -> dict[str, int | str]:
-        """Plain key/value form (Flower ConfigRecord, checkpoints); enums as their plain strings."""
-        return {
-            "task": self.task,
-            "round": self.round,
-            "phase": self.phase.value,
-            "factor": self.factor.value,
-            "class_start": self.class_start,
-            "class_stop": self.class_stop,
-        }
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, int | str]) -> Instruction:
-        """Inverse of :meth:`to_record`; ValueError on an unknown phase or factor."""
-        return cls(
-            task=int(record["task"]),
-            round=int(record["round"]),
-            phase=Phase(str(record["phase"])),
-            factor=Factor(str(record["factor"])),
-            class_start=int(record["class_start"]),
-            class_stop=int(record["class_stop"]),
-        )
-
-    @property
-    def classes(self) -> range:
-        """Class positions of the current task (the only logits the local loss sees)."""
-        return range(self.class_start, self.class_stop)
 
 
 @dataclass
@@ -113,12 +66,30 @@ class ClientReply:
 
 
 def payload_bytes(arrays: Mapping[str, Tensor]) -> int:
-    """Tensor payload of a set of arrays, Σ numel·element_size (what up- and download counts)."""
+    """The tensor payload of a set of arrays, as up- and download traffic counts it.
+
+    Args:
+        arrays: Named arrays; values that are not tensors count nothing.
+
+    Returns:
+        Σ numel · element_size in bytes.
+    """
     return sum(t.numel() * t.element_size() for t in arrays.values() if isinstance(t, Tensor))
 
 
 def add_arrays(total: Arrays | None, update: Mapping[str, Tensor]) -> Arrays:
-    """``total + update`` key by key (float64 accumulation); ``total`` None starts a new sum."""
+    """Add one client's summands to a running sum, key by key, in float64.
+
+    Args:
+        total: The running sum, changed in place; None starts a new one.
+        update: One client's summands.
+
+    Returns:
+        The running sum (``total``, or a new float64 copy of ``update``).
+
+    Raises:
+        ValueError: If the keys differ from the running sum's.
+    """
     if total is None:
         return {k: v.detach().to(torch.float64).clone() for k, v in update.items()}
     if total.keys() != update.keys():
@@ -130,7 +101,16 @@ def add_arrays(total: Arrays | None, update: Mapping[str, Tensor]) -> Arrays:
 
 
 class Client(ABC):
-    """Client side of a method: stateless between rounds, everything arrives with the message."""
+    """Client side of a method: stateless between rounds, everything arrives with the message.
+
+    One object serves every client of a run in turn (the runtimes pass each client's data and
+    random stream), so nothing a client learns may stay on it between steps.
+
+    Args:
+        cfg: The run's config, as the run uses it.
+        model: The one model the clients train in turn.
+        layers: The model's LoRA layers, name → layer.
+    """
 
     def __init__(self, cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer]) -> None:
         self.cfg = cfg
@@ -145,18 +125,40 @@ class Client(ABC):
         data: ClientData,
         generator: torch.Generator,
     ) -> ClientReply:
-        """Load ``arrays``, do the instructed local work on ``data``, return the summands."""
+        """Do one client's work for one step.
+
+        Args:
+            arrays: The step's broadcast (:meth:`Server.arrays`); the client loads it first.
+            instruction: What the step asks: its phase, the factor to train, the task's classes.
+            data: This client's share of the current task.
+            generator: This client's random stream for this step (batch order, augmentation).
+
+        Returns:
+            The client's additive summands, its sample count and local metrics (e.g. the loss).
+        """
 
     def deploy(self, arrays: Mapping[str, Tensor], task: int) -> None:
-        """Load a deployed model (:meth:`Server.deployed_arrays` after a step of ``task``) into
-        ``model``, e.g. to evaluate it on this client's data; the client's :meth:`Server.deploy`."""
-        from fedlorm.methods.common import apply_arrays  # here: common imports this module
+        """Load a deployed model into ``model``, e.g. to evaluate it on this client's data.
 
+        The client's side of :meth:`Server.deploy`.
+
+        Args:
+            arrays: :meth:`Server.deployed_arrays` after a step of ``task``.
+            task: The task the deployed model has finished or is in.
+        """
         apply_arrays(self.model, self.layers, arrays)
 
 
 class Server(ABC):
-    """Server side of a method: global state, per-round instructions and the closed-form folds."""
+    """Server side of a method: global state, per-round instructions and the closed-form folds.
+
+    The server only ever sees sums over clients (:meth:`aggregate`), never one client's reply.
+
+    Args:
+        cfg: The run's config, as the run uses it.
+        model: The run's model; a server copies what it needs (initial factors, head) at start.
+        layers: The model's LoRA layers, name → layer.
+    """
 
     def __init__(self, cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer]) -> None:
         self.cfg = cfg
@@ -164,37 +166,77 @@ class Server(ABC):
 
     @abstractmethod
     def start_task(self, task: int, classes: range, generator: torch.Generator) -> None:
-        """Prepare the global state for a new task (e.g. fresh adapters)."""
+        """Prepare the global state for a new task (e.g. fresh adapters).
+
+        Args:
+            task: The task's index, from 0.
+            classes: The task's class positions.
+            generator: The server's seeded stream; a server that draws (new factors) draws here.
+        """
 
     @abstractmethod
     def instructions(self, task: int, classes: range) -> Iterator[Instruction]:
-        """The steps of one task in order: training rounds, then any end-of-task pass."""
+        """The steps of one task, in order.
+
+        Args:
+            task: The task's index.
+            classes: The task's class positions.
+
+        Returns:
+            An iterator of instructions: the training rounds, then any end-of-task statistics step.
+        """
 
     @abstractmethod
     def arrays(self, instruction: Instruction) -> Arrays:
-        """Arrays every client needs for ``instruction`` (the broadcast)."""
+        """The broadcast of one step: what every client it asks needs.
+
+        Args:
+            instruction: The step.
+
+        Returns:
+            Named arrays, the same for every client.
+        """
 
     @abstractmethod
     def aggregate(self, instruction: Instruction, sums: Arrays, num_examples: int) -> None:
-        """Fold the summed client replies into the global state."""
+        """Fold the step's summed replies into the global state.
+
+        Args:
+            instruction: The step the replies answered.
+            sums: The sum over the contributing clients of each summand, in float64.
+            num_examples: The contributing clients' total sample count.
+        """
 
     def expected_reply(self, instruction: Instruction) -> ReplySpec | None:
-        """What each array of a valid reply to ``instruction`` is (:mod:`fedlorm.methods.replies`);
-        None: the first valid reply fixes keys and shapes, and kinds go by the key convention."""
+        """What each array of a valid reply is, so that both runtimes check every reply against it.
+
+        Args:
+            instruction: The step.
+
+        Returns:
+            Key → :class:`~fedlorm.methods.replies.Summand` (shape, dtype, kind), or None: then the
+            first valid reply fixes keys and shapes, and kinds go by the key convention.
+        """
         return None
 
     @abstractmethod
     def deployed_arrays(self) -> Arrays:
-        """Arrays of the model to evaluate now (no task id at test time); a pure getter."""
+        """The model to evaluate now, with no task id at test time; a pure getter.
+
+        Returns:
+            Named arrays (factors, frozen updates, head) that :meth:`deploy` loads.
+        """
 
     def deploy(self, model: Backbone, layers: Mapping[str, LoRALayer]) -> None:
         """Load the deployed model into ``model``, which the runtime then evaluates and exports.
 
         The default loads :meth:`deployed_arrays` (LoRA factors, frozen updates, head); a method
         whose model holds more (e.g. a prompt pool) overrides it to load that too.
-        """
-        from fedlorm.methods.common import apply_arrays  # here: common imports this module
 
+        Args:
+            model: The run's model.
+            layers: Its LoRA layers, name → layer.
+        """
         apply_arrays(model, layers, self.deployed_arrays())
 
     @abstractmethod
@@ -206,6 +248,9 @@ class Server(ABC):
         ``load_state_dict(state_dict())`` continues bit for bit like this one. Non-tensor fields
         (task index, flags such as ``task_finished`` or ``started``, counters) go in as 0-d tensors
         under plain names (e.g. ``"task"``); the checkpoint stores the dict as it is (safetensors).
+
+        Returns:
+            Name → tensor, every piece of state later steps read.
         """
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
@@ -213,5 +258,11 @@ class Server(ABC):
 
         A method that does not override it cannot be resumed: its checkpoints are written, and
         ``--resume`` stops with this error.
+
+        Args:
+            state: What :meth:`state_dict` returned, e.g. read back from a checkpoint.
+
+        Raises:
+            NotImplementedError: If the method does not support resuming.
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement load_state_dict")

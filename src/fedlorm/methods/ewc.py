@@ -24,8 +24,9 @@ from torch import Tensor
 from fedlorm.adapters import LoRALayer
 from fedlorm.backbones import Backbone
 from fedlorm.config import RunConfig
+from fedlorm.methods.arrays import apply_arrays, factor_key
 from fedlorm.methods.base import Arrays, ClientData, ClientReply, Instruction
-from fedlorm.methods.common import Penalty, apply_arrays, factor_key
+from fedlorm.methods.common import Penalty
 from fedlorm.methods.finetune import FinetuneClient, FinetuneServer
 from fedlorm.methods.regularisers import ewc_penalty, parameter_paths, squared_gradient_sums
 from fedlorm.methods.replies import ReplySpec, count, gram

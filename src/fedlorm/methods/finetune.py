@@ -16,14 +16,9 @@ from torch import Tensor, nn
 from fedlorm.adapters import LoRALayer
 from fedlorm.backbones import Backbone
 from fedlorm.config import RunConfig
+from fedlorm.methods.arrays import apply_arrays, factor_key, shared_model_arrays
 from fedlorm.methods.base import Arrays, Client, ClientData, ClientReply, Instruction, Server
-from fedlorm.methods.common import (
-    Penalty,
-    apply_arrays,
-    factor_key,
-    shared_model_arrays,
-    train_with_config,
-)
+from fedlorm.methods.common import Penalty, train_with_config
 from fedlorm.methods.replies import ReplySpec, count, value
 from fedlorm.methods.steps import Factor, Phase
 

@@ -1,18 +1,22 @@
-"""Every method by name, with the parts it is built from; and the head and cross-task rules by the
-names ``lorm.head_merge`` and ``lorm.cross_task`` take.
+"""Every method by name, with the parts it is built from; the head and cross-task rules by the names
+``lorm.head_merge`` and ``lorm.cross_task`` take; and the check of a config against those parts.
 
 A method is one :class:`Method` line. A task-structured LoRA method names its within-task client
 merge (:mod:`fedlorm.methods.within_task`); the head strategy and cross-task rule come from the run's
-config, unless the entry fixes the latter. docs/methods.md shows how to add one.
+config, unless the entry fixes the latter. The entry builds the run's server and client and hands
+each its parts (:meth:`Method.build_server`, :meth:`Method.build_client`), so no part looks up the
+registry. docs/methods.md shows how to add a method.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from fedlorm.config import RunConfig
+from fedlorm.adapters import LoRALayer
+from fedlorm.backbones import Backbone
+from fedlorm.config import ConfigError, RunConfig
 from fedlorm.methods.base import Client, Server
 from fedlorm.methods.cross_task import (
     ClosedFormTasks,
@@ -22,13 +26,21 @@ from fedlorm.methods.cross_task import (
     TiesMerge,
 )
 from fedlorm.methods.ewc import EWCClient, EWCServer
+from fedlorm.methods.extras import ModelExtra
 from fedlorm.methods.finetune import FinetuneClient, FinetuneServer
 from fedlorm.methods.heads import AnalyticHead, CCVRHead, HeadStrategy, RegMeanHead, TrainedAverageHead
 from fedlorm.methods.joint import joint_config
 from fedlorm.methods.lwf import LwFClient, LwFServer
-from fedlorm.methods.prompts import CodaClient, CodaServer, L2PClient, L2PServer, require_vit
+from fedlorm.methods.prompts import (
+    CodaClient,
+    CodaServer,
+    L2PClient,
+    L2PServer,
+    SavedPromptPool,
+    require_vit,
+)
 from fedlorm.methods.steps import Factor
-from fedlorm.methods.task_lora import TaskLoRAClient, TaskLoRAServer
+from fedlorm.methods.task_lora import TaskLoRAClient, TaskLoRAServer, TaskParts
 from fedlorm.methods.within_task import (
     ALTERNATE,
     AlternatingClosedForm,
@@ -39,7 +51,7 @@ from fedlorm.methods.within_task import (
     WithinTaskMerge,
 )
 
-__all__ = ["CROSS_TASK_RULES", "HEADS", "METHODS", "WITHIN_TASK_MERGES", "Method"]
+__all__ = ["CROSS_TASK_RULES", "HEADS", "METHODS", "WITHIN_TASK_MERGES", "Method", "check_method_config"]
 
 
 def _as_given(cfg: RunConfig) -> RunConfig:
@@ -63,10 +75,78 @@ class Method:
     """The config the run really uses (e.g. joint's one task of all classes on one client)."""
     vit_only: bool = False
     """Runs on ViT backbones only (its ``run_config`` refuses others); the CNN smoke pins skip it."""
+    model_extra: ModelExtra | None = None
+    """The export hook of a method whose deployed model holds more than backbone, adapters and head
+    (e.g. a prompt pool): how ``model/`` stores that and how loading rebuilds it."""
 
     def adapted_tasks(self, cfg: RunConfig) -> int | None:
-        """The run's adapted-task limit: ``lorm.adapt_tasks`` if set, else the method's own."""
+        """The run's adapted-task limit.
+
+        Args:
+            cfg: The run's config.
+
+        Returns:
+            ``lorm.adapt_tasks`` if set, else the method's own limit; None: every task adapts.
+        """
         return cfg.lorm.adapt_tasks or self.adapt_tasks
+
+    def task_parts(self, cfg: RunConfig, model: Backbone) -> TaskParts:
+        """A fresh set of the parts a task-structured LoRA method runs with.
+
+        Args:
+            cfg: The run's config, as the run uses it (``run_config`` applied).
+            model: The run's model; its head's shape sizes the head strategy.
+
+        Returns:
+            The entry's within-task merge, the head strategy of ``lorm.head_merge``, the cross-task
+            rule (the entry's own, else ``lorm.cross_task``) and the adapted-task limit.
+
+        Raises:
+            ValueError: If the method is not task-structured (it has no ``within_task``).
+        """
+        if self.within_task is None:
+            raise ValueError(f"{self.summary!r} is not a task-structured LoRA method")
+        classes, features = model.head.weight.shape
+        return TaskParts(
+            within=self.within_task,
+            head=HEADS[cfg.lorm.head_merge](cfg.lorm, classes, features),
+            cross=CROSS_TASK_RULES[self.cross_task or cfg.lorm.cross_task].from_config(cfg.lorm),
+            adapt_tasks=self.adapted_tasks(cfg),
+        )
+
+    def build_server(self, cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer]) -> Server:
+        """The run's server, with parts of its own.
+
+        Args:
+            cfg: The run's config, as the run uses it; it is checked first.
+            model: The run's model with its LoRA layers injected; the server copies its initial state.
+            layers: The model's LoRA layers by name.
+
+        Returns:
+            A server at the start of the run (no task started yet).
+
+        Raises:
+            ConfigError: If ``cfg`` asks the method's parts for what they cannot do.
+        """
+        check_method_config(cfg)
+        if self.within_task is None:
+            return self.server(cfg, model, layers)
+        return self.server(cfg, model, layers, self.task_parts(cfg, model))  # type: ignore[call-arg]
+
+    def build_client(self, cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer]) -> Client:
+        """The run's client (one object serves every client), with parts of its own.
+
+        Args:
+            cfg: The run's config, as the run uses it.
+            model: The one model every client trains in turn.
+            layers: The model's LoRA layers by name.
+
+        Returns:
+            A client; it keeps no state between steps.
+        """
+        if self.within_task is None:
+            return self.client(cfg, model, layers)
+        return self.client(cfg, model, layers, self.task_parts(cfg, model))  # type: ignore[call-arg]
 
 
 def ccvr_config(cfg: RunConfig) -> RunConfig:
@@ -118,6 +198,7 @@ METHODS: dict[str, Method] = {
         "L2P: top-N prompts from a keyed pool (ViT backbone only)",
         run_config=require_vit,
         vit_only=True,
+        model_extra=SavedPromptPool(L2PServer.pool_type),
     ),
     "coda-p": Method(
         CodaServer,
@@ -125,6 +206,7 @@ METHODS: dict[str, Method] = {
         "CODA-Prompt: attention-weighted prefix components (ViT backbone only)",
         run_config=require_vit,
         vit_only=True,
+        model_extra=SavedPromptPool(CodaServer.pool_type),
     ),
 }
 """Method name → its registry entry."""
@@ -149,3 +231,62 @@ CROSS_TASK_RULES: dict[str, type[CrossTaskRule]] = {
     "ties": TiesMerge,
 }
 """``lorm.cross_task`` → cross-task rule (built by ``from_config`` with the run's LoRM config)."""
+
+
+def check_method_config(cfg: RunConfig) -> None:
+    """Refuse a config that asks the method's parts for what they cannot do, before any data loads.
+
+    An adapted-task limit (``lorm.adapt_tasks``, or the method's own, as ``lorm-fsa``'s) leaves the
+    later tasks without training rounds, so their classes need a head strategy that solves the head
+    from feature sums alone (:attr:`~fedlorm.methods.heads.HeadStrategy.supports_frozen_backbone`).
+    A task-structured method with the authors' statistics model (``lorm.stats_model = reference``)
+    trains every task from the pretrained weights, so it needs ``lorm.task_start = pretrained``.
+
+    Args:
+        cfg: The run's config, as the run uses it (the method's ``run_config`` applied).
+
+    Raises:
+        ConfigError: One line naming the value and what is allowed.
+    """
+    method = METHODS.get(cfg.method)
+    lorm = cfg.lorm
+    task_structured = method is not None and method.within_task is not None
+    if task_structured and lorm.stats_model == "reference" and lorm.task_start != "pretrained":
+        raise ConfigError(
+            "lorm.stats_model='reference' reproduces the authors' setup and needs "
+            f"lorm.task_start='pretrained', got {lorm.task_start!r}"
+        )
+    _check_head_projection(cfg, task_structured)
+    limit = method.adapted_tasks(cfg) if method is not None else lorm.adapt_tasks
+    head = HEADS.get(lorm.head_merge)
+    if limit is None or head is None or head.supports_frozen_backbone:
+        return
+    allowed = " or ".join(repr(name) for name, part in HEADS.items() if part.supports_frozen_backbone)
+    reason = (
+        f"tasks after the first {limit} add their classes to the head through its feature sums only; "
+        f"set lorm.head_merge = {allowed}"
+    )
+    if lorm.adapt_tasks is not None:
+        raise ConfigError(
+            f"lorm.adapt_tasks = {limit} is not allowed with lorm.head_merge = {lorm.head_merge!r}: "
+            f"{reason}, or lorm.adapt_tasks = none"
+        )
+    raise ConfigError(f"method {cfg.method!r}: {reason} (now {lorm.head_merge!r})")
+
+
+def _check_head_projection(cfg: RunConfig, task_structured: bool) -> None:
+    """``lorm.head_projection`` feeds the analytic head only: refuse it where no analytic head runs."""
+    width = cfg.lorm.head_projection
+    if width == 0:
+        return
+    if not task_structured:
+        raise ConfigError(
+            f"lorm.head_projection = {width} is not allowed with method {cfg.method!r}, which has no "
+            "analytic head; use a task-structured method (e.g. lorm, head-only, lorm-fsa) or 0"
+        )
+    if cfg.lorm.head_merge != "analytic":
+        raise ConfigError(
+            f"lorm.head_projection = {width} is not allowed: method {cfg.method!r} runs lorm.head_merge = "
+            f"{cfg.lorm.head_merge!r}, and the projection feeds only the analytic head; set "
+            "lorm.head_merge = 'analytic' or lorm.head_projection = 0"
+        )

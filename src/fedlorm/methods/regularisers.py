@@ -12,8 +12,8 @@ from torch.func import functional_call, grad, vmap
 
 from fedlorm.adapters import LoRALayer
 from fedlorm.backbones import Backbone
+from fedlorm.methods.arrays import HEAD, factor_key
 from fedlorm.methods.base import ClientData
-from fedlorm.methods.common import HEAD, factor_key
 
 __all__ = ["ewc_penalty", "lwf_loss", "parameter_paths", "squared_gradient_sums"]
 

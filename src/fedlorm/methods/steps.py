@@ -1,14 +1,13 @@
-"""What one protocol step is: its phase, the factor it trains, and the one name it goes by."""
+"""What one protocol step is: its phase, the factor it trains, the instruction that carries both to
+the clients, and the one name the step goes by."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from fedlorm.methods.base import Instruction
-
-__all__ = ["Factor", "Phase", "step_label"]
+__all__ = ["Factor", "Instruction", "Phase", "step_label"]
 
 
 class Phase(StrEnum):
@@ -38,6 +37,54 @@ class Factor(StrEnum):
     def trained(self) -> tuple[str, ...]:
         """The LoRA factor letters this value trains, e.g. ``("A", "B")`` for ``both``."""
         return {Factor.BOTH: ("A", "B"), Factor.NONE: (), Factor.PROMPTS: ()}.get(self, (self.value,))
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What the server asks of every client in one step; flat, so it travels as a config record.
+
+    ``phase`` and ``factor`` may be given as their strings; they are stored as the enums.
+    ``round`` is the training round, -1 for the end-of-task statistics steps.
+    """
+
+    task: int
+    round: int
+    phase: Phase
+    factor: Factor
+    class_start: int
+    class_stop: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "phase", Phase(self.phase))
+        object.__setattr__(self, "factor", Factor(self.factor))
+
+    def to_record(self) -> dict[str, int | str]:
+        """Plain key/value form (Flower ConfigRecord, checkpoints); enums as their plain strings."""
+        return {
+            "task": self.task,
+            "round": self.round,
+            "phase": self.phase.value,
+            "factor": self.factor.value,
+            "class_start": self.class_start,
+            "class_stop": self.class_stop,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, int | str]) -> Instruction:
+        """Inverse of :meth:`to_record`; ValueError on an unknown phase or factor."""
+        return cls(
+            task=int(record["task"]),
+            round=int(record["round"]),
+            phase=Phase(str(record["phase"])),
+            factor=Factor(str(record["factor"])),
+            class_start=int(record["class_start"]),
+            class_stop=int(record["class_stop"]),
+        )
+
+    @property
+    def classes(self) -> range:
+        """Class positions of the current task (the only logits the local loss sees)."""
+        return range(self.class_start, self.class_stop)
 
 
 _STEP_WORDS = {

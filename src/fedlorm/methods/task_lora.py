@@ -1,8 +1,9 @@
 """Task-structured federated LoRA: a fresh adapter per task, merged within and across tasks.
 
-Every method but ``finetune``/``joint`` runs on this server and client; its registry entry
-(:mod:`fedlorm.methods.registry`) names its within-task client merge, and the run's config its head
-strategy (``lorm.head_merge``) and cross-task rule (``lorm.cross_task``). A task is: training rounds
+Every method but ``finetune``/``joint`` and the prompt methods runs on this server and client. The
+registry (:mod:`fedlorm.methods.registry`) builds their :class:`TaskParts` (the entry's within-task
+client merge, and the head strategy and cross-task rule the run's config names) and hands them to
+both; neither looks anything up itself. A task is: training rounds
 (each: the round's factor(s) and the task's head rows, then the merge's summands), then, if the
 parts need them, a ``task_stats`` step (the adapted layers' input Grams for the cross-task merge)
 and a ``head_stats`` step (feature sums for the analytic head). LoRM is this with the alternating
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -21,16 +23,16 @@ from fedlorm import merging
 from fedlorm.adapters import LoRALayer
 from fedlorm.backbones import Backbone
 from fedlorm.config import RunConfig
+from fedlorm.methods.arrays import HEAD, apply_arrays, factor_key
 from fedlorm.methods.base import Arrays, Client, ClientData, ClientReply, Instruction, Server
-from fedlorm.methods.common import HEAD, apply_arrays, collect_statistics, factor_key, train_with_config
+from fedlorm.methods.common import collect_statistics, train_with_config
 from fedlorm.methods.cross_task import CrossTaskRule
 from fedlorm.methods.heads import HeadStrategy
 from fedlorm.methods.replies import ReplySpec, gram
 from fedlorm.methods.steps import Factor, Phase
-from fedlorm.methods.validation import check_method_config
 from fedlorm.methods.within_task import LayerShape, WithinTaskMerge
 
-__all__ = ["TaskLoRAClient", "TaskLoRAServer"]
+__all__ = ["TaskLoRAClient", "TaskLoRAServer", "TaskParts"]
 
 _FIXED_KEYS = (".fixed_delta", ".fixed_B", ".fixed_A")
 _DENSE = {"fixed": "fixed_delta", "earlier": "earlier_sum"}
@@ -41,18 +43,22 @@ def _mode(alpha: float) -> str:
     return "diag" if alpha == 0 else "full"
 
 
-def _parts(
-    cfg: RunConfig, head_shape: torch.Size
-) -> tuple[WithinTaskMerge, HeadStrategy, CrossTaskRule, int | None]:
-    """The run's within-task merge, head strategy, cross-task rule and adapted-task limit."""
-    from fedlorm.methods.registry import CROSS_TASK_RULES, HEADS, METHODS  # the registry names these classes
+@dataclass(frozen=True)
+class TaskParts:
+    """The parts one task-structured LoRA server or client is built from, resolved for one run.
 
-    method = METHODS[cfg.method]
-    assert method.within_task is not None, f"{cfg.method!r} is not a task-structured LoRA method"
-    classes, features = head_shape
-    head = HEADS[cfg.lorm.head_merge](cfg.lorm, classes, features)
-    cross = CROSS_TASK_RULES[method.cross_task or cfg.lorm.cross_task].from_config(cfg.lorm)
-    return method.within_task, head, cross, method.adapted_tasks(cfg)
+    The registry builds a fresh set for the server and another for the client, so that the
+    server's head strategy and cross-task rule keep state of their own.
+    """
+
+    within: WithinTaskMerge
+    """How a task's clients are merged within a round (the registry entry's rule)."""
+    head: HeadStrategy
+    """How the head is merged (``lorm.head_merge``), built for the run's classes and features."""
+    cross: CrossTaskRule
+    """How finished tasks are merged (``lorm.cross_task``, unless the entry fixes it)."""
+    adapt_tasks: int | None = None
+    """Train the adapters on the first N tasks only; None: on every task."""
 
 
 def _earlier_update(arrays: Mapping[str, Tensor], name: str, t: int) -> tuple[Tensor, Tensor] | Tensor | None:
@@ -67,9 +73,11 @@ def _earlier_update(arrays: Mapping[str, Tensor], name: str, t: int) -> tuple[Te
 class TaskLoRAClient(Client):
     """Trains the round's factor(s) and head rows; replies with its parts' additive summands."""
 
-    def __init__(self, cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer]) -> None:
+    def __init__(
+        self, cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer], parts: TaskParts
+    ) -> None:
         super().__init__(cfg, model, layers)
-        self.within, self.head, self.cross, _ = _parts(cfg, model.head.weight.shape)
+        self.within, self.head, self.cross = parts.within, parts.head, parts.cross
 
     def update(
         self,
@@ -174,15 +182,12 @@ class TaskLoRAServer(Server):
     wherever the cross-task rule gives it that form (:meth:`CrossTaskRule.factored`).
     """
 
-    def __init__(self, cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer]) -> None:
+    def __init__(
+        self, cfg: RunConfig, model: Backbone, layers: Mapping[str, LoRALayer], parts: TaskParts
+    ) -> None:
         super().__init__(cfg, model, layers)
-        if cfg.lorm.stats_model == "reference" and cfg.lorm.task_start != "pretrained":
-            raise ValueError(
-                "lorm.stats_model='reference' reproduces the authors' setup and needs "
-                f"lorm.task_start='pretrained', got {cfg.lorm.task_start!r}"
-            )
-        check_method_config(cfg)  # e.g. an adapted-task limit needs a head that supports it
-        self.within, self.head, self.cross, self.adapt_tasks = _parts(cfg, model.head.weight.shape)
+        self.within, self.head, self.cross = parts.within, parts.head, parts.cross
+        self.adapt_tasks = parts.adapt_tasks
         self.scaling = cfg.model.scaling
         self.dtype = model.head.weight.dtype
         self.device = model.head.weight.device

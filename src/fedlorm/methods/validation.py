@@ -1,8 +1,6 @@
-"""Checks against the method layer's parts: a run's config (:func:`check_method_config`) and, on the
-server, one client's reply before it joins the sums (both runtimes use them).
+"""The server's check of one client's reply before it joins the sums (both runtimes use it).
 
-A config that asks a part for something it cannot do fails with a one-line ConfigError before the
-run starts. A reply that is not finite, has the wrong keys, shapes or dtypes, carries a Gram that is not
+A reply that is not finite, has the wrong keys, shapes or dtypes, carries a Gram that is not
 positive semi-definite, or a sample count (a divisor on the server) that is not positive, would
 poison the merge of every other client, so it is rejected with a one-line reason and the round goes
 on with the rest. What each array is comes from the method's :class:`~fedlorm.methods.replies.Summand`
@@ -16,11 +14,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fedlorm.config import ConfigError, RunConfig
 from fedlorm.methods.base import ClientReply
 from fedlorm.methods.replies import Kind, ReplySpec, Summand
 
-__all__ = ["InvalidReplyError", "check_method_config", "check_reply", "reply_spec"]
+__all__ = ["InvalidReplyError", "check_reply", "reply_spec"]
 
 _CONVENTION = {".G": Kind.GRAM, ".H": Kind.GRAM, ".n": Kind.COUNT}
 """Key endings a spec-less method's replies are read by (``n`` alone is a count too)."""
@@ -28,53 +25,6 @@ _CONVENTION = {".G": Kind.GRAM, ".H": Kind.GRAM, ".n": Kind.COUNT}
 # Relative tolerance of the PSD test: eigenvalues above -tol · d · max|G| count as >= 0, which absorbs
 # float64 rounding of sums over millions of tokens.
 _PSD_TOL = 1e-8
-
-
-def check_method_config(cfg: RunConfig) -> None:
-    """ConfigError (one line, naming the value and what is allowed) where ``cfg`` asks the registry's
-    parts for what they cannot do.
-
-    An adapted-task limit (``lorm.adapt_tasks``, or the method's own, as ``lorm-fsa``'s) leaves the
-    later tasks without training rounds, so their classes need a head strategy that solves the head
-    from feature sums alone (:attr:`~fedlorm.methods.heads.HeadStrategy.supports_frozen_backbone`).
-    """
-    from fedlorm.methods.registry import HEADS, METHODS  # the registry imports the modules using this
-
-    method = METHODS.get(cfg.method)
-    _check_head_projection(cfg, method is not None and method.within_task is not None)
-    limit = method.adapted_tasks(cfg) if method is not None else cfg.lorm.adapt_tasks
-    head = HEADS.get(cfg.lorm.head_merge)
-    if limit is None or head is None or head.supports_frozen_backbone:
-        return
-    allowed = " or ".join(repr(name) for name, part in HEADS.items() if part.supports_frozen_backbone)
-    reason = (
-        f"tasks after the first {limit} add their classes to the head through its feature sums only; "
-        f"set lorm.head_merge = {allowed}"
-    )
-    if cfg.lorm.adapt_tasks is not None:
-        raise ConfigError(
-            f"lorm.adapt_tasks = {limit} is not allowed with lorm.head_merge = {cfg.lorm.head_merge!r}: "
-            f"{reason}, or lorm.adapt_tasks = none"
-        )
-    raise ConfigError(f"method {cfg.method!r}: {reason} (now {cfg.lorm.head_merge!r})")
-
-
-def _check_head_projection(cfg: RunConfig, task_structured: bool) -> None:
-    """``lorm.head_projection`` feeds the analytic head only: refuse it where no analytic head runs."""
-    width = cfg.lorm.head_projection
-    if width == 0:
-        return
-    if not task_structured:
-        raise ConfigError(
-            f"lorm.head_projection = {width} is not allowed with method {cfg.method!r}, which has no "
-            "analytic head; use a task-structured method (e.g. lorm, head-only, lorm-fsa) or 0"
-        )
-    if cfg.lorm.head_merge != "analytic":
-        raise ConfigError(
-            f"lorm.head_projection = {width} is not allowed: method {cfg.method!r} runs lorm.head_merge = "
-            f"{cfg.lorm.head_merge!r}, and the projection feeds only the analytic head; set "
-            "lorm.head_merge = 'analytic' or lorm.head_projection = 0"
-        )
 
 
 class InvalidReplyError(ValueError):

@@ -28,7 +28,7 @@ from fedlorm.data import (
 )
 from fedlorm.fcl import Scenario, dirichlet_partition, make_scenario
 from fedlorm.methods import METHODS, Client, ClientData, Server
-from fedlorm.methods.validation import check_method_config
+from fedlorm.methods.registry import check_method_config
 from fedlorm.precision import check_precision
 from fedlorm.projection import RandomFeatures, projection_matrix
 from fedlorm.seeding import derive_seed
@@ -230,7 +230,19 @@ def build_model(
 
 
 def effective_config(cfg: RunConfig) -> RunConfig:
-    """``cfg`` validated, as the run uses it (``joint``: one task of all classes, one client)."""
+    """The config as the run uses it, checked before any data loads.
+
+    Args:
+        cfg: The config as given.
+
+    Returns:
+        ``cfg`` with the method's own changes applied (e.g. ``joint``: one task of all classes on
+        one client).
+
+    Raises:
+        ConfigError: One line, if a value is out of range, the method unknown, or the method's parts
+            cannot run the combination asked for.
+    """
     validate_config(cfg)
     if cfg.method not in METHODS:
         raise ConfigError(
@@ -272,7 +284,21 @@ def build_data(cfg: RunConfig) -> RunData:
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
-    """Validate the config, then load data and build model and method (no training)."""
+    """Everything a run needs, built from its config: no training yet.
+
+    The config is checked first (:func:`effective_config`), so a bad combination fails before any
+    data loads; then the data, the class order and partitions, the model with its LoRA layers, and
+    the method's server and client are built.
+
+    Args:
+        cfg: The run's config.
+
+    Returns:
+        The experiment, with the config as the run uses it (``experiment.cfg``).
+
+    Raises:
+        ValueError: One line, if the config, the device, the data or the weights cannot be used.
+    """
     cfg = effective_config(cfg)
     device = _compute_device(cfg)
     data = build_data(cfg)
@@ -290,6 +316,19 @@ def build_experiment_without_data(
 
     Loads no dataset: ``train`` is empty and ``partitions`` is ``[]``; the scenario, class names
     and the evaluation set ``test`` (empty if None) come from the caller (e.g. a partition folder).
+
+    Args:
+        cfg: The run's config.
+        scenario: The run's class order and tasks.
+        class_names: The class names in logit order.
+        client_source: ``source(task, client)`` gives a client's share of a task.
+        test: The evaluation set; empty if None.
+
+    Returns:
+        The experiment.
+
+    Raises:
+        ValueError: One line, if the config, the device or the weights cannot be used.
     """
     cfg = effective_config(cfg)
     device = _compute_device(cfg)
@@ -326,8 +365,8 @@ def _assemble(
         test=data.test,
         model=model,
         layers=layers,
-        server=method.server(cfg, model, layers),
-        client=method.client(cfg, model, layers),
+        server=method.build_server(cfg, model, layers),
+        client=method.build_client(cfg, model, layers),
         device=device,
         partitions=data.partitions,
         class_names=data.class_names,

@@ -17,7 +17,7 @@ from fedlorm.config import config_to_dict
 from fedlorm.export import MODEL_DIR, save_model
 from fedlorm.fcl import summarize
 from fedlorm.methods import METHODS, Instruction
-from fedlorm.methods.common import HEAD, PROJECTED_HEAD
+from fedlorm.methods.arrays import HEAD, PROJECTED_HEAD
 from fedlorm.methods.steps import Phase, step_label
 from fedlorm.presets import config_sources
 from fedlorm.results import versions

@@ -119,7 +119,24 @@ def run_simulation(
     progress: bool = False,
     experiment: Experiment | None = None,
 ) -> dict[str, Any]:
-    """Run the whole class-incremental sequence in process; return (and write) the results dict."""
+    """Run the whole class-incremental sequence in this process.
+
+    Args:
+        cfg: The run's config (a preset, a TOML file and overrides resolved).
+        out_dir: Where to write results.json, metrics.csv, accuracy.png, model/ and a checkpoint
+            after every step; None writes nothing. The folder is used as it is: callers that must
+            not replace an earlier run check it first (:mod:`fedlorm.run_setup`).
+        progress: Show a progress bar on stderr.
+        experiment: The experiment already built from ``cfg`` (:func:`build_experiment`), so a
+            caller can check data and model before anything is written; built here if None.
+
+    Returns:
+        The results dict that results.json holds: the accuracy matrix, the final and average
+        incremental accuracy, forgetting, traffic, per-step rows and diagnostics.
+
+    Raises:
+        ValueError: One line, if the config, the data or the weights cannot be used.
+    """
     return run(experiment or build_experiment(cfg), InProcess(), out_dir, progress=progress)
 
 
@@ -129,8 +146,19 @@ def resume_simulation(
     """Continue the run checkpointed in ``out_dir`` from its last completed step.
 
     The config comes from the checkpoint; the results equal an uninterrupted run's with the same
-    seed. Raises :class:`~fedlorm.runtime.checkpoint.CheckpointError` (a ValueError) before writing
-    anything if the checkpoint is missing, unreadable, or does not fit ``experiment``.
+    seed.
+
+    Args:
+        out_dir: The folder of the interrupted run.
+        progress: Show a progress bar on stderr.
+        experiment: The experiment built from the checkpoint's config; built here if None.
+
+    Returns:
+        The whole run's results dict, as :func:`run_simulation` returns it.
+
+    Raises:
+        CheckpointError: A ValueError, before anything is written, if the checkpoint is missing,
+            unreadable, or does not fit ``experiment``.
     """
     cfg, ckpt = checkpoint_config(out_dir)
     exp = experiment or build_experiment(cfg)

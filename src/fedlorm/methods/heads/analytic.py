@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from fedlorm import merging
 from fedlorm.backbones import Backbone
 from fedlorm.config import LormConfig
+from fedlorm.methods.arrays import HEAD, PROJECTED_HEAD
 from fedlorm.methods.base import Arrays, ClientData, Instruction
-from fedlorm.methods.common import HEAD, PROJECTED_HEAD
 from fedlorm.methods.heads.average import TrainedAverageHead
 from fedlorm.methods.heads.base import Head
 from fedlorm.methods.replies import ReplySpec, gram, value

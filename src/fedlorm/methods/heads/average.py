@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fedlorm.methods.arrays import HEAD
 from fedlorm.methods.base import Arrays
-from fedlorm.methods.common import HEAD
 from fedlorm.methods.heads.base import Head, HeadStrategy
 from fedlorm.methods.replies import ReplySpec, count, value
 

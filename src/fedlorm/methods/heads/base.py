@@ -10,8 +10,8 @@ from torch import Tensor
 
 from fedlorm.backbones import Backbone
 from fedlorm.config import LormConfig
+from fedlorm.methods.arrays import HEAD
 from fedlorm.methods.base import Arrays, ClientData, Instruction
-from fedlorm.methods.common import HEAD
 from fedlorm.methods.replies import ReplySpec
 
 __all__ = ["HeadStrategy"]

@@ -24,8 +24,8 @@ from torch import Tensor
 
 from fedlorm.backbones import Backbone
 from fedlorm.config import LormConfig
+from fedlorm.methods.arrays import HEAD
 from fedlorm.methods.base import Arrays, ClientData, Instruction
-from fedlorm.methods.common import HEAD
 from fedlorm.methods.heads.average import TrainedAverageHead
 from fedlorm.methods.heads.base import Head
 from fedlorm.methods.replies import ReplySpec, value

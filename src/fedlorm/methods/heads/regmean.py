@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from fedlorm import merging
+from fedlorm.methods.arrays import HEAD
 from fedlorm.methods.base import Arrays
-from fedlorm.methods.common import HEAD
 from fedlorm.methods.heads.average import TrainedAverageHead
 from fedlorm.methods.heads.base import Head
 from fedlorm.methods.replies import ReplySpec, gram, value

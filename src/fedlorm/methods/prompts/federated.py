@@ -17,8 +17,8 @@ from torch import Tensor
 from fedlorm.adapters import LoRALayer
 from fedlorm.backbones import Backbone
 from fedlorm.config import RunConfig
+from fedlorm.methods.arrays import HEAD, apply_arrays
 from fedlorm.methods.base import Arrays, Client, ClientData, ClientReply, Instruction, Server
-from fedlorm.methods.common import HEAD, apply_arrays
 from fedlorm.methods.prompts.coda import CodaPool
 from fedlorm.methods.prompts.l2p import L2PPool
 from fedlorm.methods.prompts.pool import PREFIX, PromptPool, attach_pool
