@@ -1,0 +1,479 @@
+"""Secure mode holds (docs/security.md): what each threat-model claim rests on, asserted in numbers.
+
+- masks: ChaCha20 from the whole shared secret on both SecAgg+ ends, not a 32-bit fold;
+- a SuperNode's own policy (``require-secure``) and one-word error replies;
+- plain mode: hostile replies (scaled summands, forged counts, an inflated Gram) are rejected by the
+  public per-sample bounds, or merge within bounds; the state equals the fold of the honest replies;
+- secure mode: a hostile contribution inside the public bound (a negative Gram diagonal, a forged
+  count) fails the checks on the sums or the guarded merge; the state is kept and the run goes on;
+- a secure step never sums two different sets of clients (resume after a crash);
+- federated evaluation under secure aggregation is one secure sum of (correct, examples).
+
+Flower tests drive the real ClientApp (and Flower's SecAgg+ mod and workflow) through an in-process
+loopback grid that records what reaches the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+pytest.importorskip("flwr")
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlorm.backbones import create_backbone
+from fedlorm.config import ConfigError, apply_overrides, validate_config
+from fedlorm.flower import client, clientapp, masks, secure_step
+from fedlorm.flower.federation import SECURE_JOURNAL, run_federation
+from fedlorm.flower.local_grid import LocalGrid
+from fedlorm.flower.messages import ARRAYS, CONFIG, to_array_record
+from fedlorm.flower.policy import REFUSALS, REQUIRE_SECURE
+from fedlorm.flower.secure import secure_sum
+from fedlorm.flower.secure_client import optional_secaggplus_mod, secure_reply
+from fedlorm.flower.secure_step import run_secure_step
+from fedlorm.flower.settings import FlowerSettings, run_config_for
+from fedlorm.flower.strategy import FedlormStrategy
+from fedlorm.methods import add_arrays
+from fedlorm.methods.guard import guarded_aggregate
+from fedlorm.runtime import engine
+from fedlorm.runtime.engine import fold_replies, fold_secure_replies
+from fedlorm.runtime.experiment import build_experiment
+from fedlorm.runtime.simulator import InProcess, run_simulation
+from fedlorm.secure import contribution as contribution_module
+from fedlorm.secure import fold as fold_module
+from fedlorm.secure.contribution import LOSS_SUM, NUM_EXAMPLES, encoding_spec
+from fedlorm.secure.encoding import EncodingSpec, encode
+from fedlorm.secure.masks import expand_secret
+from fedlorm.seeding import torch_generator
+
+NODE0 = 501
+
+
+@pytest.fixture(autouse=True)
+def _isolation():
+    """Torch threads, the ClientApp's experiment cache, fedlorm's logger and Flower's message identity."""
+    threads = torch.get_num_threads()
+    logger = logging.getLogger("fedlorm")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    torch.set_num_threads(threads)
+    logger.handlers[:], logger.level, logger.propagate = saved
+    client._CACHE.clear()
+
+
+# -- masks -----------------------------------------------------------------------------------------
+def _fold32(secret: bytes) -> int:
+    """Flower's XOR fold of a secret to the 32-bit seed of its numpy generator."""
+    return int(np.bitwise_xor.reduce(np.frombuffer(secret, dtype="<u4")))
+
+
+def test_secrets_that_agree_in_their_32_bit_fold_give_unrelated_masks():
+    rng = np.random.default_rng(7)
+    first = rng.bytes(32)
+    flip = rng.bytes(4)
+    # XOR the same 4 bytes into two of the eight words: the fold cancels them, the secret differs.
+    second = bytearray(first)
+    for word in (1, 5):
+        for i in range(4):
+            second[4 * word + i] ^= flip[i]
+    second = bytes(second)
+    assert second != first and _fold32(first) == _fold32(second)
+    modulus, shapes = 1 << 32, [(4000,), (3, 5)]
+    # Flower's generator: the two secrets give the very same masks, so 2^32 guesses cover all secrets.
+    theirs = [pseudo_rand_gen(s, modulus, shapes) for s in (first, second)]
+    assert all(np.array_equal(a, b) for a, b in zip(*theirs, strict=True))
+    # fedlorm's: unrelated. Two independent uniform masks agree in an entry with probability 2^-32,
+    # and their difference is uniform too (mean (M-1)/2, within 5 standard errors).
+    ours = [expand_secret(s, modulus, shapes) for s in (first, second)]
+    a, b = (np.concatenate([m.ravel() for m in masks_]) for masks_ in ours)
+    assert int((a == b).sum()) == 0
+    difference = ((a - b) % modulus).astype(np.float64)
+    standard_error = modulus / math.sqrt(12 * difference.size)
+    assert abs(difference.mean() - (modulus - 1) / 2) < 5 * standard_error
+    assert abs(np.corrcoef(a.astype(np.float64), b.astype(np.float64))[0, 1]) < 5 / math.sqrt(a.size)
+
+
+def test_masks_are_deterministic_in_range_and_depend_on_every_bit_of_the_secret():
+    secret = bytes(range(32))
+    shapes = [(), (2, 3), (0,), (5,)]
+    masks_ = expand_secret(secret, 1 << 24, shapes)
+    assert [m.shape for m in masks_] == shapes and all(m.dtype == np.int64 for m in masks_)
+    again = expand_secret(secret, 1 << 24, shapes)
+    assert all(np.array_equal(x, y) for x, y in zip(masks_, again, strict=True))
+    flat = np.concatenate([m.ravel() for m in expand_secret(secret, 1 << 24, [(10000,)])])
+    assert flat.min() >= 0 and flat.max() < 1 << 24 and flat.max() > (1 << 24) * 0.99
+    odd = expand_secret(secret, 1000, [(10000,)])[0]
+    assert odd.min() >= 0 and odd.max() < 1000
+    for bit in (0, 7, 100, 255):
+        flipped = bytearray(secret)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        other = expand_secret(bytes(flipped), 1 << 24, [(10000,)])[0]
+        assert int((other == flat).sum()) < 5  # 10000 entries, each equal with probability 2^-24
+    with pytest.raises(ValueError, match="at least 16"):
+        expand_secret(bytes(8), 1 << 24, [(3,)])
+
+
+SPEC = EncodingSpec(default_bound=2.0**40)
+
+
+def _summands(partition: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(300 + partition)
+    x = rng.standard_normal((20 + partition, 5))
+    return {"gram": x.T @ x, "count": np.array(float(20 + partition))}
+
+
+mask_app = ClientApp()
+
+
+@mask_app.train(mods=[optional_secaggplus_mod])
+def _mask_train(message: Message, context: Context) -> Message:
+    return secure_reply(message, encode(_summands(int(context.node_config["partition-id"])), SPEC))
+
+
+def test_both_ends_of_secagg_draw_every_mask_from_the_whole_secret(monkeypatch):
+    """A secure sum over a loopback grid: the client mod's and the server workflow's masks all come
+    from fedlorm's generator with 32-byte secrets; the masks cancel and the sum is exact."""
+    calls: list[tuple[str, int]] = []
+
+    def spy(secret, num_range, shapes):
+        import sys
+
+        calls.append((sys._getframe(1).f_globals["__name__"], len(secret)))
+        return expand_secret(secret, num_range, shapes)
+
+    monkeypatch.setattr("fedlorm.secure.masks.expand_secret", spy)
+    grid = LocalGrid(mask_app, {}, range(4), first_node=NODE0)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    layout = {key: (SPEC.words, *value.shape) for key, value in _summands(0).items()}
+    result = secure_sum(grid, context, grid.get_node_ids(), layout, reconstruction_threshold=3)
+    assert result is not None and result.contributors == [NODE0 + k for k in range(4)]
+    from fedlorm.secure.encoding import decode
+
+    decoded = decode(result.sums, SPEC, 4)
+    exact = sum(_summands(k)["gram"] for k in range(4))
+    assert np.allclose(decoded["gram"], exact, rtol=0, atol=1e-9)
+    assert decoded["count"] == sum(20 + k for k in range(4))
+    sides = {module for module, _ in calls}
+    assert sides == set(masks.MASKED_MODULES), sides
+    assert all(size >= 32 for _, size in calls)
+    # Each client: a private mask and one pairwise mask per neighbour; the server: 4 private masks.
+    client_side = [c for c in calls if c[0] == masks.MASKED_MODULES[0]]
+    assert len(client_side) == 4 * 4 and len(calls) - len(client_side) == 4
+
+
+# -- a node's own policy, one-word error replies ----------------------------------------------------
+class RecordingGrid(LocalGrid):
+    """The real ClientApp for ``partitions`` (SuperNodes NODE0..); keeps every reply and every SecAgg+
+    stage that reaches a node; ``fault(partition, message, reply)`` may replace a reply (None: lost)."""
+
+    def __init__(self, run_config, partitions, node_config=None, fault=None, num_partitions=3):
+        super().__init__(clientapp.app, run_config, range(partitions), num_partitions, first_node=NODE0)
+        for context in self.contexts.values():
+            context.node_config.update(node_config or {})
+        self.fault = fault
+        self.replies: list[Message] = []
+        self.stages: list[tuple[int, str]] = []
+
+    def deliver(self, message, context):
+        secure = message.content.config_records.get(RECORD_KEY_CONFIGS)
+        if secure is not None:
+            self.stages.append((context.node_config["partition-id"], secure.get(Key.STAGE)))
+        reply = super().deliver(message, context)
+        if self.fault is not None and message.metadata.message_type != MessageType.QUERY:
+            reply = self.fault(context.node_config["partition-id"], message, reply)
+        if reply is not None:
+            self.replies.append(reply)
+        return reply
+
+
+def _plain_messages(cfg):
+    exp = build_experiment(cfg)
+    classes = exp.scenario.task_classes(0)
+    exp.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
+    instruction = next(iter(exp.server.instructions(0, classes)))
+    train = RecordDict(
+        {ARRAYS: to_array_record(exp.server.arrays(instruction)), CONFIG: ConfigRecord(instruction.to_record())}
+    )
+    evaluate = RecordDict(
+        {ARRAYS: to_array_record(exp.server.deployed_arrays()), CONFIG: ConfigRecord({"task": 0})}
+    )
+    return [
+        Message(train, dst_node_id=NODE0, message_type=MessageType.TRAIN),
+        Message(evaluate, dst_node_id=NODE0, message_type=MessageType.EVALUATE),
+    ]
+
+
+@pytest.mark.parametrize("setting", [True, "true"])
+def test_a_require_secure_node_refuses_plain_train_and_evaluate(setting):
+    cfg = tiny_config("train.threads=1")
+    run_config = run_config_for(cfg, FlowerSettings(out=""))
+    strict = RecordingGrid(run_config, 1, node_config={REQUIRE_SECURE: setting})
+    for message in _plain_messages(cfg):
+        (reply,) = strict.send_and_receive([message])
+        assert reply.has_error() and reply.error.reason == "policy"
+    # The same messages to a node without the policy are answered.
+    open_node = RecordingGrid(run_config, 1, node_config={REQUIRE_SECURE: "false"})
+    for message in _plain_messages(cfg):
+        (reply,) = open_node.send_and_receive([message])
+        assert not reply.has_error()
+    bad = RecordingGrid(run_config, 1, node_config={REQUIRE_SECURE: "yes"})
+    (reply,) = bad.send_and_receive(_plain_messages(cfg)[:1])
+    assert reply.has_error() and reply.error.reason == "setup"
+
+
+def _setup_message(shares: int, threshold: int) -> Message:
+    stage = {
+        Key.STAGE: Stage.SETUP,
+        Key.SAMPLE_NUMBER: shares,
+        Key.SHARE_NUMBER: shares,
+        Key.THRESHOLD: threshold,
+        Key.CLIPPING_RANGE: 8.0,
+        Key.TARGET_RANGE: 1 << 22,
+        Key.MOD_RANGE: 1 << 32,
+        Key.MAX_WEIGHT: 1.0,
+    }
+    return Message(
+        RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(stage)}), dst_node_id=NODE0, message_type=MessageType.TRAIN
+    )
+
+
+@pytest.mark.parametrize(
+    ("shares", "threshold", "refused"), [(4, 2, True), (2, 2, True), (10, 5, True), (4, 3, False), (3, 2, False)]
+)
+def test_a_require_secure_node_refuses_a_secagg_setup_the_server_could_unmask(shares, threshold, refused):
+    """At most half the shares as threshold: a server that tells half the neighbours a node is alive
+    and the other half that it dropped would collect shares of both of its secrets."""
+    cfg = tiny_config("train.threads=1")
+    grid = RecordingGrid(run_config_for(cfg, FlowerSettings(out="")), 1, node_config={REQUIRE_SECURE: True})
+    (reply,) = grid.send_and_receive([_setup_message(shares, threshold)])
+    if refused:
+        assert reply.has_error() and reply.error.reason == "policy"
+    else:
+        assert not reply.has_error() and Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]
+    # Without the policy the node follows whatever setup it is sent.
+    free = RecordingGrid(run_config_for(cfg, FlowerSettings(out="")), 1)
+    (reply,) = free.send_and_receive([_setup_message(shares, threshold)])
+    assert not reply.has_error()
+
+
+def test_the_default_secure_settings_pass_the_node_policy():
+    """The default threshold (0.67 of the shares) is above half the shares for every step size."""
+    for clients in range(3, 60):
+        shares = clients  # num_shares 1.0: every client is every other's neighbour
+        threshold = max(round(0.67 * shares), 2)
+        assert 2 * threshold > shares, clients
+    assert tiny_config().secure.reconstruction_threshold == 0.67
+
+
+def test_a_node_that_cannot_set_up_answers_setup_and_nothing_else(tmp_path):
+    cfg = tiny_config("train.threads=1")
+    missing = tmp_path / "nowhere" / "client-0"
+    grid = RecordingGrid(run_config_for(cfg, FlowerSettings(out="")), 1, node_config={clientapp.DATA_DIR: str(missing)})
+    for message in _plain_messages(cfg):
+        (reply,) = grid.send_and_receive([message])
+        assert reply.has_error() and reply.error.reason == "setup"
+        assert str(tmp_path) not in reply.error.reason
+
+
+def test_refusal_words_are_fixed():
+    assert set(REFUSALS) == {"setup", "policy", "nan", "invalid", "bound", "protocol", "error"}
+
+
+# -- weights and config --------------------------------------------------------------------------------
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["FEDLORM_TEST_PWNED"]),))
+
+
+def test_a_pickled_weights_file_is_read_weights_only_and_never_runs_code(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("FEDLORM_TEST_PWNED", str(marker))
+    weights = tmp_path / "weights.pth"
+    torch.save({"conv_stem.weight": _Payload()}, weights)
+    with pytest.raises(ValueError, match="cannot read weights file"):
+        create_backbone("efficientnet_lite0", 4, pretrained=weights, img_size=32)
+    assert not marker.exists()
+
+
+def test_spread_limit_is_checked_in_one_line():
+    for value in ("1", "0.5", "nan"):
+        with pytest.raises(ConfigError, match=r"secure.spread_limit = .* is not allowed; expected a number > 1, or inf"):
+            validate_config(apply_overrides(tiny_config(), [f"secure.spread_limit={value}"]))
+    validate_config(apply_overrides(tiny_config(), ["secure.spread_limit=inf"]))
+
+
+# -- plain mode: hostile replies against the public bounds -----------------------------------------
+def _copy(state):
+    return {key: value.detach().clone() for key, value in state.items()}
+
+
+def _same_state(state, reference):
+    assert state.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def first_steps():
+    """Task 0's B- and A-round on a fresh server: the start state and every client's honest replies."""
+    cfg = tiny_config("train.threads=1")
+    exp = build_experiment(cfg)
+    classes = exp.scenario.task_classes(0)
+    exp.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
+    steps = list(exp.server.instructions(0, classes))
+    start = _copy(exp.server.state_dict())
+    replies = {}
+    for i in (0, 1):
+        replies[i] = dict(InProcess.replies(exp, steps[i], exp.server.arrays(steps[i]), range(3)))
+    yield exp, steps, start, replies
+    torch.set_num_threads(1)
+
+
+def _fold(first_steps, step, replies):
+    exp, steps, start, _ = first_steps
+    exp.server.load_state_dict(start)
+    tally = fold_replies(exp.server, steps[step], sorted(replies.items()))
+    return tally, _copy(exp.server.state_dict())
+
+
+def _scaled(reply, factor, count_factor=1):
+    return type(reply)(
+        summands={key: value * factor for key, value in reply.summands.items()},
+        num_examples=reply.num_examples * count_factor,
+        metrics=dict(reply.metrics),
+    )
+
+
+def _inflated_h(reply):
+    """diag(1e12, -1e4) as the first H: finite, and PSD to check_reply's tolerance (relative to the
+    largest entry), so only the per-sample bounds can refuse it."""
+    summands = dict(reply.summands)
+    key = next(k for k in sorted(summands) if k.endswith(".H"))
+    summands[key] = torch.diag(torch.tensor([1e12, -1e4], dtype=torch.float64))
+    return type(reply)(summands=summands, num_examples=reply.num_examples, metrics=dict(reply.metrics))
+
+
+@pytest.mark.parametrize(
+    ("step", "hostile", "reason"),
+    [
+        (1, lambda r: _scaled(r, 1e200), "above the public bound"),  # G = 1e200·G_t, N = A_t·G
+        (1, lambda r: _scaled(r, 1e6), "times the median of the other replies"),
+        (1, lambda r: _scaled(r, 1e6, 10**6), "sample count is"),  # a forged count, summands to match
+        (0, _inflated_h, "times the median of the other replies"),
+    ],
+)
+def test_plain_mode_rejects_a_hostile_reply_and_merges_the_honest_ones_exactly(first_steps, step, hostile, reason):
+    honest = first_steps[3][step]
+    tally, state = _fold(first_steps, step, {**honest, 2: hostile(honest[2])})
+    assert tally.rejected == 1 and list(tally.dropped) == [2] and reason in tally.dropped[2]
+    assert tally.kept == "" and tally.examples == honest[0].num_examples + honest[1].num_examples
+    _, reference = _fold(first_steps, step, {k: honest[k] for k in (0, 1)})
+    _same_state(state, reference)
+
+
+def test_honest_replies_are_all_merged(first_steps):
+    for step in (0, 1):
+        tally, _ = _fold(first_steps, step, first_steps[3][step])
+        assert (tally.rejected, tally.dropped, tally.kept) == (0, {}, "")
+
+
+@pytest.mark.parametrize(("factor", "count_factor"), [(100.0, 1), (100.0, 100)])
+def test_a_scaled_reply_within_the_limit_merges_within_the_clients_own_factors(first_steps, factor, count_factor):
+    """Scaled summands (and counts) below the spread limit pass, but the A-round merge with diagonal
+    Grams is a weighted mean of the clients' A_i = N_i / g_i: every entry stays between theirs."""
+    honest = first_steps[3][1]
+    tally, state = _fold(first_steps, 1, {**honest, 2: _scaled(honest[2], factor, count_factor)})
+    assert tally.rejected == 0
+    checked = 0
+    for key, merged_a in state.items():
+        if not key.endswith(".lora_A"):
+            continue
+        layer = key.removesuffix(".lora_A")
+        own = []
+        for reply in honest.values():
+            n, g = reply.summands[f"{layer}.N"], reply.summands[f"{layer}.G"]
+            own.append(torch.where(g > 0, n / torch.where(g > 0, g, 1), torch.nan))
+        own = torch.stack(own).double()
+        low, high = torch.nan_to_num(own, nan=math.inf).amin(0), torch.nan_to_num(own, nan=-math.inf).amax(0)
+        seen = torch.isfinite(low)
+        slack = 1e-9 * high.abs().clamp_min(1e-300)
+        merged = merged_a.double()
+        assert bool(((merged >= low - slack) | ~seen).all() and ((merged <= high + slack) | ~seen).all()), layer
+        checked += 1
+    assert checked > 0
+
+
+def test_a_plain_flower_step_drops_a_hostile_reply_and_names_it(first_steps):
+    """Over Flower: the strategy's report drops the hostile client with the reason; the merge equals
+    the in-process fold of the honest replies."""
+    from fedlorm.flower.messages import decode_train_reply, encode_train_reply
+
+    exp, steps, start, honest = first_steps
+    cfg = exp.cfg
+    instruction = steps[1]
+
+    def scale(partition, message, reply):
+        if partition != 2 or reply.has_error():
+            return reply
+        decoded = decode_train_reply(reply.content)
+        hostile = _scaled(decoded.reply, 1e6)
+        return Message(encode_train_reply(2, instruction, hostile), reply_to=message)
+
+    grid = RecordingGrid(run_config_for(cfg, FlowerSettings(out="")), 3, fault=scale)
+    exp.server.load_state_dict(start)
+    strategy = FedlormStrategy(exp.server, 3, 1, reply_timeout=30.0)
+    assert strategy.discover(grid) == [0, 1, 2]
+    messages = strategy.configure_train(
+        1, to_array_record(exp.server.arrays(instruction)), ConfigRecord(instruction.to_record()), grid
+    )
+    strategy.aggregate_train(1, grid.send_and_receive(messages))
+    report = strategy.report
+    assert report.merged == [0, 1] and [d.partition for d in report.dropped] == [2]
+    assert "times the median of the other replies" in report.dropped[0].reason
+    state = _copy(exp.server.state_dict())
+    _, reference = _fold(first_steps, 1, {k: honest[1][k] for k in (0, 1)})
+    _same_state(state, reference)
+
+
+# -- the guarded merge ------------------------------------------------------------------------------
+def test_a_merge_that_raises_or_leaves_nan_keeps_the_state_as_it_was(first_steps, monkeypatch):
+    exp, steps, start, honest = first_steps
+    exp.server.load_state_dict(start)
+    sums, examples = None, 0
+    for reply in honest[1].values():
+        sums = add_arrays(sums, reply.summands)
+        examples += reply.num_examples
+    real = type(exp.server).aggregate
+
+    def half_then_raise(self, instruction, sums_, n):
+        real(self, instruction, sums_, n)  # the state has changed by now
+        raise ValueError("a solve failed")
+
+    monkeypatch.setattr(type(exp.server), "aggregate", half_then_raise)
+    outcome = guarded_aggregate(exp.server, steps[1], sums, examples)
+    assert not outcome.merged and "ValueError: a solve failed" in outcome.failure
+    _same_state(_copy(exp.server.state_dict()), start)
+
+    def nan_result(self, instruction, sums_, n):
+        real(self, instruction, sums_, n)
+        self.head_weight = self.head_weight * float("nan")
+
+    monkeypatch.setattr(type(exp.server), "aggregate", nan_result)
+    outcome = guarded_aggregate(exp.server, steps[1], sums, examples)
+    assert not outcome.merged and "non-finite" in outcome.failure
+    _same_state(_copy(exp.server.state_dict()), start)
+    monkeypatch.setattr(type(exp.server), "aggregate", real)
+    assert guarded_aggregate(exp.server, steps[1], sums, examples).merged
