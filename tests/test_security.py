@@ -15,6 +15,7 @@ loopback grid that records what reaches the server.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -42,18 +43,16 @@ from fedlorm.flower.messages import ARRAYS, CONFIG, to_array_record
 from fedlorm.flower.policy import REFUSALS, REQUIRE_SECURE
 from fedlorm.flower.secure import secure_sum
 from fedlorm.flower.secure_client import optional_secaggplus_mod, secure_reply
-from fedlorm.flower.secure_step import run_secure_step
 from fedlorm.flower.settings import FlowerSettings, run_config_for
 from fedlorm.flower.strategy import FedlormStrategy
 from fedlorm.methods import add_arrays
 from fedlorm.methods.guard import guarded_aggregate
-from fedlorm.runtime import engine
 from fedlorm.runtime.engine import fold_replies, fold_secure_replies
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.simulator import InProcess, run_simulation
 from fedlorm.secure import contribution as contribution_module
 from fedlorm.secure import fold as fold_module
-from fedlorm.secure.contribution import LOSS_SUM, NUM_EXAMPLES, encoding_spec
+from fedlorm.secure.contribution import encoding_spec
 from fedlorm.secure.encoding import EncodingSpec, encode
 from fedlorm.secure.masks import expand_secret
 from fedlorm.seeding import torch_generator
@@ -205,7 +204,10 @@ def _plain_messages(cfg):
     exp.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
     instruction = next(iter(exp.server.instructions(0, classes)))
     train = RecordDict(
-        {ARRAYS: to_array_record(exp.server.arrays(instruction)), CONFIG: ConfigRecord(instruction.to_record())}
+        {
+            ARRAYS: to_array_record(exp.server.arrays(instruction)),
+            CONFIG: ConfigRecord(instruction.to_record()),
+        }
     )
     evaluate = RecordDict(
         {ARRAYS: to_array_record(exp.server.deployed_arrays()), CONFIG: ConfigRecord({"task": 0})}
@@ -246,12 +248,15 @@ def _setup_message(shares: int, threshold: int) -> Message:
         Key.MAX_WEIGHT: 1.0,
     }
     return Message(
-        RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(stage)}), dst_node_id=NODE0, message_type=MessageType.TRAIN
+        RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(stage)}),
+        dst_node_id=NODE0,
+        message_type=MessageType.TRAIN,
     )
 
 
 @pytest.mark.parametrize(
-    ("shares", "threshold", "refused"), [(4, 2, True), (2, 2, True), (10, 5, True), (4, 3, False), (3, 2, False)]
+    ("shares", "threshold", "refused"),
+    [(4, 2, True), (2, 2, True), (10, 5, True), (4, 3, False), (3, 2, False)],
 )
 def test_a_require_secure_node_refuses_a_secagg_setup_the_server_could_unmask(shares, threshold, refused):
     """At most half the shares as threshold: a server that tells half the neighbours a node is alive
@@ -281,7 +286,9 @@ def test_the_default_secure_settings_pass_the_node_policy():
 def test_a_node_that_cannot_set_up_answers_setup_and_nothing_else(tmp_path):
     cfg = tiny_config("train.threads=1")
     missing = tmp_path / "nowhere" / "client-0"
-    grid = RecordingGrid(run_config_for(cfg, FlowerSettings(out="")), 1, node_config={clientapp.DATA_DIR: str(missing)})
+    grid = RecordingGrid(
+        run_config_for(cfg, FlowerSettings(out="")), 1, node_config={clientapp.DATA_DIR: str(missing)}
+    )
     for message in _plain_messages(cfg):
         (reply,) = grid.send_and_receive([message])
         assert reply.has_error() and reply.error.reason == "setup"
@@ -310,7 +317,9 @@ def test_a_pickled_weights_file_is_read_weights_only_and_never_runs_code(tmp_pat
 
 def test_spread_limit_is_checked_in_one_line():
     for value in ("1", "0.5", "nan"):
-        with pytest.raises(ConfigError, match=r"secure.spread_limit = .* is not allowed; expected a number > 1, or inf"):
+        with pytest.raises(
+            ConfigError, match=r"secure.spread_limit = .* is not allowed; expected a number > 1, or inf"
+        ):
             validate_config(apply_overrides(tiny_config(), [f"secure.spread_limit={value}"]))
     validate_config(apply_overrides(tiny_config(), ["secure.spread_limit=inf"]))
 
@@ -375,7 +384,9 @@ def _inflated_h(reply):
         (0, _inflated_h, "times the median of the other replies"),
     ],
 )
-def test_plain_mode_rejects_a_hostile_reply_and_merges_the_honest_ones_exactly(first_steps, step, hostile, reason):
+def test_plain_mode_rejects_a_hostile_reply_and_merges_the_honest_ones_exactly(
+    first_steps, step, hostile, reason
+):
     honest = first_steps[3][step]
     tally, state = _fold(first_steps, step, {**honest, 2: hostile(honest[2])})
     assert tally.rejected == 1 and list(tally.dropped) == [2] and reason in tally.dropped[2]
@@ -391,7 +402,9 @@ def test_honest_replies_are_all_merged(first_steps):
 
 
 @pytest.mark.parametrize(("factor", "count_factor"), [(100.0, 1), (100.0, 100)])
-def test_a_scaled_reply_within_the_limit_merges_within_the_clients_own_factors(first_steps, factor, count_factor):
+def test_a_scaled_reply_within_the_limit_merges_within_the_clients_own_factors(
+    first_steps, factor, count_factor
+):
     """Scaled summands (and counts) below the spread limit pass, but the A-round merge with diagonal
     Grams is a weighted mean of the clients' A_i = N_i / g_i: every entry stays between theirs."""
     honest = first_steps[3][1]
@@ -411,7 +424,9 @@ def test_a_scaled_reply_within_the_limit_merges_within_the_clients_own_factors(f
         seen = torch.isfinite(low)
         slack = 1e-9 * high.abs().clamp_min(1e-300)
         merged = merged_a.double()
-        assert bool(((merged >= low - slack) | ~seen).all() and ((merged <= high + slack) | ~seen).all()), layer
+        assert bool(((merged >= low - slack) | ~seen).all() and ((merged <= high + slack) | ~seen).all()), (
+            layer
+        )
         checked += 1
     assert checked > 0
 
@@ -477,3 +492,260 @@ def test_a_merge_that_raises_or_leaves_nan_keeps_the_state_as_it_was(first_steps
     _same_state(_copy(exp.server.state_dict()), start)
     monkeypatch.setattr(type(exp.server), "aggregate", real)
     assert guarded_aggregate(exp.server, steps[1], sums, examples).merged
+
+
+# -- secure mode: hostile contributions inside the public bound -------------------------------------
+def _negative_diagonal(reply):
+    """The first diagonal Gram with one entry -2^39: inside the public bound 2^40, so it encodes."""
+    summands = dict(reply.summands)
+    key = next(k for k in sorted(summands) if k.endswith(".G"))
+    bad = summands[key].clone()
+    bad[0] = -(2.0**39)
+    summands[key] = bad
+    return type(reply)(summands=summands, num_examples=reply.num_examples, metrics=dict(reply.metrics))
+
+
+def _forged_count(reply):
+    return type(reply)(summands=dict(reply.summands), num_examples=-(10**6), metrics=dict(reply.metrics))
+
+
+def _forged_count_summand(reply):
+    summands = dict(reply.summands)
+    summands["head.n"] = torch.tensor(-1e6, dtype=torch.float64)
+    return type(reply)(summands=summands, num_examples=reply.num_examples, metrics=dict(reply.metrics))
+
+
+@pytest.fixture
+def skipping_its_checks(monkeypatch):
+    """A hostile client does not run its own reply checks (in this process: nobody does)."""
+    monkeypatch.setattr(contribution_module, "check_reply", lambda reply, expected: None)
+
+
+@pytest.mark.parametrize(
+    ("hostile", "problem"),
+    [
+        (_negative_diagonal, "has a negative diagonal entry"),
+        (_forged_count, "the total sample count"),
+        (_forged_count_summand, "head.n is a count but not positive"),
+    ],
+)
+def test_secure_in_process_a_hostile_sum_is_refused_and_the_state_kept(
+    first_steps, skipping_its_checks, caplog, hostile, problem
+):
+    exp, steps, start, honest = first_steps
+    spec = encoding_spec(apply_overrides(exp.cfg, ["secure.aggregation=true"]).secure)
+    exp.server.load_state_dict(start)
+    replies = {**honest[1], 2: hostile(honest[1][2])}
+    with caplog.at_level(logging.WARNING, logger="fedlorm"):
+        tally, contributors = fold_secure_replies(exp.server, steps[1], sorted(replies.items()), spec)
+    assert contributors == [0, 1, 2] and tally.kept == "sums"
+    assert any(
+        problem in r.getMessage() and "previous global state stays" in r.getMessage() for r in caplog.records
+    )
+    _same_state(_copy(exp.server.state_dict()), start)
+
+
+def test_secure_in_process_a_merge_that_fails_on_checked_sums_keeps_the_state(
+    first_steps, skipping_its_checks, monkeypatch
+):
+    """The second line: sums that pass their checks (here: the checks switched off) and make the
+    merge raise (a negative Gram diagonal) leave the state as it was."""
+    exp, steps, start, honest = first_steps
+    spec = encoding_spec(apply_overrides(exp.cfg, ["secure.aggregation=true"]).secure)
+    monkeypatch.setattr(fold_module, "check_sums", lambda *args: None)
+    exp.server.load_state_dict(start)
+    replies = {**honest[1], 2: _negative_diagonal(honest[1][2])}
+    tally, _ = fold_secure_replies(exp.server, steps[1], sorted(replies.items()), spec)
+    assert tally.kept == "merge" and tally.examples == sum(r.num_examples for r in replies.values())
+    _same_state(_copy(exp.server.state_dict()), start)
+
+
+def test_secure_in_process_run_with_a_hostile_client_in_every_step_finishes(skipping_its_checks, monkeypatch):
+    cfg = tiny_config("train.threads=1", "secure.aggregation=true")
+    exp = build_experiment(cfg)
+    honest_update = type(exp.client).update
+
+    def update(self, arrays, instruction, data, generator):
+        reply = honest_update(self, arrays, instruction, data, generator)
+        return _forged_count(reply) if len(data) == len(exp.client_share(instruction.task, 2)) else reply
+
+    monkeypatch.setattr(type(exp.client), "update", update)
+    results = run_simulation(cfg, experiment=exp)
+    assert results["tasks_completed"] == 2
+    kept = [row["state_kept"] for row in results["rounds"]]
+    assert kept and all(word == "sums" for word in kept), kept
+
+
+def _secure_run_config(cfg, **settings):
+    return run_config_for(cfg, FlowerSettings(out="", **settings))
+
+
+def _hostile_node(monkeypatch, partition, hostile, when=lambda instruction: True):
+    honest = client.local_update
+
+    def local_update(exp, k, instruction, arrays):
+        reply = honest(exp, k, instruction, arrays)
+        return hostile(reply) if k == partition and when(instruction) else reply
+
+    monkeypatch.setattr(client, "local_update", local_update)
+
+
+def test_secure_flower_run_with_a_negative_gram_diagonal_finishes_with_that_step_kept(
+    skipping_its_checks, monkeypatch, tmp_path
+):
+    """Over Flower's SecAgg+: client 2 sends -2^39 on a Gram diagonal in task 1's A-round; the sum
+    fails its checks, the step keeps the state (recorded in metrics and results), the run goes on."""
+    cfg = tiny_config("train.threads=1", "secure.aggregation=true")
+    _hostile_node(monkeypatch, 2, _negative_diagonal, lambda i: (i.task, i.round) == (0, 1))
+    grid = RecordingGrid(_secure_run_config(cfg), 3)
+    settings = FlowerSettings(out=str(tmp_path), min_clients=2, reply_timeout=60.0, federated_eval=False)
+    exp = build_experiment(cfg)
+    results = run_federation(grid, exp, settings, tmp_path)
+    assert results["tasks_completed"] == 2
+    kept = [(row["task"], row["round"], row["state_kept"]) for row in results["rounds"]]
+    assert kept[1] == (0, 1, "sums") and all(word == "" for i, (_, _, word) in enumerate(kept) if i != 1)
+    assert (
+        results["flower"]["steps"][1]["state_kept"] is True and results["flower"]["steps"][1]["merged"] == []
+    )
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[2].endswith(",sums")
+
+
+# -- a secure step never sums two sets of clients -------------------------------------------------------
+class _Crash(BaseException):
+    """The server process dies (not an Exception: nothing in the run may catch it)."""
+
+
+def test_a_resumed_secure_step_sums_its_first_contributors_or_keeps_the_state(monkeypatch, tmp_path):
+    """The server learns task 1 round 2's sum over clients 0-2 and dies before its checkpoint. Resumed
+    with client 2 gone at masking, the step halts before any mask is removed (no unmask stage, no
+    merge): the server never holds a sum over 0-1 that, with the first, would give client 2's reply."""
+    cfg = tiny_config("train.threads=1", "secure.aggregation=true")
+    settings = FlowerSettings(out=str(tmp_path), min_clients=1, reply_timeout=60.0, federated_eval=False)
+    fold = secure_step.fold_secure_sum
+
+    def crash_at_second_step(server, instruction, *args, **kwargs):
+        if (instruction.task, instruction.round) == (0, 1):
+            raise _Crash
+        return fold(server, instruction, *args, **kwargs)
+
+    monkeypatch.setattr(secure_step, "fold_secure_sum", crash_at_second_step)
+    with pytest.raises(_Crash):
+        run_federation(RecordingGrid(_secure_run_config(cfg), 3), build_experiment(cfg), settings, tmp_path)
+    assert json.loads((tmp_path / SECURE_JOURNAL).read_text())["task0.round1"] == [0, 1, 2]
+    monkeypatch.setattr(secure_step, "fold_secure_sum", fold)
+
+    first_resumed_step = []
+
+    def lose_client_2(partition, message, reply):
+        stage = message.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE)
+        if stage == Stage.SETUP and partition == 0:
+            first_resumed_step.append(True)
+        if partition == 2 and stage == Stage.COLLECT_MASKED_VECTORS and len(first_resumed_step) == 1:
+            return None
+        return reply
+
+    grid = RecordingGrid(_secure_run_config(cfg), 3, fault=lose_client_2)
+    resumed = build_experiment(cfg)
+    merges = []
+    aggregate = resumed.server.aggregate
+    monkeypatch.setattr(
+        resumed.server,
+        "aggregate",
+        lambda i, sums, n: (merges.append((i.task, i.round)), aggregate(i, sums, n)),
+    )
+    results = run_federation(grid, resumed, settings, tmp_path, resume=True)
+    assert results["tasks_completed"] == 2
+    step = results["rounds"][1]
+    assert (step["task"], step["round"], step["state_kept"]) == (0, 1, "contributors")
+    assert (0, 1) not in merges
+    stages = [stage for _, stage in grid.stages]
+    second_setup = [i for i, s in enumerate(stages) if s == Stage.SETUP][1]
+    assert Stage.UNMASK not in stages[:second_setup]  # halted before unmasking
+    assert results["flower"]["steps"][1]["merged"] == [] and not (tmp_path / SECURE_JOURNAL).exists()
+
+
+def test_a_resumed_secure_step_with_its_first_contributors_equals_an_uninterrupted_run(monkeypatch, tmp_path):
+    cfg = tiny_config("train.threads=1", "secure.aggregation=true")
+    settings = FlowerSettings(
+        out=str(tmp_path / "a"), min_clients=1, reply_timeout=60.0, federated_eval=False
+    )
+    fold = secure_step.fold_secure_sum
+
+    def crash_at_second_step(server, instruction, *args, **kwargs):
+        if (instruction.task, instruction.round) == (0, 1):
+            raise _Crash
+        return fold(server, instruction, *args, **kwargs)
+
+    monkeypatch.setattr(secure_step, "fold_secure_sum", crash_at_second_step)
+    with pytest.raises(_Crash):
+        run_federation(
+            RecordingGrid(_secure_run_config(cfg), 3), build_experiment(cfg), settings, tmp_path / "a"
+        )
+    monkeypatch.setattr(secure_step, "fold_secure_sum", fold)
+    resumed_exp = build_experiment(cfg)
+    resumed = run_federation(
+        RecordingGrid(_secure_run_config(cfg), 3), resumed_exp, settings, tmp_path / "a", resume=True
+    )
+    whole_exp = build_experiment(cfg)
+    whole = run_federation(
+        RecordingGrid(_secure_run_config(cfg), 3),
+        whole_exp,
+        FlowerSettings(out=str(tmp_path / "b"), min_clients=1, reply_timeout=60.0, federated_eval=False),
+        tmp_path / "b",
+    )
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert [s["merged"] for s in resumed["flower"]["steps"]] == [[0, 1, 2]] * len(resumed["flower"]["steps"])
+    _same_state(_copy(resumed_exp.server.state_dict()), _copy(whole_exp.server.state_dict()))
+
+
+# -- federated evaluation as a secure sum -----------------------------------------------------------
+def test_secure_federated_evaluation_is_one_sum_and_nothing_per_client_reaches_the_server(
+    monkeypatch, tmp_path, caplog
+):
+    cfg = tiny_config("train.threads=1", "secure.aggregation=true")
+    scored: dict[int, list[tuple[int, float, int]]] = {}
+    honest = client.local_accuracy
+
+    def local_accuracy(exp, partition, task, arrays):
+        accuracy, examples = honest(exp, partition, task, arrays)
+        scored.setdefault(task, []).append((partition, accuracy, examples))
+        return accuracy, examples
+
+    monkeypatch.setattr(client, "local_accuracy", local_accuracy)
+    grid = RecordingGrid(_secure_run_config(cfg), 3)
+    settings = FlowerSettings(out=str(tmp_path), min_clients=1, reply_timeout=60.0, federated_eval=True)
+    with caplog.at_level(logging.DEBUG):
+        results = run_federation(grid, build_experiment(cfg), settings, tmp_path)
+    evaluations = results["flower"]["federated_evaluation"]
+    assert [e["task"] for e in evaluations] == [0, 1]
+    for evaluation in evaluations:
+        clients = scored[evaluation["task"]]
+        assert sorted(k for k, _, _ in clients) == [0, 1, 2]
+        correct = sum(round(a * n / 100) for _, a, n in clients)
+        examples = sum(n for _, _, n in clients)
+        assert evaluation == {
+            "task": evaluation["task"],
+            "accuracy": pytest.approx(100 * correct / examples, abs=1e-12),
+            "num_examples": examples,
+            "partitions": [0, 1, 2],
+            "secure": True,
+        }
+    # What reached the server: SecAgg+'s records, emptied arrays, the constant weight 1, no error.
+    assert grid.replies and not any(m.has_error() for m in grid.replies)
+    for message in grid.replies:
+        if message.metadata.message_type == MessageType.QUERY:
+            continue
+        assert all(len(record) == 0 for record in message.content.array_records.values())
+        assert set(message.content.config_records) <= {RECORD_KEY_CONFIGS, "fitres.metrics", "fitres.status"}
+        metrics = {k: dict(r) for k, r in message.content.metric_records.items()}
+        assert metrics in ({}, {"fitres.num_examples": {"num_examples": 1}})
+    # Nothing per client in results.json or in the server's log: no client's own accuracy or count.
+    text = (tmp_path / "results.json").read_text() + "\n".join(
+        r.getMessage() for r in caplog.records if not r.name.startswith("fedlorm.flower.client")
+    )
+    distinct = {a for clients in scored.values() for _, a, _ in clients if abs(a - round(a)) > 1e-3}
+    assert distinct  # the clients' own accuracies are not round numbers: the search below can fail
+    overall = {e["accuracy"] for e in evaluations}
+    forms = {form for a in distinct - overall for form in (repr(a), f"{a:.4f}", f"{a:.3f}", f"{a:.2f}")}
+    assert not [form for form in forms if form in text]
+    assert "accuracies" not in text
