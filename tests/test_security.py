@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -749,3 +750,93 @@ def test_secure_federated_evaluation_is_one_sum_and_nothing_per_client_reaches_t
     forms = {form for a in distinct - overall for form in (repr(a), f"{a:.4f}", f"{a:.3f}", f"{a:.2f}")}
     assert not [form for form in forms if form in text]
     assert "accuracies" not in text
+
+
+# -- done when: a Flower simulation of the smoke preset under secure aggregation ---------------------
+class _Witness(InProcess):
+    """The in-process secure run (the same bits as Flower's), noting every client's own values: its
+    training loss and sample count per step, and its accuracy on its own data after each task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.losses: list[float] = []
+        self.accuracies: list[float] = []
+        self.overall: list[float] = []
+
+    def replies(self, exp, instruction, arrays, clients, advance=lambda n: None):
+        for k, reply in InProcess.replies(exp, instruction, arrays, clients, advance):
+            if "train_loss" in reply.metrics:
+                self.losses.append(float(reply.metrics["train_loss"]))
+            yield k, reply
+
+    def task_end(self, exp, task):
+        arrays = exp.server.deployed_arrays()
+        scores = [client.local_accuracy(exp, k, task, arrays) for k in range(exp.cfg.scenario.num_clients)]
+        self.accuracies += [accuracy for accuracy, _ in scores]
+        correct = sum(round(accuracy * n / 100) for accuracy, n in scores)
+        self.overall.append(100 * correct / sum(n for _, n in scores))
+
+
+def _forms(values, *, exclude=()):
+    """The ways a log or JSON file could write each value that is not a round number (4 decimals or more:
+    shorter forms occur by chance in any long text)."""
+    out = set()
+    for value in values:
+        if abs(value - round(value)) < 1e-3 or any(abs(value - other) < 1e-9 for other in exclude):
+            continue
+        out |= {repr(value), f"{value:.6f}", f"{value:.5f}", f"{value:.4f}", str(round(value, 6))}
+    return out
+
+
+def _written(form: str, text: str) -> bool:
+    """``form`` appears in ``text`` as a number of its own (not inside a longer one)."""
+    return re.search(rf"(?<![\d.]){re.escape(form)}(?![\d])", text) is not None
+
+
+def test_a_secure_flower_simulation_of_the_smoke_preset_leaves_nothing_per_client_at_the_server(tmp_path):
+    """``fedlorm flower simulate --preset smoke secure.aggregation=true`` (SuperLink, Ray, 4 SuperNodes,
+    federated evaluation on) finishes, and neither results.json nor any log or output of the run holds
+    a client's own accuracy or loss; the results record sums and who was in them only."""
+    import subprocess
+    import sys
+
+    from fedlorm.presets import preset_config
+    from fedlorm.runtime.engine import run
+
+    out = tmp_path / "flower"
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "HF_HUB_OFFLINE": "1"}
+    overrides = ["train.threads=1", "secure.aggregation=true"]
+    command = [sys.executable, "-m", "fedlorm.flower", "simulate", "--preset", "smoke", "--seed", "0"]
+    done = subprocess.run(
+        [*command, "--out", str(out), *overrides], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    flower = results["flower"]
+    assert results["tasks_completed"] == 2 and flower["dropped"] == []
+    assert flower["secure_aggregation"]["protocol"].startswith("SecAgg+")
+    assert all(
+        set(step) == {"step", "nodes", "asked", "merged", "dropped", "state_kept", "secure"}
+        for step in flower["steps"]
+    )
+    assert all(step["merged"] == [0, 1, 2, 3] and step["secure"] for step in flower["steps"])
+    evaluations = flower["federated_evaluation"]
+    assert [set(e) for e in evaluations] == [{"task", "accuracy", "num_examples", "partitions", "secure"}] * 2
+    assert all(row["state_kept"] == "" for row in results["rounds"])
+
+    # The same run in process gives the same bits, and shows what each client holds on its own.
+    cfg = apply_overrides(preset_config("smoke"), overrides)
+    witness = _Witness()
+    local = run(build_experiment(cfg), witness)
+    assert local["accuracy_matrix"] == results["accuracy_matrix"]
+    assert [e["accuracy"] for e in evaluations] == pytest.approx(witness.overall, abs=1e-12)
+    text = "\n".join(
+        [(out / "results.json").read_text(), (out / "metrics.csv").read_text(), done.stdout, done.stderr]
+        + [p.read_text(errors="replace") for p in (out / "flower-logs").glob("*")]
+    )
+    means = [float(r["train_loss"]) for r in results["rounds"] if r["train_loss"] != ""]
+    own = _forms(witness.losses, exclude=means) | _forms(
+        witness.accuracies, exclude=[e["accuracy"] for e in evaluations]
+    )
+    assert len(own) > 20  # the clients' values are distinctive: the search can fail
+    assert not sorted(form for form in own if _written(form, text))
