@@ -4,12 +4,13 @@ Run on demand: ``python benchmarks/reply_spread.py --preset smoke [--methods lor
 
 Runs each method in process on the preset (plus overrides) and records, for every reply of every step,
 its per-sample magnitudes (:func:`fedlorm.methods.bounds.sample_magnitudes`: a Gram's trace, a value's
-norm, a count, each per sample, and the sample count). It prints, per method, the largest ratio of one
-reply's magnitude to the median of the other replies of its step (what ``secure.spread_limit`` bounds),
-split into Grams, values, counts and sample counts; the largest entry and per-sample magnitude of any
-reply (what the public bound 2^``secure.bound_exponent`` bounds); and, for every full Gram a reply or a
-step's sum holds, the smallest eigenvalue relative to d·max|G| and to d·median(diag G) (what the PSD
-checks allow). Prints one JSON line per method as well, for docs/security.md.
+norm, a count, each per sample, and the sample count). Per method it prints one JSON line with: the
+largest ratio of one reply's magnitude to the median of the other replies of its step, for Grams,
+counts and sample counts (what ``secure.spread_limit`` bounds) and for values
+(``secure.value_spread_limit``); the largest entry and per-sample magnitude of any reply (the public
+bound 2^``secure.bound_exponent`` bounds the latter); and, for every full Gram a reply or a step's
+sum holds, the smallest eigenvalue relative to d·max|G| and to d·median(diag G) (what the PSD checks
+allow). docs/security.md quotes these numbers.
 """
 
 from __future__ import annotations

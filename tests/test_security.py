@@ -316,13 +316,14 @@ def test_a_pickled_weights_file_is_read_weights_only_and_never_runs_code(tmp_pat
     assert not marker.exists()
 
 
-def test_spread_limit_is_checked_in_one_line():
+@pytest.mark.parametrize("key", ["spread_limit", "value_spread_limit"])
+def test_spread_limits_are_checked_in_one_line(key):
     for value in ("1", "0.5", "nan"):
         with pytest.raises(
-            ConfigError, match=r"secure.spread_limit = .* is not allowed; expected a number > 1, or inf"
+            ConfigError, match=rf"secure.{key} = .* is not allowed; expected a number > 1, or inf"
         ):
-            validate_config(apply_overrides(tiny_config(), [f"secure.spread_limit={value}"]))
-    validate_config(apply_overrides(tiny_config(), ["secure.spread_limit=inf"]))
+            validate_config(apply_overrides(tiny_config(), [f"secure.{key}={value}"]))
+    validate_config(apply_overrides(tiny_config(), [f"secure.{key}=inf"]))
 
 
 # -- plain mode: hostile replies against the public bounds -----------------------------------------
@@ -345,6 +346,8 @@ def first_steps():
     exp.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
     steps = list(exp.server.instructions(0, classes))
     start = _copy(exp.server.state_dict())
+    for step in steps[:2]:
+        _SPEC_KINDS.update({key: s.kind.value for key, s in exp.server.expected_reply(step).items()})
     replies = {}
     for i in (0, 1):
         replies[i] = dict(InProcess.replies(exp, steps[i], exp.server.arrays(steps[i]), range(3)))
@@ -367,6 +370,15 @@ def _scaled(reply, factor, count_factor=1):
     )
 
 
+def _values_scaled(reply, factor):
+    """Only the value summands (N = A_i·G, the head's products) scaled: the weights stay honest."""
+    summands = {k: v * factor if _SPEC_KINDS.get(k) == "value" else v for k, v in reply.summands.items()}
+    return type(reply)(summands=summands, num_examples=reply.num_examples, metrics=dict(reply.metrics))
+
+
+_SPEC_KINDS: dict[str, str] = {}
+
+
 def _inflated_h(reply):
     """diag(1e12, -1e4) as the first H: finite, and PSD to check_reply's tolerance (relative to the
     largest entry), so only the per-sample bounds can refuse it."""
@@ -383,6 +395,7 @@ def _inflated_h(reply):
         (1, lambda r: _scaled(r, 1e6), "times the median of the other replies"),
         (1, lambda r: _scaled(r, 1e6, 10**6), "sample count is"),  # a forged count, summands to match
         (0, _inflated_h, "times the median of the other replies"),
+        (1, lambda r: _values_scaled(r, 1e7), "times the median of the other replies (limit 1e+06)"),
     ],
 )
 def test_plain_mode_rejects_a_hostile_reply_and_merges_the_honest_ones_exactly(

@@ -200,7 +200,8 @@ class SecureConfig:
 
     Without ``aggregation`` the server sees each reply and bounds it on public grounds
     (docs/security.md): no per-sample magnitude above 2^``bound_exponent``, and none above
-    ``spread_limit`` times the median of the step's other replies (``inf``: no such test).
+    ``spread_limit`` (Grams and counts) or ``value_spread_limit`` (values) times the median of the
+    step's other replies (``inf``: no such test).
     """
 
     aggregation: bool = False
@@ -211,6 +212,7 @@ class SecureConfig:
     num_shares: int | float = 1.0
     reconstruction_threshold: int | float = 0.67
     spread_limit: float = 1e4
+    value_spread_limit: float = 1e6
 
 
 @dataclass
@@ -596,6 +598,12 @@ def _secure_checks(cfg: RunConfig) -> list[tuple[str, Any, bool, str]]:
             "an integer below secure.num_shares or a fraction in (0, 1] of the shares",
         ),
         ("secure.spread_limit", sec.spread_limit, sec.spread_limit > 1, "a number > 1, or inf"),
+        (
+            "secure.value_spread_limit",
+            sec.value_spread_limit,
+            sec.value_spread_limit > 1,
+            "a number > 1, or inf",
+        ),
     ]
     if not sec.aggregation:
         return checks

@@ -9,14 +9,17 @@ sample*:
 
 - every per-sample magnitude stays within the run's public bound (2^``secure.bound_exponent``, the
   bound secure aggregation encodes every entry against): :func:`check_bound`;
-- no reply's per-sample magnitude exceeds ``limit`` times the median of the step's other replies
+- no reply's per-sample magnitude exceeds a limit times the median of the step's other replies
   (:func:`outliers`). A per-sample magnitude is a Gram's trace per sample (for a diagonal Gram, its
-  sum), a value's Frobenius norm per sample, a count per sample; the sample count itself is compared
+  sum), a count per sample, a value's Frobenius norm per sample; the sample count itself is compared
   the same way, so a client cannot dodge the test by claiming a huge count and scaling its summands
-  to match.
+  to match. The weights of a merge (Grams, counts, the sample count) are held to ``limit``
+  (``secure.spread_limit``); values to the looser ``value_limit`` (``secure.value_spread_limit``),
+  because what a client trained differs far more between honest clients than what it saw (a Fisher
+  weight, a squared gradient, varies by 10^4 where a Gram's trace varies by a few times).
 
 Honest non-IID clients differ in what they hold (Dirichlet β down to 0.05, shares 10× apart and
-more), so the limit is set far above the spread measured on honest runs (docs/security.md,
+more), so the limits are set far above the spread measured on honest runs (docs/security.md,
 ``benchmarks/reply_spread.py``). The test is one-sided: a reply far *smaller* than the others only
 lowers its own weight. It needs at least one other reply, and it cannot stop a hostile client from
 biasing the merge within these bounds, nor a majority of hostile clients.
@@ -33,13 +36,10 @@ import torch
 from fedlorm.methods.base import ClientReply
 from fedlorm.methods.replies import Kind, ReplySpec
 
-__all__ = ["NUM_EXAMPLES", "SPREAD_LIMIT", "check_bound", "outliers", "sample_magnitudes", "spread"]
+__all__ = ["NUM_EXAMPLES", "check_bound", "outliers", "sample_magnitudes", "spread"]
 
 NUM_EXAMPLES = "num_examples"
 """The key of the sample count among a reply's magnitudes (no method key: methods use dotted names)."""
-
-SPREAD_LIMIT = 1e4
-"""Default of ``secure.spread_limit``: how many times the median of the others one reply may be."""
 
 
 def sample_magnitudes(reply: ClientReply, expected: ReplySpec) -> dict[str, float]:
@@ -72,22 +72,30 @@ def check_bound(magnitudes: Mapping[str, float], bound: float) -> str | None:
     return None
 
 
-def outliers(magnitudes: Sequence[Mapping[str, float]], limit: float) -> dict[int, str]:
-    """Position → reason, for each reply with a magnitude above ``limit`` × the median of the others'.
+def outliers(
+    magnitudes: Sequence[Mapping[str, float]], expected: ReplySpec, limit: float, value_limit: float
+) -> dict[int, str]:
+    """Position → reason, for each reply with a magnitude above its limit × the median of the others'.
 
-    ``magnitudes``: :func:`sample_magnitudes` of a step's replies (same keys). A key whose median over
-    the others is 0 is not compared; with fewer than two replies, or ``limit`` infinite, nothing is.
+    ``magnitudes``: :func:`sample_magnitudes` of a step's replies against ``expected`` (same keys).
+    Values (:attr:`Kind.VALUE`) are held to ``value_limit``, everything else (Grams, counts, the sample
+    count) to ``limit``; an infinite limit switches the test off. A key whose median over the others
+    is 0 is not compared; with fewer than two replies nothing is.
     """
     out: dict[int, str] = {}
-    if len(magnitudes) < 2 or math.isinf(limit):
+    if len(magnitudes) < 2:
         return out
     for i, own in enumerate(magnitudes):
         for key, size in own.items():
+            value = key != NUM_EXAMPLES and expected[key].kind is Kind.VALUE
+            bound = value_limit if value else limit
+            if math.isinf(bound):
+                continue
             median = statistics.median(m[key] for j, m in enumerate(magnitudes) if j != i)
-            if median > 0 and size > limit * median:
+            if median > 0 and size > bound * median:
                 what = "sample count" if key == NUM_EXAMPLES else f"{key}'s size per sample"
                 out[i] = (
-                    f"{what} is {size / median:.3g} times the median of the other replies (limit {limit:g})"
+                    f"{what} is {size / median:.3g} times the median of the other replies (limit {bound:g})"
                 )
                 break
     return out

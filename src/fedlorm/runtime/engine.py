@@ -218,10 +218,10 @@ def fold_replies(
 
     A reply is left out, and logged with its reason, if it fails :func:`check_reply` (finite,
     well-formed, PSD), exceeds the public bound 2^``secure.bound_exponent`` per sample, or is more
-    than ``secure.spread_limit`` times the median of the step's other replies per sample
-    (:mod:`fedlorm.methods.bounds`). The rest are summed in client order and merged by
-    :func:`~fedlorm.methods.guard.guarded_aggregate`; if none is left, or the merge fails, the
-    server's state stays as it was and the tally's ``kept`` says why. Without
+    than ``secure.spread_limit`` (values: ``secure.value_spread_limit``) times the median of the
+    step's other replies per sample (:mod:`fedlorm.methods.bounds`). The rest are summed in client
+    order and merged by :func:`~fedlorm.methods.guard.guarded_aggregate`; if none is left, or the
+    merge fails, the server's state stays as it was and the tally's ``kept`` says why. Without
     :meth:`Server.expected_reply`, the first valid reply fixes the keys, shapes and dtypes the
     others must have.
     """
@@ -245,7 +245,8 @@ def fold_replies(
             _reject(tally, instruction, k, str(err))
             continue
         checked.append((k, reply, magnitudes))
-    far = outliers([magnitudes for _, _, magnitudes in checked], secure.spread_limit)
+    sizes = [magnitudes for _, _, magnitudes in checked]
+    far = outliers(sizes, expected or {}, secure.spread_limit, secure.value_spread_limit)
     sums = None
     for i, (k, reply, _) in enumerate(checked):
         if i in far:
