@@ -44,6 +44,7 @@ from fedlorm.flower.messages import ARRAYS, CONFIG, to_array_record
 from fedlorm.flower.policy import REFUSALS, REQUIRE_SECURE
 from fedlorm.flower.secure import secure_sum
 from fedlorm.flower.secure_client import optional_secaggplus_mod, secure_reply
+from fedlorm.flower.secure_step import run_secure_step
 from fedlorm.flower.settings import FlowerSettings, run_config_for
 from fedlorm.flower.strategy import FedlormStrategy
 from fedlorm.methods import add_arrays
@@ -853,3 +854,34 @@ def test_a_secure_flower_simulation_of_the_smoke_preset_leaves_nothing_per_clien
     )
     assert len(own) > 20  # the clients' values are distinctive: the search can fail
     assert not sorted(form for form in own if _written(form, text))
+
+
+def test_a_malformed_masked_vector_stops_the_secure_sum_not_the_server(monkeypatch):
+    """Client 2 answers the masking stage with bytes that are no array: SecAgg+ breaks on it, the step
+    keeps the state (``halted``) and says nothing about the client but that the sum failed."""
+    cfg = tiny_config("train.threads=1", "secure.aggregation=true")
+
+    def garbage(partition, message, reply):
+        stage = message.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE)
+        if partition == 2 and stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():
+            record = reply.content.config_records[RECORD_KEY_CONFIGS]
+            record[Key.MASKED_PARAMETERS] = [b"not an array"] * len(record[Key.MASKED_PARAMETERS])
+        return reply
+
+    exp = build_experiment(cfg)
+    classes = exp.scenario.task_classes(0)
+    exp.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
+    instruction = next(iter(exp.server.instructions(0, classes)))
+    start = _copy(exp.server.state_dict())
+    grid = RecordingGrid(_secure_run_config(cfg), 3, fault=garbage)
+    strategy = FedlormStrategy(exp.server, 3, 1, reply_timeout=30.0)
+    assert strategy.discover(grid) == [0, 1, 2]
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    report = run_secure_step(
+        strategy, grid, context, exp.server, instruction, cfg.secure, server_round=1, timeout=30.0
+    )
+    assert report.kept == "halted" and report.merged == [] and report.tally is None
+    assert {d.reason for d in report.dropped} == {
+        "no secure sum: SecAgg+ failed on a client's message (ValueError)"
+    }
+    _same_state(_copy(exp.server.state_dict()), start)
