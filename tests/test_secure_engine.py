@@ -211,6 +211,8 @@ def test_a_malformed_contribution_is_refused_by_its_client_and_the_others_merge(
     grid = SecureLoopbackGrid(run_config, 3)
     report = _run_first_secure_step(cfg, exp, instruction, grid)
     assert report.merged == [0, 1] and [d.partition for d in report.dropped] == [2]
+    # The refusal reaches the server as one word: no value, no key, no number.
+    assert [m.error.reason for m in grid.seen if m.has_error()] == ["nan" if fault == "nan" else "bound"]
     monkeypatch.setattr(client, "local_update", honest)
     _assert_survivors_merged(cfg, exp, [0, 1])
 
