@@ -297,6 +297,18 @@ def test_a_node_that_cannot_set_up_answers_setup_and_nothing_else(tmp_path):
         assert str(tmp_path) not in reply.error.reason
 
 
+def test_a_node_without_its_identity_answers_the_query_with_setup():
+    cfg = tiny_config("train.threads=1")
+    grid = RecordingGrid(
+        run_config_for(cfg, FlowerSettings(out="")), 1, node_config={clientapp.DATA_DIR: "/x/y"}
+    )
+    del grid.contexts[NODE0].node_config["partition-id"]
+    (reply,) = grid.send_and_receive(
+        [Message(RecordDict({}), dst_node_id=NODE0, message_type=MessageType.QUERY)]
+    )
+    assert reply.has_error() and reply.error.reason == "setup"
+
+
 def test_refusal_words_are_fixed():
     assert set(REFUSALS) == {"setup", "policy", "nan", "invalid", "bound", "protocol", "error"}
 
@@ -446,23 +458,40 @@ def test_a_scaled_reply_within_the_limit_merges_within_the_clients_own_factors(
     assert checked > 0
 
 
-def test_a_plain_flower_step_drops_a_hostile_reply_and_names_it(first_steps):
-    """Over Flower: the strategy's report drops the hostile client with the reason; the merge equals
-    the in-process fold of the honest replies."""
+def _hostile_scale(instruction):
     from fedlorm.flower.messages import decode_train_reply, encode_train_reply
-
-    exp, steps, start, honest = first_steps
-    cfg = exp.cfg
-    instruction = steps[1]
 
     def scale(partition, message, reply):
         if partition != 2 or reply.has_error():
             return reply
-        decoded = decode_train_reply(reply.content)
-        hostile = _scaled(decoded.reply, 1e6)
+        hostile = _scaled(decode_train_reply(reply.content).reply, 1e6)
         return Message(encode_train_reply(2, instruction, hostile), reply_to=message)
 
-    grid = RecordingGrid(run_config_for(cfg, FlowerSettings(out="")), 3, fault=scale)
+    return scale
+
+
+def _list_metric(instruction):
+    """A train reply whose loss metric is a list, which a MetricRecord allows."""
+    from fedlorm.flower.messages import METRICS
+
+    def listed(partition, message, reply):
+        if partition == 2 and not reply.has_error():
+            reply.content.metric_records[METRICS]["train_loss"] = [1.0, 2.0]
+        return reply
+
+    return listed
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [(_hostile_scale, "times the median of the other replies"), (_list_metric, "a metric is not a number")],
+)
+def test_a_plain_flower_step_drops_a_hostile_reply_and_names_it(first_steps, fault, reason):
+    """Over Flower: the strategy's report drops the hostile client with the reason; the merge equals
+    the in-process fold of the honest replies."""
+    exp, steps, start, honest = first_steps
+    instruction = steps[1]
+    grid = RecordingGrid(run_config_for(exp.cfg, FlowerSettings(out="")), 3, fault=fault(instruction))
     exp.server.load_state_dict(start)
     strategy = FedlormStrategy(exp.server, 3, 1, reply_timeout=30.0)
     assert strategy.discover(grid) == [0, 1, 2]
@@ -472,7 +501,7 @@ def test_a_plain_flower_step_drops_a_hostile_reply_and_names_it(first_steps):
     strategy.aggregate_train(1, grid.send_and_receive(messages))
     report = strategy.report
     assert report.merged == [0, 1] and [d.partition for d in report.dropped] == [2]
-    assert "times the median of the other replies" in report.dropped[0].reason
+    assert reason in report.dropped[0].reason
     state = _copy(exp.server.state_dict())
     _, reference = _fold(first_steps, 1, {k: honest[1][k] for k in (0, 1)})
     _same_state(state, reference)

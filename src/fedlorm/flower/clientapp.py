@@ -4,14 +4,19 @@ Every SuperNode sets ``partition-id`` (0-based) and ``num-partitions`` (= the ru
 ``query`` tells the server which client this node serves; ``train`` runs one protocol step with the
 in-process simulator's client code and replies with the summands (under secure aggregation, Flower's
 ``secaggplus_mod`` wraps it and the summands go out encoded and masked); ``evaluate`` reports the broadcast
-model's class-IL accuracy on the client's own training shares of the tasks seen so far.
+model's class-IL accuracy on the client's own training shares of the tasks seen so far. Under secure
+aggregation the evaluation arrives as a secure ``train`` message instead, and the node encodes only
+(correct predictions, examples) into the secure sum.
 
 A SuperNode may also set ``data-dir``: its own folder written by ``fedlorm partition``
 (docs/partitions.md), which it then reads instead of loading the datasets. A node without
 ``data-dir`` reads ``client-K`` inside the run config's ``client-data`` folder when that is set
 (simulation, where virtual SuperNodes get no node config of their own). A node that cannot set
-up (a bad folder, a config or partition that does not fit) answers with an error reply carrying
-the one-line reason, which the server logs and drops.
+up (a bad folder, a config or partition that does not fit) answers with an error reply saying
+``setup`` and logs the one-line reason itself; the server logs and drops the node's reply. Every
+error reply of this ClientApp carries one fixed word (:data:`fedlorm.flower.policy.REFUSALS`), and a
+node whose node config sets ``require-secure=true`` refuses every plain ``train`` and ``evaluate``
+message (``policy``).
 
 In deployment each message runs in a fresh process, so torch and the experiment are loaded only by
 the handlers that need them (:mod:`fedlorm.flower.client`), not by the identity query; a node without
@@ -64,8 +69,12 @@ app = ClientApp()
 
 @app.query()
 def identify(message: Message, context: Context) -> Message:
-    """Which client this SuperNode serves (from its node config)."""
-    return Message(encode_identity(identity_of(context.node_config)), reply_to=message)
+    """Which client this SuperNode serves (from its node config); ``setup`` if the config lacks it."""
+    try:
+        identity = identity_of(context.node_config)
+    except ValueError as err:
+        return refusal_reply(message, RefusalError("setup", str(err)))
+    return Message(encode_identity(identity), reply_to=message)
 
 
 @app.train(mods=[optional_secaggplus_mod])
