@@ -115,7 +115,7 @@ def run_secure_step(
     fold = fold_secure_sum(server, instruction, result.sums, spec, len(merged))
     report.upload_bytes = upload
     report.tally = secure_tally(
-        fold, clients=len(report.asked), contributors=len(merged), upload_bytes=upload
+        fold, instruction, clients=len(report.asked), contributors=len(merged), upload_bytes=upload
     )
     if fold.kept is not None:
         report.kept = fold.kept

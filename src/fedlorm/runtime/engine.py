@@ -305,7 +305,8 @@ def fold_secure_replies(
         return StepTally(clients=clients, rejected=clients, kept="no-reply"), contributors
     fold = fold_secure_sum(server, instruction, modular_sum(encodings, spec), spec, len(encodings))
     upload = len(encodings) * secure_upload_bytes(layout)
-    return secure_tally(fold, clients=clients, contributors=len(encodings), upload_bytes=upload), contributors
+    tally = secure_tally(fold, instruction, clients=clients, contributors=len(encodings), upload_bytes=upload)
+    return tally, contributors
 
 
 def secure_upload_bytes(layout: Mapping[str, tuple[int, ...]]) -> int:
@@ -313,13 +314,16 @@ def secure_upload_bytes(layout: Mapping[str, tuple[int, ...]]) -> int:
     return 8 * sum(math.prod(shape) for shape in layout.values())
 
 
-def secure_tally(fold: SecureFold, *, clients: int, contributors: int, upload_bytes: int) -> StepTally:
-    """The tally of a folded secure sum (:func:`~fedlorm.secure.fold.fold_secure_sum`), logging a kept state.
+def secure_tally(
+    fold: SecureFold, instruction: Instruction, *, clients: int, contributors: int, upload_bytes: int
+) -> StepTally:
+    """The tally of ``instruction``'s folded secure sum (:func:`~fedlorm.secure.fold.fold_secure_sum`);
+    a kept state is logged with its reason.
 
     ``clients`` were asked and ``contributors`` of them are in the sums; the rest count as rejected.
     """
     if fold.kept is not None:
-        logger.warning("%s; the previous global state stays", fold.reason)
+        logger.warning("%s: %s; the previous global state stays", step_name(instruction), fold.reason)
     return StepTally(
         clients=clients,
         rejected=clients - contributors,
