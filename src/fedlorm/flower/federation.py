@@ -6,7 +6,9 @@ the broadcast travels as an ``ArrayRecord`` to the SuperNodes whose clients the 
 for the same config and seed the two runtimes give the same numbers and write the same files; the
 engine checkpoints after every step, and :func:`run_federation` with ``resume`` continues a run whose
 ServerApp (or SuperLink) was killed. With ``secure.aggregation`` each step is instead one SecAgg+
-secure sum (:mod:`fedlorm.flower.secure_step`): the server sees only the sums. On top the transport
+secure sum (:mod:`fedlorm.flower.secure_step`): the server sees only the sums, journals each step's
+contributors before unmasking (``secure_steps.json``, so a resumed step sums exactly them again or
+keeps the state), and the federated evaluation is one more secure sum. On top the transport
 records which clients each step dropped and why (``results["flower"]``, kept across a resume), runs
 the optional federated evaluation after each task, and saves the server's final state
 (``server_state.safetensors``) so that merged adapters can be compared across runtimes.
