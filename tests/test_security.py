@@ -914,3 +914,29 @@ def test_a_malformed_masked_vector_stops_the_secure_sum_not_the_server(monkeypat
         "no secure sum: SecAgg+ failed on a client's message (ValueError)"
     }
     _same_state(_copy(exp.server.state_dict()), start)
+
+
+def test_a_secure_step_with_fewer_contributors_than_min_clients_reveals_no_sum():
+    """min-clients 3, client 2 gone at masking: the step halts before unmasking (no unmask stage, no
+    merge), so the server never learns a sum over fewer clients than the run allows."""
+    cfg = tiny_config("train.threads=1", "secure.aggregation=true")
+
+    def lose_2(partition, message, reply):
+        stage = message.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE)
+        return None if partition == 2 and stage == Stage.COLLECT_MASKED_VECTORS else reply
+
+    exp = build_experiment(cfg)
+    classes = exp.scenario.task_classes(0)
+    exp.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
+    instruction = next(iter(exp.server.instructions(0, classes)))
+    start = _copy(exp.server.state_dict())
+    grid = RecordingGrid(_secure_run_config(cfg), 3, fault=lose_2)
+    strategy = FedlormStrategy(exp.server, 3, 3, reply_timeout=30.0)
+    assert strategy.discover(grid) == [0, 1, 2]
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    report = run_secure_step(
+        strategy, grid, context, exp.server, instruction, cfg.secure, server_round=1, timeout=30.0
+    )
+    assert report.kept == "too-few" and report.merged == [] and report.tally is None
+    assert Stage.UNMASK not in {stage for _, stage in grid.stages}
+    _same_state(_copy(exp.server.state_dict()), start)

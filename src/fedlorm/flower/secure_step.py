@@ -60,13 +60,18 @@ def run_secure_step(
     """Run ``instruction``'s step as one secure sum over the asked clients' SuperNodes; its report.
 
     ``pinned``: the clients a first run of this step summed (a resumed run); the step then asks only
-    them and halts before unmasking unless exactly they contribute. ``pin(clients)`` is called with
-    the contributing clients before any mask is removed (the run journals them).
+    them and halts before unmasking unless exactly they contribute. It also halts before unmasking
+    when fewer than ``strategy.min_clients`` send masked vectors, so no sum over fewer is ever
+    revealed. ``pin(clients)`` is called with the contributing clients before any mask is removed
+    (the run journals them).
     """
     report = strategy.begin_step(instruction, grid)
     report.secure = True
     if pinned is not None:
         missing = sorted(set(pinned) - set(report.nodes.values()))
+        for node, k in sorted(report.nodes.items()):
+            if k not in set(pinned):
+                strategy.drop(report, node, k, "not in this step's first run (a resumed secure step)")
         report.nodes = {node: k for node, k in report.nodes.items() if k in set(pinned)}
         if missing:
             return _kept(
@@ -82,12 +87,16 @@ def run_secure_step(
     broadcast = {key: value.detach().cpu().numpy() for key, value in server.arrays(instruction).items()}
     report.download_bytes = sum(array.nbytes for array in broadcast.values()) * len(report.nodes)
     config = {**instruction.to_record(), REPLY_SPEC: spec_to_json(expected)}
-    differs: list[bool] = []
+    halted: list[tuple[str, str]] = []
 
     def before_unmask(nodes: list[int]) -> bool:
         clients = sorted(report.nodes[node] for node in nodes)
         if pinned is not None and clients != sorted(pinned):
-            differs.append(True)
+            halted.append(("contributors", "other clients than in this step's first run contributed"))
+            return False
+        if len(clients) < strategy.min_clients:
+            few = f"only {len(clients)} clients sent masked vectors (min_clients = {strategy.min_clients})"
+            halted.append(("too-few", few))
             return False
         if pin is not None:
             pin(clients)
@@ -96,21 +105,12 @@ def run_secure_step(
     result = _sum(
         grid, context, report, layout, spec, secure, server_round, timeout, config, broadcast, before_unmask
     )
-    if differs:
-        return _kept(
-            strategy, report, "contributors", "other clients than in this step's first run contributed"
-        )
+    if halted:  # stopped before unmasking: the server learnt no sum
+        return _kept(strategy, report, *halted[0])
     if isinstance(result, str):
         return _kept(strategy, report, "halted", result)
     _drop_absent(strategy, report, result)
     merged = sorted(report.nodes[node] for node in result.contributors)
-    if len(merged) < strategy.min_clients:
-        return _kept(
-            strategy,
-            report,
-            "too-few",
-            f"only {len(merged)} clients in the secure sum (min_clients = {strategy.min_clients})",
-        )
     upload = len(merged) * secure_upload_bytes(layout)
     fold = fold_secure_sum(server, instruction, result.sums, spec, len(merged))
     report.upload_bytes = upload
