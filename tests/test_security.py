@@ -940,3 +940,33 @@ def test_a_secure_step_with_fewer_contributors_than_min_clients_reveals_no_sum()
     assert report.kept == "too-few" and report.merged == [] and report.tally is None
     assert Stage.UNMASK not in {stage for _, stage in grid.stages}
     _same_state(_copy(exp.server.state_dict()), start)
+
+
+def test_the_spread_benchmark_runs_and_honest_replies_stay_100_times_inside_the_limits():
+    """``benchmarks/reply_spread.py`` on the smoke preset at beta 0.05 (the measurement docs/security.md
+    quotes): the largest honest ratio to the median stays a hundredth of each limit or less."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "benchmarks" / "reply_spread.py"), "--preset", "smoke"]
+    overrides = ["--methods", "lorm,fedavg", "scenario.beta=0.05", "train.threads=1"]
+    proc = subprocess.run(
+        [*command, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [line["method"] for line in lines] == ["lorm", "fedavg"]
+    secure = tiny_config().secure
+    for line in lines:
+        ratios = {group: entry["ratio"] for group, entry in line["largest_ratio_to_median_of_others"].items()}
+        assert {"gram", "num_examples", "value"} <= set(ratios)
+        assert (
+            max(ratios["gram"], ratios["num_examples"], ratios.get("count", 1)) * 100 <= secure.spread_limit
+        )
+        assert ratios["value"] * 100 <= secure.value_spread_limit
+        assert line["largest_per_sample_magnitude"] * 1e6 <= 2.0**secure.bound_exponent
