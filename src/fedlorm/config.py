@@ -204,7 +204,14 @@ class SecureConfig:
     sent as ``words`` fixed-point digits of ``word_bits`` bits under the public bound
     2^``bound_exponent`` on any one client's |entry| (docs/secure-aggregation.md); the digits are
     summed modulo 2^``modulus_bits``. ``num_shares`` and ``reconstruction_threshold`` are SecAgg+'s:
-    an integer count, or a float in (0, 1] (a share of a step's clients, resp. of the shares).
+    an integer count, or a float in (0, 1] (a share of a step's clients, resp. of the shares); the
+    default threshold, above half the shares, keeps a server that lies about dropouts from rebuilding
+    a client's mask (docs/security.md).
+
+    Without ``aggregation`` the server sees each reply and bounds it on public grounds
+    (docs/security.md): no per-sample magnitude above 2^``bound_exponent``, and none above
+    ``spread_limit`` (Grams and counts) or ``value_spread_limit`` (values) times the median of the
+    step's other replies (``inf``: no such test).
     """
 
     aggregation: bool = False
@@ -213,7 +220,9 @@ class SecureConfig:
     modulus_bits: int = 32
     bound_exponent: int = 40
     num_shares: int | float = 1.0
-    reconstruction_threshold: int | float = 0.5
+    reconstruction_threshold: int | float = 0.67
+    spread_limit: float = 1e4
+    value_spread_limit: float = 1e6
 
 
 @dataclass
@@ -609,6 +618,13 @@ def _secure_checks(cfg: RunConfig) -> list[tuple[str, Any, bool, str]]:
                 and sec.reconstruction_threshold >= sec.num_shares > 1
             ),
             "an integer below secure.num_shares or a fraction in (0, 1] of the shares",
+        ),
+        ("secure.spread_limit", sec.spread_limit, sec.spread_limit > 1, "a number > 1, or inf"),
+        (
+            "secure.value_spread_limit",
+            sec.value_spread_limit,
+            sec.value_spread_limit > 1,
+            "a number > 1, or inf",
         ),
     ]
     if not sec.aggregation:

@@ -6,7 +6,9 @@ the broadcast travels as an ``ArrayRecord`` to the SuperNodes whose clients the 
 for the same config and seed the two runtimes give the same numbers and write the same files; the
 engine checkpoints after every step, and :func:`run_federation` with ``resume`` continues a run whose
 ServerApp (or SuperLink) was killed. With ``secure.aggregation`` each step is instead one SecAgg+
-secure sum (:mod:`fedlorm.flower.secure_step`): the server sees only the sums. On top the transport
+secure sum (:mod:`fedlorm.flower.secure_step`): the server sees only the sums, journals each step's
+contributors before unmasking (``secure_steps.json``, so a resumed step sums exactly them again or
+keeps the state), and the federated evaluation is one more secure sum. On top the transport
 records which clients each step dropped and why (``results["flower"]``, kept across a resume), runs
 the optional federated evaluation after each task, and saves the server's final state
 (``server_state.safetensors``) so that merged adapters can be compared across runtimes.
@@ -14,6 +16,7 @@ the optional federated evaluation after each task, and saves the server's final 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -26,20 +29,26 @@ from safetensors.torch import save_file
 
 from fedlorm.config import validate_config
 from fedlorm.flower.messages import to_array_record
-from fedlorm.flower.secure_step import run_secure_step
+from fedlorm.flower.secure_step import run_secure_evaluation, run_secure_step
 from fedlorm.flower.settings import FlowerSettings
 from fedlorm.flower.strategy import FedlormStrategy, StepReport
 from fedlorm.methods import Instruction
+from fedlorm.methods.steps import step_label
+from fedlorm.results import write_json_atomic
+from fedlorm.runtime.checkpoint import CheckpointError
 from fedlorm.runtime.engine import checkpoint_config, resume_run, run, step_clients
 from fedlorm.runtime.experiment import Experiment
 from fedlorm.runtime.report import metrics_row
 from fedlorm.secure.contribution import secure_record
 
-__all__ = ["SERVER_STATE", "FlowerTransport", "run_federation"]
+__all__ = ["SECURE_JOURNAL", "SERVER_STATE", "FlowerTransport", "run_federation"]
 
 logger = logging.getLogger(__name__)
 
 SERVER_STATE = "server_state.safetensors"
+SECURE_JOURNAL = "secure_steps.json"
+"""A secure run's journal: each step's contributors, written before the step's sum is unmasked, so a
+resumed run sums exactly them again or keeps the state (:func:`run_secure_step`'s ``pinned``)."""
 
 _LISTS = ("steps", "dropped", "federated_evaluation")
 """The lists of results["flower"] that a resumed run continues."""
@@ -50,8 +59,14 @@ class FlowerTransport:
 
     name = "flower"
 
-    def __init__(self, grid: Grid, settings: FlowerSettings, context: Context | None = None) -> None:
+    def __init__(
+        self, grid: Grid, settings: FlowerSettings, context: Context | None = None, out: Path | None = None
+    ) -> None:
         self.grid, self.settings = grid, settings
+        self.journal_path = out / SECURE_JOURNAL if out is not None else None
+        """Where a secure run journals each step's contributors before unmasking (None: nowhere)."""
+        self.journal: dict[str, list[int]] = {}
+        self.resumed = False
         blank = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
         self.context = context or blank
         """The ServerApp's context (SecAgg+'s workflow runs in a private copy of it)."""
@@ -73,7 +88,8 @@ class FlowerTransport:
         cfg = exp.cfg
         if cfg.secure.aggregation:
             validate_config(cfg)  # the method's own config (e.g. joint's one client) must allow it
-            self.flower["secure_aggregation"] = secure_record(cfg)
+            self.flower["secure_aggregation"] = secure_record(cfg, masked=True)
+            self._open_journal()
         self.strategy = FedlormStrategy(
             exp.server,
             cfg.scenario.num_clients,
@@ -96,6 +112,7 @@ class FlowerTransport:
         self.step_index += 1
         strategy.discover(self.grid)
         if exp.cfg.secure.aggregation:
+            step = step_label(instruction, stable=True)
             report = run_secure_step(
                 strategy,
                 self.grid,
@@ -105,6 +122,8 @@ class FlowerTransport:
                 exp.cfg.secure,
                 server_round=self.step_index,
                 timeout=self.settings.reply_timeout,
+                pinned=self.journal.get(step),
+                pin=lambda clients: self._pin(step, clients),
             )
         else:
             arrays = to_array_record(exp.server.arrays(instruction))
@@ -133,12 +152,31 @@ class FlowerTransport:
             download_bytes=report.download_bytes,
             clients=len(report.asked),
             rejected=len(report.asked) - len(report.merged),
+            kept=report.kept,
         )
 
     def task_end(self, exp: Experiment, task: int) -> None:
-        """With ``federated_eval``, the clients score the merged model on their own training shares."""
-        if self.settings.federated_eval:
-            self.flower["federated_evaluation"].append(self._federated_evaluation(exp, task))
+        """With ``federated_eval``, the clients score the merged model on their own training shares
+        (under secure aggregation as one secure sum: the server learns only the overall accuracy)."""
+        if not self.settings.federated_eval:
+            return
+        if exp.cfg.secure.aggregation:
+            strategy = self._strategy()
+            strategy.discover(self.grid)
+            self.step_index += 1
+            evaluation = run_secure_evaluation(
+                strategy,
+                self.grid,
+                self.context,
+                exp.server,
+                task,
+                exp.cfg.secure,
+                server_round=self.step_index,
+                timeout=self.settings.reply_timeout,
+            )
+        else:
+            evaluation = self._federated_evaluation(exp, task)
+        self.flower["federated_evaluation"].append(evaluation)
 
     def results_extra(self) -> dict[str, Any]:
         """results.json's Flower keys: the runtime and what happened to every client in every step."""
@@ -150,14 +188,37 @@ class FlowerTransport:
 
     def load_record(self, record: Mapping[str, Any]) -> None:
         """Continue the step counter and the per-step records of the checkpointed session."""
+        self.resumed = True
         self.step_index = int(record.get("step_index", 0))
         for key in _LISTS:
             self.flower[key] = list(record.get(key, []))
 
     def finish(self, exp: Experiment, out: Path) -> None:
-        """Save the server's final state (``server_state.safetensors``)."""
+        """Save the server's final state (``server_state.safetensors``); the run needs no journal now."""
         state = {k: v.detach().cpu().contiguous().clone() for k, v in exp.server.state_dict().items()}
         save_file(state, str(out / SERVER_STATE))
+        if self.journal_path is not None:
+            self.journal_path.unlink(missing_ok=True)
+
+    def _open_journal(self) -> None:
+        """A resumed secure run reads the contributors its steps were pinned to; a new run starts empty."""
+        path = self.journal_path
+        if path is None or not path.exists():
+            return
+        if not self.resumed:
+            path.unlink()
+            return
+        try:
+            journal = json.loads(path.read_text())
+            self.journal = {str(step): sorted(int(k) for k in clients) for step, clients in journal.items()}
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"secure-step journal {str(path)!r} is damaged: {err}") from None
+
+    def _pin(self, step: str, clients: list[int]) -> None:
+        """Journal ``step``'s contributors before its masks are removed (atomic, so a crash keeps it)."""
+        self.journal[step] = list(clients)
+        if self.journal_path is not None:
+            write_json_atomic(self.journal_path, self.journal)
 
     def _strategy(self) -> FedlormStrategy:
         if self.strategy is None:
@@ -207,7 +268,7 @@ def run_federation(
     there is none or it was written for another config than ``exp``'s). ``context``: the
     ServerApp's (secure aggregation runs SecAgg+ in a copy of it).
     """
-    transport = FlowerTransport(grid, settings, context)
+    transport = FlowerTransport(grid, settings, context, out)
     if not resume:
         return run(exp, transport, out)
     if out is None:

@@ -112,11 +112,11 @@ def decode_train_reply(content: RecordDict) -> TrainReply:
         raise InvalidReplyError(f"{NUM_EXAMPLES} = {num_examples!r}; expected an integer")
     if not all(isinstance(v, int) for v in (partition, task, rnd)) or not isinstance(phase, str):
         raise InvalidReplyError("malformed train reply: partition/task/round/phase have wrong types")
-    reply = ClientReply(
-        summands=summands,
-        num_examples=num_examples,
-        metrics={k: float(v) for k, v in metrics.items()},  # type: ignore[arg-type]
-    )
+    try:
+        scalars = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidReplyError("malformed train reply: a metric is not a number") from None
+    reply = ClientReply(summands=summands, num_examples=num_examples, metrics=scalars)
     return TrainReply(partition=partition, task=task, round=rnd, phase=phase, reply=reply)
 
 

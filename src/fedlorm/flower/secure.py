@@ -21,7 +21,8 @@ float64 summands into such integers and back.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +37,10 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
+from fedlorm.flower.masks import use_full_secret_masks
 from fedlorm.flower.secure_client import (
     BROADCAST,
     FITINS_CONFIG,
@@ -55,6 +58,7 @@ __all__ = [
     "LAYOUT",
     "WORD_BITS",
     "SecureSum",
+    "SecureSumError",
     "is_secure_message",
     "optional_secaggplus_mod",
     "secure_broadcast",
@@ -62,6 +66,9 @@ __all__ = [
     "secure_request",
     "secure_sum",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,29 @@ class _OneShotSum(Strategy):
         return None
 
 
+class SecureSumError(ValueError):
+    """SecAgg+ broke on what a client sent (a malformed masked vector, key or share): no sum."""
+
+
+class _Workflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, with a last word before any mask is removed.
+
+    ``before_unmask(node_ids)`` is called with the nodes whose masked vectors are in the sum, once
+    they are known and before the unmask stage; False halts the protocol, so the server learns no
+    sum at all (a re-run step must not sum other clients than its first run did).
+    """
+
+    def __init__(self, *args: Any, before_unmask: Callable[[list[int]], bool] | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.before_unmask = before_unmask
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Flower's stage, then ``before_unmask`` on the nodes whose masked vectors came back."""
+        if not super().collect_masked_vectors_stage(grid, context, state):
+            return False
+        return self.before_unmask is None or self.before_unmask(sorted(state.active_node_ids))
+
+
 def _check_settings(
     num_nodes: int, num_shares: int | float, threshold: int | float, word_bits: int, modulus_bits: int
 ) -> None:
@@ -152,6 +182,18 @@ def _check_settings(
         )
 
 
+def _integer_sums(
+    average: list[np.ndarray], count: int, layout: Mapping[str, Sequence[int]], word_bits: int
+) -> dict[str, np.ndarray]:
+    """The workflow's average over ``count`` clients back to the exact integer sums of the layout."""
+    offset = float(count << (word_bits - 1))
+    totals = [np.rint(np.asarray(a, dtype=np.float64) * count + offset).astype(np.int64) for a in average]
+    if len(totals) != len(layout):
+        raise ValueError(f"SecAgg+ returned {len(totals)} arrays for a layout of {len(layout)}")
+    pairs = zip(layout.items(), totals, strict=True)
+    return {key: total.reshape(tuple(shape)) for (key, shape), total in pairs}
+
+
 def secure_sum(
     grid: Grid,
     context: Context,
@@ -161,11 +203,12 @@ def secure_sum(
     word_bits: int = 24,
     modulus_bits: int = 32,
     num_shares: int | float = 1.0,
-    reconstruction_threshold: int | float = 0.5,
+    reconstruction_threshold: int | float = 0.67,
     timeout: float | None = None,
     config: Mapping[str, Scalar] | None = None,
     server_round: int = 1,
     arrays: Mapping[str, np.ndarray] | None = None,
+    before_unmask: Callable[[list[int]], bool] | None = None,
 ) -> SecureSum | None:
     """Sum the clients' integer arrays (``layout``: key → shape, entries in [0, 2^word_bits)) with SecAgg+.
 
@@ -173,8 +216,12 @@ def secure_sum(
     (the step's broadcast) with it (:func:`secure_broadcast`); both only in the masking stage. Returns None
     when the protocol halts (too few clients left for the threshold); the server then has learnt nothing
     about the arrays. ``num_shares`` and ``reconstruction_threshold`` are SecAgg+'s (a float is a share
-    of the clients, resp. of the shares).
+    of the clients, resp. of the shares). ``before_unmask`` sees the contributing node ids before any
+    mask is removed and may halt the protocol (:class:`_Workflow`). Masks come from the whole shared
+    secret (:func:`~fedlorm.flower.masks.use_full_secret_masks`). ValueError for settings SecAgg+
+    cannot run with; :class:`SecureSumError` when the protocol breaks on a client's message.
     """
+    use_full_secret_masks()
     nodes = sorted(set(node_ids))
     _check_settings(len(nodes), num_shares, reconstruction_threshold, word_bits, modulus_bits)
     request: dict[str, Scalar] = dict(config or {})
@@ -194,7 +241,7 @@ def secure_sum(
     legacy = LegacyContext(private, strategy=strategy)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
     legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-    workflow = SecAggPlusWorkflow(
+    workflow = _Workflow(
         num_shares,
         reconstruction_threshold,
         max_weight=1.0,
@@ -202,18 +249,14 @@ def secure_sum(
         quantization_range=1 << word_bits,
         modulus_range=1 << modulus_bits,
         timeout=timeout,
+        before_unmask=before_unmask,
     )
-    workflow(grid, legacy)
-    if strategy.average is None:
-        return None
-    count = len(strategy.contributors)
-    offset = float(count << (word_bits - 1))
-    totals = [
-        np.rint(np.asarray(a, dtype=np.float64) * count + offset).astype(np.int64) for a in strategy.average
-    ]
-    if len(totals) != len(layout):
-        raise RuntimeError(f"SecAgg+ returned {len(totals)} arrays for a layout of {len(layout)}")
-    sums = {
-        key: total.reshape(tuple(shape)) for (key, shape), total in zip(layout.items(), totals, strict=True)
-    }
+    try:
+        workflow(grid, legacy)
+        if strategy.average is None:
+            return None
+        sums = _integer_sums(strategy.average, len(strategy.contributors), layout, word_bits)
+    except Exception as err:  # the workflow parses every client's keys, shares and vectors
+        logger.debug("SecAgg+ failed", exc_info=err)
+        raise SecureSumError(f"SecAgg+ failed on a client's message ({type(err).__name__})") from None
     return SecureSum(sums=sums, contributors=strategy.contributors)

@@ -8,6 +8,7 @@ integer arrays the mod masks (:func:`secure_reply`). The server side is :mod:`fe
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 
 import numpy as np
@@ -15,11 +16,17 @@ from flwr.app import Context, Message, MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
+
+from fedlorm.flower.masks import use_full_secret_masks
+from fedlorm.flower.policy import RefusalError, check_setup, refusal_reply, requires_secure
 
 __all__ = [
     "BROADCAST",
+    "CORRECT",
+    "EVALUATE",
+    "EXAMPLES",
     "FITINS_CONFIG",
     "LAYOUT",
     "REPLY_SPEC",
@@ -31,6 +38,8 @@ __all__ = [
     "secure_request",
 ]
 
+logger = logging.getLogger(__name__)
+
 FITINS_CONFIG = "fitins.config"
 """The record of the masking-stage message that carries the request's config (legacy FitIns layout)."""
 LAYOUT = "fedlorm-secure-layout"
@@ -39,6 +48,12 @@ WORD_BITS = "fedlorm-secure-word-bits"
 """Config key: each client's entries must lie in [0, 2^word_bits)."""
 REPLY_SPEC = "fedlorm-secure-reply-spec"
 """Config key: the step's reply spec as JSON (:func:`fedlorm.secure.contribution.spec_to_json`)."""
+EVALUATE = "fedlorm-secure-evaluate"
+"""Config key: present (the task just finished) when the secure sum is a federated evaluation."""
+CORRECT = "secure:correct"
+"""Layout key of a client's encoded number of correct predictions in a secure federated evaluation."""
+EXAMPLES = "secure:examples"
+"""Layout key of a client's encoded number of evaluated examples."""
 BROADCAST = "fedlorm-secure-broadcast"
 """Config key: JSON list of the broadcast's array keys, in the order of ``fitins.parameters``."""
 
@@ -52,11 +67,25 @@ def optional_secaggplus_mod(message: Message, context: Context, call_next: Clien
     """Flower's ``secaggplus_mod`` for SecAgg+ messages; every other message goes to the handler untouched.
 
     The mod itself rejects any ``train`` message without a SecAgg+ stage, so this lets one ``train``
-    handler serve plain and secure steps.
+    handler serve plain and secure steps. Before a SecAgg+ message it makes Flower draw masks from
+    the whole shared secret (:func:`~fedlorm.flower.masks.use_full_secret_masks`); a node with
+    ``require-secure=true`` refuses a setup under which the server could rebuild its masks
+    (:func:`~fedlorm.flower.policy.check_setup`). Whatever goes wrong in the protocol or the handler
+    answers with a one-word error reply (:data:`~fedlorm.flower.policy.REFUSALS`), never its text.
     """
-    if message.metadata.message_type == MessageType.TRAIN and is_secure_message(message):
+    if message.metadata.message_type != MessageType.TRAIN or not is_secure_message(message):
+        return call_next(message, context)
+    try:
+        use_full_secret_masks()
+        stage = message.content.config_records[RECORD_KEY_CONFIGS]
+        if stage.get(Key.STAGE) == Stage.SETUP and requires_secure(context.node_config):
+            check_setup(int(stage[Key.SHARE_NUMBER]), int(stage[Key.THRESHOLD]))  # type: ignore[call-overload]
         return secaggplus_mod(message, context, call_next)
-    return call_next(message, context)
+    except RefusalError as refusal:
+        return refusal_reply(message, refusal)
+    except Exception as err:  # the protocol parses what the server sent; no text of it may go back
+        logger.debug("SecAgg+ message refused", exc_info=err)
+        return refusal_reply(message, RefusalError("protocol", f"{type(err).__name__}: {err}"))
 
 
 def secure_request(message: Message) -> tuple[dict[str, tuple[int, ...]], int, dict[str, Scalar]]:

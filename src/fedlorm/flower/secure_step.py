@@ -1,33 +1,47 @@
-"""One engine step as a SecAgg+ secure sum over the Flower grid: the server sees only the sum.
+"""One engine step, or one federated evaluation, as a SecAgg+ secure sum over the Flower grid.
 
 The step's broadcast and :class:`Instruction` travel with SecAgg+'s masking-stage request, with the
 reply spec every client checks its own reply against (:mod:`fedlorm.flower.clientapp`). The server
-gets the digit sums of the contributing clients (:func:`fedlorm.flower.secure.secure_sum`), decodes
-them with n = the number of contributors and folds the sums with the engine's :func:`fold_sums`. A
-client that errors out (its own checks failed, a value above the bound) or vanishes after sharing
-keys is left out, as SecAgg+ defines; if SecAgg+ halts or the sum does not decode, the global state
-stays as it was and the run goes on.
+gets the digit sums of the contributing clients (:func:`fedlorm.flower.secure.secure_sum`) and folds
+them with :func:`~fedlorm.secure.fold.fold_secure_sum`, the in-process runtime's fold: decode, check
+the sums, merge guarded. A client that refuses (its own checks failed, a value above the bound) or
+vanishes after sharing keys is left out, as SecAgg+ defines; if SecAgg+ halts or breaks, or the sums
+fail their checks or the merge, the global state stays as it was and the run goes on.
+
+Nothing about one client is logged or recorded but whether it is in the sum: no reason from its
+error reply, no count, no value. A step never sums two different sets of clients: before any mask is
+removed the contributors are journaled (``pin``), and a step re-run after a crash must have exactly
+the journaled contributors, or it halts before unmasking and keeps the state.
+
+A federated evaluation (:func:`run_secure_evaluation`) is a secure sum of (correct predictions,
+examples): the server learns the clients' overall accuracy and nothing per client.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid
 
 from fedlorm.config import SecureConfig
-from fedlorm.flower.secure import secure_sum
-from fedlorm.flower.secure_client import REPLY_SPEC
+from fedlorm.flower.secure import SecureSum, secure_sum
+from fedlorm.flower.secure_client import CORRECT, EVALUATE, EXAMPLES, REPLY_SPEC
 from fedlorm.flower.strategy import FedlormStrategy, StepReport
 from fedlorm.methods import Instruction, Server
-from fedlorm.runtime.engine import fold_sums, secure_upload_bytes
+from fedlorm.runtime.engine import secure_tally, secure_upload_bytes
 from fedlorm.secure.contribution import digit_layout, encoding_spec, secure_expected, spec_to_json
-from fedlorm.secure.encoding import decode
+from fedlorm.secure.encoding import EncodingSpec, decode
+from fedlorm.secure.fold import fold_secure_sum
 
-__all__ = ["run_secure_step"]
+__all__ = ["NOT_IN_SUM", "evaluation_layout", "run_secure_evaluation", "run_secure_step"]
 
 logger = logging.getLogger(__name__)
+
+NOT_IN_SUM = "not in the secure sum (no masked vector: it refused, or sent none within the timeout)"
+"""The only reason recorded for a client left out of a secure step."""
 
 
 def run_secure_step(
@@ -40,10 +54,32 @@ def run_secure_step(
     *,
     server_round: int,
     timeout: float,
+    pinned: Sequence[int] | None = None,
+    pin: Callable[[list[int]], None] | None = None,
 ) -> StepReport:
-    """Run ``instruction``'s step as one secure sum over the asked clients' SuperNodes; its report."""
+    """Run ``instruction``'s step as one secure sum over the asked clients' SuperNodes; its report.
+
+    ``pinned``: the clients a first run of this step summed (a resumed run); the step then asks only
+    them and halts before unmasking unless exactly they contribute. It also halts before unmasking
+    when fewer than ``strategy.min_clients`` send masked vectors, so no sum over fewer is ever
+    revealed. ``pin(clients)`` is called with the contributing clients before any mask is removed
+    (the run journals them).
+    """
     report = strategy.begin_step(instruction, grid)
     report.secure = True
+    if pinned is not None:
+        missing = sorted(set(pinned) - set(report.nodes.values()))
+        for node, k in sorted(report.nodes.items()):
+            if k not in set(pinned):
+                strategy.drop(report, node, k, "not in this step's first run (a resumed secure step)")
+        report.nodes = {node: k for node, k in report.nodes.items() if k in set(pinned)}
+        if missing:
+            return _kept(
+                strategy,
+                report,
+                "contributors",
+                f"clients {missing} of this step's first run are not connected",
+            )
     strategy.drop_unreached(report)
     spec = encoding_spec(secure)
     expected = secure_expected(server, instruction)
@@ -51,6 +87,114 @@ def run_secure_step(
     broadcast = {key: value.detach().cpu().numpy() for key, value in server.arrays(instruction).items()}
     report.download_bytes = sum(array.nbytes for array in broadcast.values()) * len(report.nodes)
     config = {**instruction.to_record(), REPLY_SPEC: spec_to_json(expected)}
+    halted: list[tuple[str, str]] = []
+
+    def before_unmask(nodes: list[int]) -> bool:
+        clients = sorted(report.nodes[node] for node in nodes)
+        if pinned is not None and clients != sorted(pinned):
+            halted.append(("contributors", "other clients than in this step's first run contributed"))
+            return False
+        if len(clients) < strategy.min_clients:
+            few = f"only {len(clients)} clients sent masked vectors (min_clients = {strategy.min_clients})"
+            halted.append(("too-few", few))
+            return False
+        if pin is not None:
+            pin(clients)
+        return True
+
+    result = _sum(
+        grid, context, report, layout, spec, secure, server_round, timeout, config, broadcast, before_unmask
+    )
+    if halted:  # stopped before unmasking: the server learnt no sum
+        return _kept(strategy, report, *halted[0])
+    if isinstance(result, str):
+        return _kept(strategy, report, "halted", result)
+    _drop_absent(strategy, report, result)
+    merged = sorted(report.nodes[node] for node in result.contributors)
+    upload = len(merged) * secure_upload_bytes(layout)
+    fold = fold_secure_sum(server, instruction, result.sums, spec, len(merged))
+    report.upload_bytes = upload
+    report.tally = secure_tally(
+        fold, instruction, clients=len(report.asked), contributors=len(merged), upload_bytes=upload
+    )
+    if fold.kept is not None:
+        report.kept = fold.kept
+        return report
+    report.merged = merged
+    return report
+
+
+def evaluation_layout(spec: EncodingSpec) -> dict[str, tuple[int, ...]]:
+    """The digit layout of a secure federated evaluation: two encoded scalars per client."""
+    return {CORRECT: (spec.words,), EXAMPLES: (spec.words,)}
+
+
+def run_secure_evaluation(
+    strategy: FedlormStrategy,
+    grid: Grid,
+    context: Context,
+    server: Server,
+    task: int,
+    secure: SecureConfig,
+    *,
+    server_round: int,
+    timeout: float,
+) -> dict[str, Any]:
+    """Every identified SuperNode scores the deployed model on its own data of tasks 0..``task``; one
+    secure sum of (correct, examples) gives the overall accuracy. The record holds the task, the
+    accuracy (None if no sum came back or it fails its checks), the total examples and the clients in
+    the sum; nothing per client."""
+    nodes = strategy.connected(grid)
+    spec = encoding_spec(secure)
+    layout = evaluation_layout(spec)
+    broadcast = {key: value.detach().cpu().numpy() for key, value in server.deployed_arrays().items()}
+    report = StepReport(
+        step=f"task {task + 1} federated evaluation", nodes=nodes, asked=sorted(nodes.values())
+    )
+    record: dict[str, Any] = {
+        "task": task,
+        "accuracy": None,
+        "num_examples": 0,
+        "partitions": [],
+        "secure": True,
+    }
+    result = _sum(
+        grid, context, report, layout, spec, secure, server_round, timeout, {EVALUATE: task}, broadcast, None
+    )
+    if isinstance(result, str):
+        logger.warning("%s: %s", report.step, result)
+        return record
+    clients = sorted(nodes[node] for node in result.contributors)
+    try:
+        decoded = decode(result.sums, spec, len(clients))
+    except ValueError as err:
+        logger.warning("%s: the secure sum does not decode: %s", report.step, err)
+        return record
+    correct, examples = float(decoded[CORRECT]), float(decoded[EXAMPLES])
+    if not (examples >= len(clients) and 0 <= correct <= examples) or correct != round(correct):
+        logger.warning(
+            "%s: the secure sums fail their checks (correct %g of %g)", report.step, correct, examples
+        )
+        return record
+    accuracy = 100.0 * correct / examples
+    logger.info("%s: clients' accuracy on their own data %.2f%%", report.step, accuracy)
+    return {**record, "accuracy": accuracy, "num_examples": round(examples), "partitions": clients}
+
+
+def _sum(
+    grid: Grid,
+    context: Context,
+    report: StepReport,
+    layout: dict[str, tuple[int, ...]],
+    spec: EncodingSpec,
+    secure: SecureConfig,
+    server_round: int,
+    timeout: float,
+    config: dict[str, Any],
+    broadcast: dict[str, Any],
+    before_unmask: Callable[[list[int]], bool] | None,
+) -> SecureSum | str:
+    """One secure sum over ``report.nodes``, or why there is none (SecAgg+ cannot run, halts or breaks)."""
     try:
         result = secure_sum(
             grid,
@@ -65,44 +209,28 @@ def run_secure_step(
             config=config,
             server_round=server_round,
             arrays=broadcast,
+            before_unmask=before_unmask,
         )
-    except ValueError as err:  # too few SuperNodes left for SecAgg+ in this step
-        return _kept(strategy, report, list(report.nodes), f"no secure sum: {err}")
+    except ValueError as err:  # too few SuperNodes left for SecAgg+ (settings), or the protocol broke
+        return f"no secure sum: {err}"
     if result is None:
-        halted = "SecAgg+ halted: too few clients left for the reconstruction threshold"
-        return _kept(strategy, report, list(report.nodes), halted)
-    merged = sorted(report.nodes[node] for node in result.contributors)
+        return "SecAgg+ halted: too few clients left for the reconstruction threshold"
+    return result
+
+
+def _drop_absent(strategy: FedlormStrategy, report: StepReport, result: SecureSum) -> None:
+    """Every asked node whose masked vector is not in the sum is dropped with :data:`NOT_IN_SUM`."""
     for node in sorted(set(report.nodes) - set(result.contributors)):
-        reason = "not in the secure sum: no masked vector (an error reply, or none within the timeout)"
-        strategy.drop(report, node, report.nodes[node], reason)
-    if len(merged) < strategy.min_clients:
-        logger.warning(
-            "%s: only %d clients in the secure sum (min_clients = %d); the previous global state stays",
-            report.step,
-            len(merged),
-            strategy.min_clients,
-        )
-        return report
-    try:
-        decoded = decode(result.sums, spec, len(merged))
-    except ValueError as err:  # a contribution was out of range: the sum is not n valid encodings
-        return _kept(strategy, report, result.contributors, f"the secure sum does not decode: {err}")
-    report.merged = merged
-    report.upload_bytes = len(merged) * secure_upload_bytes(layout)
-    report.tally = fold_sums(
-        server,
-        instruction,
-        decoded,
-        clients=len(report.asked),
-        contributors=len(merged),
-        upload_bytes=report.upload_bytes,
-    )
-    return report
+        strategy.drop(report, node, report.nodes[node], NOT_IN_SUM)
 
 
-def _kept(strategy: FedlormStrategy, report: StepReport, nodes: list[int], reason: str) -> StepReport:
-    """Nothing merged: each of ``nodes`` dropped with ``reason``; the global state stays."""
+def _kept(strategy: FedlormStrategy, report: StepReport, word: str, reason: str) -> StepReport:
+    """Nothing merged: ``report.kept`` = ``word``, every asked node not yet dropped is dropped with
+    ``reason``; the global state stays."""
     logger.warning("%s: %s; the previous global state stays", report.step, reason)
-    for node in sorted(nodes):
-        strategy.drop(report, node, report.nodes[node], reason)
+    report.kept = word
+    dropped = {d.partition for d in report.dropped}
+    for node, partition in sorted(report.nodes.items()):
+        if partition not in dropped:
+            strategy.drop(report, node, partition, reason)
     return report

@@ -40,7 +40,7 @@ from fedlorm.methods.validation import InvalidReplyError, check_reply, reply_spe
 from fedlorm.runtime.engine import fold_replies
 from fedlorm.runtime.report import StepTally, step_name
 
-__all__ = ["Dropped", "FedlormStrategy", "StepReport"]
+__all__ = ["Dropped", "FedlormStrategy", "StepReport", "error_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class StepReport:
     """The broadcast's tensor payload times the SuperNodes it was sent to."""
     secure: bool = False
     """The step ran as a SecAgg+ secure sum: the server saw only the sum of ``merged``'s replies."""
+    kept: str = ""
+    """Why nothing was merged (a word of :data:`fedlorm.runtime.report.KEPT_WORDS`); "" if merged."""
 
     def to_record(self) -> dict[str, Any]:
         """Plain form for results.json (``secure`` only for a secure step)."""
@@ -83,7 +85,7 @@ class StepReport:
             "asked": self.asked,
             "merged": self.merged,
             "dropped": [asdict(d) for d in self.dropped],
-            "state_kept": self.tally is None,
+            "state_kept": bool(self.kept) or self.tally is None,
         }
         return {**record, "secure": True} if self.secure else record
 
@@ -168,7 +170,7 @@ class FedlormStrategy(Strategy):
             node = message.metadata.src_node_id
             try:
                 if message.has_error():
-                    raise ValueError(f"error reply: {message.error.reason}")
+                    raise ValueError(f"error reply: {error_reason(message)}")
                 identity = decode_identity(message.content)
                 if identity.partitions != self.num_clients or not 0 <= identity.partition < self.num_clients:
                     raise ValueError(
@@ -202,7 +204,7 @@ class FedlormStrategy(Strategy):
         """The step's report: the connected SuperNodes whose clients ``instruction`` asks."""
         asked = self.asked(instruction)
         wanted = set(asked)
-        nodes = {n: p for n, p in self._connected(grid).items() if p in wanted}
+        nodes = {n: p for n, p in self.connected(grid).items() if p in wanted}
         self._instruction = instruction
         self.report = StepReport(step=step_name(instruction), nodes=nodes, asked=asked)
         return self.report
@@ -222,9 +224,16 @@ class FedlormStrategy(Strategy):
                 len(accepted),
                 self.min_clients,
             )
+            report.kept = "too-few"
             return None, self._train_metrics(report, instruction)
-        report.merged = sorted(accepted)
-        report.tally = fold_replies(self.server, instruction, [(k, accepted[k]) for k in report.merged])
+        tally = fold_replies(self.server, instruction, [(k, accepted[k]) for k in sorted(accepted)])
+        nodes = {partition: node for node, partition in report.nodes.items()}
+        for partition, reason in sorted(tally.dropped.items()):
+            report.dropped.append(Dropped(node_id=nodes[partition], partition=partition, reason=reason))
+        report.tally, report.kept = tally, tally.kept
+        if tally.kept:
+            return None, self._train_metrics(report, instruction)
+        report.merged = sorted(set(accepted) - set(tally.dropped))
         return to_array_record(self.server.deployed_arrays()), self._train_metrics(report, instruction)
 
     def _accept(
@@ -240,7 +249,7 @@ class FedlormStrategy(Strategy):
                 if message is None:
                     raise InvalidReplyError(f"no reply within the {self.reply_timeout:g} s reply timeout")
                 if message.has_error():
-                    raise InvalidReplyError(f"error reply: {message.error.reason}")
+                    raise InvalidReplyError(f"error reply: {error_reason(message)}")
                 reply = decode_train_reply(message.content)
                 report.upload_bytes += reply.reply.upload_bytes
                 _check_identity(instruction, partition, reply)
@@ -288,7 +297,7 @@ class FedlormStrategy(Strategy):
     ) -> Iterable[Message]:
         """One evaluate message per identified SuperNode (``config`` holds the task just finished)."""
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
-        return self._messages(self._connected(grid), content, MessageType.EVALUATE, server_round)
+        return self._messages(self.connected(grid), content, MessageType.EVALUATE, server_round)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Sample-weighted mean of the clients' local accuracies (failed replies are logged and left out)."""
@@ -297,7 +306,7 @@ class FedlormStrategy(Strategy):
             node = message.metadata.src_node_id
             try:
                 if message.has_error():
-                    raise InvalidReplyError(f"error reply: {message.error.reason}")
+                    raise InvalidReplyError(f"error reply: {error_reason(message)}")
                 result = decode_evaluation_reply(message.content)
                 if self.partitions.get(node) != result.partition:
                     raise InvalidReplyError(f"reply names client {result.partition}")
@@ -324,7 +333,8 @@ class FedlormStrategy(Strategy):
             return list(range(self.num_clients))
         return sorted(int(k) for k in self.participants(instruction))
 
-    def _connected(self, grid: Grid) -> dict[int, int]:
+    def connected(self, grid: Grid) -> dict[int, int]:
+        """Connected, identified SuperNodes → the client each serves."""
         connected = set(grid.get_node_ids())
         return {n: p for n, p in sorted(self.partitions.items()) if n in connected}
 
@@ -334,6 +344,16 @@ class FedlormStrategy(Strategy):
             Message(content=content, message_type=kind, dst_node_id=node, group_id=str(server_round))
             for node in nodes
         ]
+
+
+def error_reason(message: Message, limit: int = 200) -> str:
+    """An error reply's reason as the server records it: one line, at most ``limit`` characters.
+
+    fedlorm's ClientApp answers with one word (:data:`fedlorm.flower.policy.REFUSALS`); anything else
+    (Flower's own errors, another ClientApp) is cut so that no client can flood the log.
+    """
+    text = " ".join(str(message.error.reason).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _check_identity(instruction: Instruction, partition: int, reply: TrainReply) -> None:

@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 from fedlorm.config import RunConfig, config_from_plain, config_to_dict
 from fedlorm.fcl import sample_clients
 from fedlorm.methods import ClientReply, Instruction, Server, add_arrays
+from fedlorm.methods.bounds import check_bound, outliers, sample_magnitudes
+from fedlorm.methods.guard import guarded_aggregate
 from fedlorm.methods.steps import Phase, step_label
 from fedlorm.methods.validation import InvalidReplyError, check_reply, reply_spec
 from fedlorm.results import MetricsCSV, plot_run, write_json_atomic
@@ -57,8 +59,9 @@ from fedlorm.runtime.report import (
     task_test_sizes,
 )
 from fedlorm.runtime.tensorboard import open_board
-from fedlorm.secure.contribution import contribution, digit_layout, secure_expected, unpack
-from fedlorm.secure.encoding import EncodingSpec, decode, modular_sum
+from fedlorm.secure.contribution import contribution, digit_layout, secure_expected
+from fedlorm.secure.encoding import EncodingSpec, modular_sum
+from fedlorm.secure.fold import SecureFold, fold_secure_sum
 from fedlorm.seeding import derive_seed, torch_generator
 
 __all__ = [
@@ -67,10 +70,10 @@ __all__ = [
     "checkpoint_config",
     "fold_replies",
     "fold_secure_replies",
-    "fold_sums",
     "kill_point",
     "resume_run",
     "run",
+    "secure_tally",
     "secure_upload_bytes",
     "step_clients",
     "step_plan",
@@ -213,47 +216,77 @@ def fold_replies(
 ) -> StepTally:
     """Check each client's reply, sum the valid ones, hand the sums to the server (every transport).
 
-    A reply that fails :func:`check_reply` is logged and left out; if every reply fails, the
-    server's state stays as it was. Without :meth:`Server.expected_reply`, the first valid reply
-    fixes the keys, shapes and dtypes the others must have.
+    A reply is left out, and logged with its reason, if it fails :func:`check_reply` (finite,
+    well-formed, PSD), exceeds the public bound 2^``secure.bound_exponent`` per sample, or is more
+    than ``secure.spread_limit`` (values: ``secure.value_spread_limit``) times the median of the
+    step's other replies per sample (:mod:`fedlorm.methods.bounds`). The rest are summed in client
+    order and merged by :func:`~fedlorm.methods.guard.guarded_aggregate`; if none is left, or the
+    merge fails, the server's state stays as it was and the tally's ``kept`` says why. Without
+    :meth:`Server.expected_reply`, the first valid reply fixes the keys, shapes and dtypes the
+    others must have.
     """
     expected = server.expected_reply(instruction)
+    secure = server.cfg.secure
+    bound = math.ldexp(1.0, secure.bound_exponent)
     tally = StepTally()
-    sums = None
+    checked: list[tuple[int, ClientReply, dict[str, float]]] = []
     for k, reply in replies:
         tally.clients += 1
         tally.upload_bytes += reply.upload_bytes
         try:
             check_reply(reply, expected)
+            if expected is None:
+                expected = reply_spec(reply.summands)
+            magnitudes = sample_magnitudes(reply, expected)
+            beyond = check_bound(magnitudes, bound)
+            if beyond is not None:
+                raise InvalidReplyError(beyond)
         except InvalidReplyError as err:
-            tally.rejected += 1
-            logger.warning("%s: client %d rejected: %s", step_name(instruction), k, err)
+            _reject(tally, instruction, k, str(err))
             continue
-        if expected is None:
-            expected = reply_spec(reply.summands)
+        checked.append((k, reply, magnitudes))
+    sizes = [magnitudes for _, _, magnitudes in checked]
+    far = outliers(sizes, expected or {}, secure.spread_limit, secure.value_spread_limit)
+    sums = None
+    for i, (k, reply, _) in enumerate(checked):
+        if i in far:
+            _reject(tally, instruction, k, far[i])
+            continue
         sums = add_arrays(sums, reply.summands)
         tally.examples += reply.num_examples
         tally.loss_sum += reply.metrics.get("train_loss", 0.0) * reply.num_examples
-    started = time.perf_counter()
     if sums is None:
+        tally.kept = "no-reply"
         logger.warning(
             "%s: every client was rejected; the previous global state stays", step_name(instruction)
         )
-    else:
-        server.aggregate(instruction, sums, tally.examples)
-    tally.merge_seconds = time.perf_counter() - started
+        return tally
+    outcome = guarded_aggregate(server, instruction, sums, tally.examples)
+    tally.merge_seconds = outcome.seconds
+    if not outcome.merged:
+        tally.kept = "merge"
+        logger.warning("%s: %s; the previous global state stays", step_name(instruction), outcome.failure)
     return tally
+
+
+def _reject(tally: StepTally, instruction: Instruction, client: int, reason: str) -> None:
+    """Leave ``client``'s reply out of the step's sums, and log why."""
+    tally.rejected += 1
+    tally.dropped[client] = reason
+    logger.warning("%s: client %d rejected: %s", step_name(instruction), client, reason)
 
 
 def fold_secure_replies(
     server: Server, instruction: Instruction, replies: Iterable[tuple[int, ClientReply]], spec: EncodingSpec
 ) -> tuple[StepTally, list[int]]:
-    """The secure-aggregation fold in process: what SecAgg+ computes, without the masks.
+    """The secure-aggregation fold in process: the encoding SecAgg+ sums, without the masks.
 
     Each client checks and encodes its own reply (:func:`~fedlorm.secure.contribution.contribution`;
     one that fails contributes nothing, as a client that errors out of SecAgg+), the digits are
-    summed modulo 2^modulus_bits and decoded, and the sums folded by :func:`fold_sums`. Returns the
-    tally and the contributing clients; the numbers are the bits a Flower run's secure sum gives.
+    summed modulo 2^modulus_bits and folded by :func:`~fedlorm.secure.fold.fold_secure_sum`, as a
+    Flower run folds its secure sum. Returns the tally and the contributing clients; the numbers are
+    the bits a Flower run's secure sum gives. As a Flower server, it logs which clients are not in the
+    sum, and why only at the debug level (in process, the clients are this process).
     """
     expected = secure_expected(server, instruction)
     layout = digit_layout(expected, spec)
@@ -263,17 +296,16 @@ def fold_secure_replies(
         try:
             encodings.append(contribution(reply, expected, spec))
         except ValueError as err:
-            logger.warning("%s: client %d contributes nothing: %s", step_name(instruction), k, err)
+            logger.warning("%s: client %d is not in the secure sum", step_name(instruction), k)
+            logger.debug("%s: client %d refused its own reply: %s", step_name(instruction), k, err)
             continue
         contributors.append(k)
     if not encodings:
         logger.warning("%s: no client contributed; the previous global state stays", step_name(instruction))
-        return StepTally(clients=clients, rejected=clients), contributors
-    decoded = decode(modular_sum(encodings, spec), spec, len(encodings))
+        return StepTally(clients=clients, rejected=clients, kept="no-reply"), contributors
+    fold = fold_secure_sum(server, instruction, modular_sum(encodings, spec), spec, len(encodings))
     upload = len(encodings) * secure_upload_bytes(layout)
-    tally = fold_sums(
-        server, instruction, decoded, clients=clients, contributors=len(encodings), upload_bytes=upload
-    )
+    tally = secure_tally(fold, instruction, clients=clients, contributors=len(encodings), upload_bytes=upload)
     return tally, contributors
 
 
@@ -282,31 +314,25 @@ def secure_upload_bytes(layout: Mapping[str, tuple[int, ...]]) -> int:
     return 8 * sum(math.prod(shape) for shape in layout.values())
 
 
-def fold_sums(
-    server: Server,
-    instruction: Instruction,
-    decoded: Mapping[str, Any],
-    *,
-    clients: int,
-    contributors: int,
-    upload_bytes: int,
+def secure_tally(
+    fold: SecureFold, instruction: Instruction, *, clients: int, contributors: int, upload_bytes: int
 ) -> StepTally:
-    """Hand decoded secure sums (summands, count, loss sum) to the server: :func:`fold_replies` on sums.
+    """The tally of ``instruction``'s folded secure sum (:func:`~fedlorm.secure.fold.fold_secure_sum`);
+    a kept state is logged with its reason.
 
     ``clients`` were asked and ``contributors`` of them are in the sums; the rest count as rejected.
     """
-    sums, examples, loss_sum = unpack(decoded)
-    tally = StepTally(
+    if fold.kept is not None:
+        logger.warning("%s: %s; the previous global state stays", step_name(instruction), fold.reason)
+    return StepTally(
         clients=clients,
         rejected=clients - contributors,
-        examples=examples,
-        loss_sum=loss_sum,
+        examples=fold.examples,
+        loss_sum=fold.loss_sum,
         upload_bytes=upload_bytes,
+        merge_seconds=fold.merge_seconds,
+        kept=fold.kept or "",
     )
-    started = time.perf_counter()
-    server.aggregate(instruction, sums, examples)
-    tally.merge_seconds = time.perf_counter() - started
-    return tally
 
 
 def kill_point(name: str) -> None:

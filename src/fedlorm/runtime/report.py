@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from fedlorm.runtime.experiment import Experiment
 from fedlorm.runtime.progress import RunProgress
 
 __all__ = [
+    "KEPT_WORDS",
     "METRICS_FIELDS",
     "TIMING_FIELDS",
     "StepTally",
@@ -61,8 +62,21 @@ METRICS_FIELDS = [
     "download_bytes",
     "clients",
     "rejected",
+    "state_kept",
 ]
 """The columns of metrics.csv, one row per step (:func:`metrics_row`)."""
+
+KEPT_WORDS = {
+    "no-reply": "no valid reply (or no contribution to a secure sum) came back",
+    "too-few": "fewer than min-clients valid replies (Flower)",
+    "halted": "the SecAgg+ protocol halted or failed (Flower)",
+    "contributors": "a re-run secure step would have summed other clients than its first run (Flower)",
+    "decode": "the secure sum does not decode as the sum of its contributors' encodings",
+    "sums": "the decoded secure sums fail their checks",
+    "merge": "the merge raised an error or left non-finite values",
+}
+"""``state_kept`` values of a step that merged nothing (the previous state stays), and what each means;
+"" where the step merged."""
 
 TIMING_FIELDS = ("step_seconds", "merge_seconds", "eval_seconds")
 """The wall-time columns: the whole step (broadcast, the clients' local work, replies, checks and
@@ -81,6 +95,10 @@ class StepTally:
     loss_sum: float = 0.0
     upload_bytes: int = 0
     merge_seconds: float = 0.0
+    kept: str = ""
+    """A word of :data:`KEPT_WORDS` when nothing was merged (the previous state stays), else ""."""
+    dropped: dict[int, str] = field(default_factory=dict)
+    """Client → reason, for each reply the server checked and left out (plain mode)."""
 
 
 def step_name(instruction: Instruction) -> str:
@@ -97,9 +115,12 @@ def metrics_row(
     download_bytes: int,
     clients: int,
     rejected: int,
+    kept: str | None = None,
 ) -> dict[str, Any]:
     """A step's metrics.csv row before evaluation; ``tally`` None: nothing was merged (state kept).
 
+    ``kept``: the row's ``state_kept`` word (:data:`KEPT_WORDS`); None takes the tally's, and
+    ``no-reply`` without one.
     ``upload_bytes``: the replies' tensor payload; ``download_bytes``: the broadcast's, summed over
     the clients it was sent to.
     """
@@ -119,6 +140,7 @@ def metrics_row(
         "download_bytes": download_bytes,
         "clients": clients,
         "rejected": rejected,
+        "state_kept": kept if kept is not None else (tally.kept if tally is not None else "no-reply"),
     }
 
 

@@ -43,13 +43,14 @@ class InProcess:
 
     def __init__(self) -> None:
         self.secure: dict[str, Any] | None = None
-        """With ``secure.aggregation``: results.json's record of it (SecAgg+'s settings, the encoding)."""
+        """With ``secure.aggregation``: results.json's record of it (the encoding; nothing is masked in
+        process, and the record says so)."""
 
     def begin(self, exp: Experiment) -> None:
         """Nothing to connect; with secure aggregation, check the run's config allows it."""
         if exp.cfg.secure.aggregation:
             validate_config(exp.cfg)  # the method's own config (e.g. joint's one client) must allow it
-            self.secure = secure_record(exp.cfg)
+            self.secure = secure_record(exp.cfg, masked=False)
 
     def run_step(
         self, exp: Experiment, instruction: Instruction, clients: list[int], advance: Callable[[int], None]
@@ -57,7 +58,8 @@ class InProcess:
         """One broadcast → local work on ``clients`` → checked, summed replies → server merge.
 
         With ``secure.aggregation`` the replies are encoded, summed modulo 2^k and decoded as
-        SecAgg+ would (:func:`fold_secure_replies`), so the numbers are a Flower secure run's.
+        SecAgg+ would (:func:`fold_secure_replies`), so the numbers are a Flower secure run's; no
+        mask is applied (nothing leaves this process).
         """
         arrays = exp.server.arrays(instruction)
         replies = self.replies(exp, instruction, arrays, clients, advance)

@@ -21,12 +21,15 @@ import torch
 from fedlorm.config import RunConfig, SecureConfig
 from fedlorm.methods.base import Arrays, ClientReply, Instruction, Server
 from fedlorm.methods.replies import Kind, ReplySpec, Summand
-from fedlorm.methods.validation import check_reply
+from fedlorm.methods.validation import InvalidReplyError, check_reply
 from fedlorm.secure.encoding import EncodingSpec, encode
 
 __all__ = [
+    "FLOWER",
+    "IN_PROCESS",
     "LOSS_SUM",
     "NUM_EXAMPLES",
+    "ContributionError",
     "contribution",
     "digit_layout",
     "encoding_spec",
@@ -53,11 +56,18 @@ def encoding_spec(secure: SecureConfig) -> EncodingSpec:
     )
 
 
-def secure_record(cfg: RunConfig) -> dict[str, Any]:
-    """What results.json says about a secure run: SecAgg+'s settings and the encoding's precision."""
+IN_PROCESS = "encoding only (in-process simulation: the replies are encoded and summed, nothing is masked)"
+"""results.json's ``protocol`` of an in-process secure run."""
+FLOWER = "SecAgg+ (Flower), masks from ChaCha20 keyed by the whole shared secret"
+"""results.json's ``protocol`` of a secure run over Flower."""
+
+
+def secure_record(cfg: RunConfig, *, masked: bool) -> dict[str, Any]:
+    """What results.json says about a secure run: the protocol (``masked``: SecAgg+ over Flower, else
+    the in-process encoding only), SecAgg+'s settings and the encoding's precision."""
     spec = encoding_spec(cfg.secure)
     return {
-        "protocol": "SecAgg+",
+        "protocol": FLOWER if masked else IN_PROCESS,
         "words": spec.words,
         "word_bits": spec.word_bits,
         "modulus_bits": spec.modulus_bits,
@@ -87,16 +97,38 @@ def digit_layout(expected: ReplySpec, spec: EncodingSpec) -> dict[str, tuple[int
     return {key: (spec.words, *shape) for key, shape in shapes.items()}
 
 
+class ContributionError(ValueError):
+    """A client will not contribute its reply; ``word`` says why in one fixed word, the message in full.
+
+    ``nan`` (a non-finite value), ``invalid`` (the reply fails :func:`check_reply`: keys, shapes, a
+    Gram not PSD, a count not positive), ``bound`` (an entry above the public bound). Only the word
+    may leave the client: the message can hold its values.
+    """
+
+    def __init__(self, word: str, detail: str) -> None:
+        super().__init__(detail)
+        self.word = word
+
+
 def contribution(reply: ClientReply, expected: ReplySpec, spec: EncodingSpec) -> dict[str, np.ndarray]:
     """The client's own checks (:func:`check_reply`), then its encoded summands, count and loss sum.
 
-    InvalidReplyError for a reply that fails the checks, ValueError for an entry above the bound: the
-    client then contributes nothing (Flower's protocol treats it as a dropped client).
+    :class:`ContributionError` for a reply that is not finite, fails the checks or has an entry above
+    the bound: the client then contributes nothing (Flower's protocol treats it as a dropped client).
     """
-    check_reply(reply, expected)
     loss = float(reply.metrics.get("train_loss", 0.0)) * reply.num_examples
+    values = [value for value in reply.summands.values() if isinstance(value, torch.Tensor)]
+    if not math.isfinite(loss) or not all(bool(torch.isfinite(value).all()) for value in values):
+        raise ContributionError("nan", "the reply holds NaN or Inf")
+    try:
+        check_reply(reply, expected)
+    except InvalidReplyError as err:
+        raise ContributionError("invalid", str(err)) from None
     scalars = {NUM_EXAMPLES: np.array(float(reply.num_examples)), LOSS_SUM: np.array(loss)}
-    return encode({**dict(sorted(reply.summands.items())), **scalars}, spec)
+    try:
+        return encode({**dict(sorted(reply.summands.items())), **scalars}, spec)
+    except ValueError as err:
+        raise ContributionError("bound", str(err)) from None
 
 
 def unpack(decoded: Mapping[str, np.ndarray]) -> tuple[Arrays, int, float]:
