@@ -145,8 +145,13 @@ def _results(run: PlannedRun) -> dict[str, Any] | None:
 
 
 def _effective(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A config as the run records it: joint's one task on one client applied (method's own change)."""
-    return config_to_dict(REGISTRY[cfg["method"]].run_config(config_from_plain(cfg)))
+    """A config as the run records it: joint's one task on one client applied (method's own change);
+    the ``secure`` section left out when secure aggregation is off (its keys then act on nothing, and
+    their defaults may change between releases)."""
+    out = config_to_dict(REGISTRY[cfg["method"]].run_config(config_from_plain(cfg)))
+    if not out["secure"]["aggregation"]:
+        out.pop("secure")
+    return out
 
 
 @dataclass
