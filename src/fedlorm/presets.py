@@ -7,6 +7,7 @@ plain, inspectable dict and a results file's ``config`` shows exactly what ran.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,7 +264,12 @@ def config_sources(
     preset = PRESETS.get(cfg.preset) if cfg.preset is not None else None
     base = preset_config(cfg.preset, cfg.method) if preset is not None else RunConfig(method=cfg.method)
     expected = _flatten(config_to_dict(base))
-    transformed = _flatten(config_to_dict(method_config(base))) if method_config is not None else expected
+    transformed = expected
+    # A method's run config may be a check rather than a change (a ViT-only method refuses the
+    # default CNN backbone): then nothing of the expected config is the method's.
+    with contextlib.suppress(ConfigError):
+        if method_config is not None:
+            transformed = _flatten(config_to_dict(method_config(base)))
     overridden = set(_flatten(preset.overrides)) if preset is not None else set()
     validated = set(_flatten(preset.validated.get(cfg.method, {}))) if preset is not None else set()
     out = {}
