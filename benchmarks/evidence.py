@@ -211,7 +211,7 @@ def select(root: Path) -> Selection:
                         scores[f"lr{rate}"] = results["final_accuracy"]
                 if pending:
                     break
-                best = max(grid, key=lambda r: scores[f"lr{r}"])
+                best = max(sorted(grid, key=float), key=lambda r: scores[f"lr{r}"])  # ties: smaller rate
                 extension = EDGE.get(best)
                 if extension is None or extension in grid or len(grid) > len(RATES):
                     out.chosen[(setting, method)] = {"train.lr": float(best)}
