@@ -30,7 +30,7 @@ from flwr.app import Array, ConfigRecord, Error, Message, MessageType
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
-from fedlorm.config import ConfigError, apply_overrides, config_to_dict
+from fedlorm.config import ConfigError, apply_overrides, config_to_dict, flat_keys
 from fedlorm.export import load_model
 from fedlorm.flower import client, clientapp, launch, serverapp
 from fedlorm.flower.federation import SERVER_STATE, run_federation
@@ -117,7 +117,7 @@ class LoopbackGrid(LocalGrid):
 def test_pyproject_declares_the_apps_and_mirrors_every_config_key():
     flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]
     assert flwr["app"]["components"] == APP_COMPONENTS
-    declared = _flatten(flwr["app"]["config"])
+    declared = flat_keys(flwr["app"]["config"])
     assert declared == default_run_config(), "regenerate [tool.flwr.app.config] from default_run_config()"
     # flwr 1.42 rewrites pyproject.toml (comments the table out) when it finds one.
     assert "federations" not in flwr
@@ -213,7 +213,7 @@ def test_the_wrapper_rejects_bad_input_before_starting_flower(tmp_path):
     assert list((tmp_path / "empty").iterdir()) == [] and not (tmp_path / "flwr-home").exists()
     table = subprocess.run([*command, "app-config"], env=env, capture_output=True, text=True, check=True)
     declared = tomllib.loads(table.stdout)["tool"]["flwr"]["app"]["config"]
-    assert _flatten(declared) == default_run_config()
+    assert flat_keys(declared) == default_run_config()
 
 
 # -- faults ----------------------------------------------------------------------------------------
@@ -765,12 +765,3 @@ def test_flower_simulation_equals_the_in_process_run(tmp_path, reference_run):
     assert_equals_reference(flower, merged, reference, traffic=True)
     assert len(flower["flower"]["federated_evaluation"]) == 2
 
-
-def _flatten(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

@@ -29,6 +29,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "flat_keys",
     "load_toml",
     "validate_config",
 ]
@@ -244,6 +245,25 @@ class RunConfig:
     lorm: LormConfig = field(default_factory=LormConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     secure: SecureConfig = field(default_factory=SecureConfig)
+
+
+def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested (or already dotted) mappings as one level of dotted keys: ``{"train.lr": 0.001, ...}``.
+
+    Args:
+        tree: A config as :func:`config_to_dict` gives it, or any nested mapping of its sections.
+        prefix: Put before every key (used by the recursion).
+
+    Returns:
+        Dotted key → value, in the mapping's order.
+    """
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -8,7 +8,7 @@ plain, inspectable dict and a results file's ``config`` shows exactly what ran.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from fedlorm.config import (
     apply_overrides,
     config_from_dict,
     config_to_dict,
+    flat_keys,
     load_toml,
     validate_config,
 )
@@ -263,19 +264,19 @@ def config_sources(
     """
     preset = PRESETS.get(cfg.preset) if cfg.preset is not None else None
     base = preset_config(cfg.preset, cfg.method) if preset is not None else RunConfig(method=cfg.method)
-    expected = _flatten(config_to_dict(base))
+    expected = flat_keys(config_to_dict(base))
     transformed = expected
     # A method's run config may be a check rather than a change (a ViT-only method refuses the
     # default CNN backbone): then nothing of the expected config is the method's.
     with contextlib.suppress(ConfigError):
         if method_config is not None:
-            transformed = _flatten(config_to_dict(method_config(base)))
-    overridden = set(_flatten(preset.overrides)) if preset is not None else set()
-    validated = set(_flatten(preset.validated.get(cfg.method, {}))) if preset is not None else set()
+            transformed = flat_keys(config_to_dict(method_config(base)))
+    overridden = set(flat_keys(preset.overrides)) if preset is not None else set()
+    validated = set(flat_keys(preset.validated.get(cfg.method, {}))) if preset is not None else set()
     out = {}
-    for key, value in _flatten(config_to_dict(cfg)).items():
+    for key, value in flat_keys(config_to_dict(cfg)).items():
         if key in ("method", "seed", "preset"):
-            out[key] = "default" if value == _flatten(config_to_dict(RunConfig()))[key] else "user"
+            out[key] = "default" if value == flat_keys(config_to_dict(RunConfig()))[key] else "user"
         elif value != transformed.get(key):
             out[key] = "user"
         elif transformed.get(key) != expected.get(key):
@@ -288,16 +289,6 @@ def config_sources(
             out[key] = "default"
     return out
 
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested (or already dotted) mappings as ``{"section.key": value}``."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def resolve_config(

@@ -16,7 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedlorm.config import ConfigError, RunConfig, config_from_dict, config_to_dict, validate_config
+from fedlorm.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    flat_keys,
+    validate_config,
+)
 from fedlorm.presets import preset_config
 
 __all__ = [
@@ -85,7 +92,7 @@ class FlowerSettings:
 def config_keys() -> list[str]:
     """Every fedlorm config key in dotted form (``method``, ``seed``, ``data.datasets``, ...), but
     ``preset``, which is the runtime key of the same name."""
-    return [key for key in _flatten(config_to_dict(RunConfig())) if key != "preset"]
+    return [key for key in flat_keys(config_to_dict(RunConfig())) if key != "preset"]
 
 
 def default_run_config() -> dict[str, Scalar]:
@@ -152,7 +159,7 @@ def run_config_for(cfg: RunConfig, settings: FlowerSettings) -> dict[str, Scalar
     Keys equal to the preset's value are left out, so the run config stays short and only keys a run
     changes must be declared by the app.
     """
-    preset = _flatten(config_to_dict(preset_config(settings.preset, cfg.method)))
+    preset = flat_keys(config_to_dict(preset_config(settings.preset, cfg.method)))
     out: dict[str, Scalar] = {
         "preset": settings.preset,
         "out": settings.out,
@@ -165,7 +172,7 @@ def run_config_for(cfg: RunConfig, settings: FlowerSettings) -> dict[str, Scalar
         "resume": settings.resume,
         "overwrite": settings.overwrite,
     }
-    for key, value in _flatten(config_to_dict(cfg)).items():
+    for key, value in flat_keys(config_to_dict(cfg)).items():
         # The method always goes: the other keys are compared with the preset's settings for it.
         if key == "method" or (key != "preset" and (key not in preset or value != preset[key])):
             out[key] = _scalar(value)
@@ -185,15 +192,6 @@ def to_toml(run_config: Mapping[str, Scalar]) -> str:
         lines.append(f"{key} = {text}")
     return "\n".join(lines) + "\n"
 
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _scalar(value: Any) -> Scalar:
