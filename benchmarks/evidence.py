@@ -364,7 +364,13 @@ def _test_results(root: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
         for method in BETA_FREE:
             if method in out.get("b0.5", {}):
                 out.setdefault(setting, {})[method] = out["b0.5"][method]
-    return {s: {m: out[s][m] for m in METHODS if m in out[s]} for s in SETTINGS if s in out}
+    return {s: {m: out[s][m] for m in _row_order(out[s])} for s in SETTINGS if s in out}
+
+
+def _row_order(methods: Iterable[str]) -> list[str]:
+    """The methods in table order, each variant (``METHOD-plain``) right after its method."""
+    present = set(methods)
+    return [name for m in METHODS for name in (m, f"{m}-plain") if name in present]
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -516,11 +522,23 @@ def _check_presets(sel: Selection) -> list[str]:
 
 
 def _results_table(data: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """Final accuracy, mean ± std over seeds, and in brackets the method minus LoRM paired by seed
+    (``*``: its 95 % interval excludes 0)."""
     settings = list(data)
     head = "| method | " + " | ".join(settings) + " |\n|---|" + "---:|" * len(settings)
     rows = [head]
-    for method in METHODS:
-        cells = [_cell([r["final_accuracy"] for r in data[s].get(method, [])]) for s in settings]
+    differences = {
+        s: {d.method: d for d in paired_differences(data[s], "lorm")} for s in settings if "lorm" in data[s]
+    }
+    for method in _row_order(m for s in settings for m in data[s]):
+        cells = []
+        for s in settings:
+            cell = _cell([r["final_accuracy"] for r in data[s].get(method, [])])
+            d = differences.get(s, {}).get(method)
+            if d is not None:
+                significant = d.low is not None and (d.low > 0 or d.high < 0)
+                cell += f" ({-d.mean:+.2f}{'*' if significant else ''})"
+            cells.append(cell)
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -529,7 +547,7 @@ def _gap_table(data: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
     rows = ["| setting | best federated method | its accuracy | joint | gap (joint − best), 95 % interval |",
             "|---|---|---:|---:|---|"]
     for setting, by_method in data.items():
-        federated = {m: runs for m, runs in by_method.items() if m in FEDERATED}
+        federated = {m: runs for m, runs in by_method.items() if m.removesuffix("-plain") in FEDERATED}
         if not federated or "joint" not in by_method:
             continue
         best = max(federated, key=lambda m: statistics.fmean(r["final_accuracy"] for r in federated[m]))
@@ -548,10 +566,11 @@ def _plot(data: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = list(data)
+    methods = _row_order(m for s in settings for m in data[s])
     fig, ax = plt.subplots(figsize=(8.0, 4.5))
-    width = 0.8 / len(METHODS)
-    for k, method in enumerate(METHODS):
-        shift = (k - (len(METHODS) - 1) / 2) * width
+    width = 0.8 / len(methods)
+    for k, method in enumerate(methods):
+        shift = (k - (len(methods) - 1) / 2) * width
         points = [(x + shift, *_mean_std([r["final_accuracy"] for r in data[s][method]]))
                   for x, s in enumerate(settings) if data[s].get(method)]
         if points:
