@@ -194,7 +194,7 @@ def select(root: Path) -> Selection:
                 if results is None:
                     out.needed.append(run)
                 else:
-                    out.scores[(setting, method)] = {"-": results["final_accuracy"]}
+                    out.scores[(setting, method)] = {"federated run": results["final_accuracy"]}
                 continue
             scores: dict[str, float] = {}
             grid = list(RATES)
@@ -567,6 +567,8 @@ def _plot(data: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
 
     settings = list(data)
     methods = _row_order(m for s in settings for m in data[s])
+    if not methods:
+        return
     fig, ax = plt.subplots(figsize=(8.0, 4.5))
     width = 0.8 / len(methods)
     for k, method in enumerate(methods):
