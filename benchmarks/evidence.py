@@ -25,8 +25,9 @@ The plan has two stages, both in ``--runs`` (default ``runs/evidence``):
    the centralised sums; joint has one client).
 2. **Test** (``test/SETTING/METHOD/sSEED``): ``fedlorm run --preset P --method M --seed S`` with no
    other setting, so each run uses the preset's validated table, seeds 0, 1, 2, with the forgetting
-   diagnostics (oracle head, feature drift). Where a method's table holds a projection, its plain
-   head is run too (``METHOD-plain``), to show what the projection adds.
+   diagnostics (oracle head, feature drift), setting by setting and seed by seed (``--settings``
+   picks and orders them). Where LoRM's or FedAvg's table holds a projection, its plain head is run
+   too (``METHOD-plain``), to show what the projection adds.
 
 ``report`` checks that every preset's validated table holds what the selection chose (and says
 which entries differ), then writes ``docs/evidence-*.csv``, ``docs/evidence-*.png``,
@@ -72,6 +73,8 @@ PROJECTION_GRID = ["--widths", "0,500,1000,2000,4000", "--activations", "relu,ge
 """M up to 4000: a head-only run's sums stay below LoRM's full-statistics upload (docs/projection-head.md)."""
 ADAPTING = ("lorm", "lorm-avg", "fedavg", "ffa")
 PLAIN = ("lorm.head_projection=0",)
+PLAIN_VARIANTS = ("lorm", "fedavg")
+"""Methods whose test runs are repeated with the plain head, to show what the projection adds."""
 VALIDATION = ["data.validation_per_class=100"]
 COMMON = ["train.threads=1"]
 TEST = ["train.forgetting_diagnostics=true"]
@@ -146,11 +149,13 @@ def _results(run: PlannedRun) -> dict[str, Any] | None:
 
 def _effective(cfg: dict[str, Any]) -> dict[str, Any]:
     """A config as the run records it: joint's one task on one client applied (method's own change);
-    the ``secure`` section left out when secure aggregation is off (its keys then act on nothing, and
-    their defaults may change between releases)."""
+    the ``secure`` section left out when secure aggregation is off, and the projection's activation
+    without a projection (their keys then act on nothing, and their defaults may change)."""
     out = config_to_dict(REGISTRY[cfg["method"]].run_config(config_from_plain(cfg)))
     if not out["secure"]["aggregation"]:
         out.pop("secure")
+    if not out["lorm"]["head_projection"]:
+        out["lorm"].pop("head_activation")
     return out
 
 
@@ -300,17 +305,20 @@ def _label(rate: float) -> str:
     return f"{mantissa}e-{int(exponent[1:])}" if exponent.startswith("-") else f"{rate:g}"
 
 
-def test_runs(root: Path) -> list[PlannedRun]:
-    """The test stage: every setting × method × seed, at the presets' validated settings."""
+def test_runs(root: Path, settings: Iterable[str] = tuple(SETTINGS)) -> list[PlannedRun]:
+    """The test stage at the presets' validated settings: for each of ``settings``, seed by seed,
+    every method (so a stage cut short leaves whole seeds), and the plain head of PLAIN_VARIANTS
+    where their table holds a projection."""
     runs = []
-    for setting, preset in SETTINGS.items():
-        for method in METHODS:
-            if method in BETA_FREE and setting not in ("b0.5", "headroom"):
-                continue
-            for seed in SEEDS:
+    for setting in settings:
+        preset = SETTINGS[setting]
+        for seed in SEEDS:
+            for method in METHODS:
+                if method in BETA_FREE and setting not in ("b0.5", "headroom"):
+                    continue
                 runs.append(PlannedRun(root / "test" / setting / method / f"s{seed}", preset, method, seed,
                                        tuple([*COMMON, *TEST])))
-                if PRESETS[preset].validated.get(method, {}).get("lorm.head_projection"):
+                if method in PLAIN_VARIANTS and "lorm.head_projection" in PRESETS[preset].validated.get(method, {}):
                     ridge = PRESETS[preset].overrides["lorm"]["head_ridge"]
                     runs.append(PlannedRun(root / "test" / setting / f"{method}-plain" / f"s{seed}", preset,
                                            method, seed,
@@ -353,13 +361,18 @@ def _cell(values: list[float]) -> str:
 
 
 def _test_results(root: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """Finished test runs: setting → method → results in seed order (β-free methods shared)."""
-    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    """Finished test runs: setting → method → results in seed order (β-free methods shared). Only
+    whole seeds count: a seed of a setting enters once every run of it has finished, so every
+    method of a setting is summarised over the same seeds."""
+    done: dict[tuple[str, str], list[tuple[str, dict[str, Any] | None]]] = {}
     for run in test_runs(root):
-        results = _results(run)
-        if results is not None:
-            setting, method = run.folder.parts[-3], run.folder.parts[-2]
-            out.setdefault(setting, {}).setdefault(method, []).append(results)
+        setting, method, seed = run.folder.parts[-3:]
+        done.setdefault((setting, seed), []).append((method, _results(run)))
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for (setting, _), runs in done.items():
+        if all(results is not None for _, results in runs):
+            for method, results in runs:
+                out.setdefault(setting, {}).setdefault(method, []).append(results)
     for setting in ("b0.1", "b0.05"):
         for method in BETA_FREE:
             if method in out.get("b0.5", {}):
@@ -438,7 +451,9 @@ def report(root: Path, out: Path, readme: Path) -> None:
                                     "ci95_low": None if d.high is None else -d.high,
                                     "ci95_high": None if d.low is None else -d.low})
     results_md = _results_table(data)
-    emit("### Final accuracy on the test set (%), mean ± std over seeds 0, 1, 2\n")
+    seeds = "; ".join(f"{setting}: seeds {', '.join(str(r['seed']) for r in next(iter(by.values())))}"
+                      for setting, by in data.items())
+    emit(f"### Final accuracy on the test set (%), mean ± std over seeds ({seeds or 'none yet'})\n")
     emit(results_md)
     emit("\n### Each method minus LoRM, paired by seed (points; 95 % t-interval)\n")
     emit("| setting | difference | seeds | mean | 95 % interval |\n|---|---|---:|---:|---:|")
@@ -588,6 +603,15 @@ def _plot(data: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
     plt.close(fig)
 
 
+def _settings(text: str) -> list[str]:
+    """``--settings``: known labels only."""
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SETTINGS]
+    if unknown or not chosen:
+        raise SystemExit(f"evidence.py: error: --settings {text!r}: allowed: {', '.join(SETTINGS)}")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("plan", "run", "report"))
@@ -596,6 +620,9 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--stage", choices=("select", "test", "all"), default="all")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help="comma-separated settings of the test stage, in the order they run "
+                        f"(default: {','.join(SETTINGS)})")
     args = parser.parse_args()
     if args.action == "report":
         report(args.runs, args.out, args.readme)
@@ -604,7 +631,7 @@ def main() -> None:
         sel = select(args.runs) if args.stage in ("select", "all") else Selection()
         pending = list(sel.needed)
         if args.stage in ("test", "all") and not sel.needed:
-            pending += [run for run in test_runs(args.runs) if _results(run) is None]
+            pending += [run for run in test_runs(args.runs, _settings(args.settings)) if _results(run) is None]
         if args.action == "plan" or not pending:
             for run in pending:
                 print(" ".join(run.command()[2:]))
