@@ -41,7 +41,7 @@ from fedlorm.flower import client, clientapp, masks, secure_step
 from fedlorm.flower.delivery import FlowerDelivery
 from fedlorm.flower.federation import SECURE_JOURNAL, run_federation
 from fedlorm.flower.local_grid import LocalGrid
-from fedlorm.flower.messages import ARRAYS, CONFIG, encode_train_request, to_array_record
+from fedlorm.flower.messages import ARRAYS, CONFIG, to_array_record
 from fedlorm.flower.policy import REFUSALS, REQUIRE_SECURE
 from fedlorm.flower.secure import secure_sum
 from fedlorm.flower.secure_client import optional_secaggplus_mod, secure_reply
@@ -50,7 +50,7 @@ from fedlorm.flower.settings import FlowerSettings, run_config_for
 from fedlorm.flower.strategy import FedlormStrategy
 from fedlorm.methods import add_arrays
 from fedlorm.methods.guard import guarded_aggregate
-from fedlorm.runtime.delivery import Broadcast, Ledger
+from fedlorm.runtime.delivery import Broadcast
 from fedlorm.runtime.engine import fold_replies, fold_secure_replies
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.simulator import InProcess, run_simulation
@@ -207,7 +207,12 @@ def _plain_messages(cfg):
     classes = exp.scenario.task_classes(0)
     exp.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
     instruction = next(iter(exp.server.instructions(0, classes)))
-    train = encode_train_request(instruction, Ledger().plan(0, Broadcast(exp.server.arrays(instruction))))
+    train = RecordDict(
+        {
+            ARRAYS: to_array_record(exp.server.arrays(instruction)),
+            CONFIG: ConfigRecord(instruction.to_record()),
+        }
+    )
     evaluate = RecordDict(
         {ARRAYS: to_array_record(exp.server.deployed_arrays()), CONFIG: ConfigRecord({"task": 0})}
     )

@@ -7,7 +7,8 @@ node does not hold, or the remainder of those that grew), how each broadcast key
 (``ArrayRecord`` "summands"), ``num-examples`` and local metrics (``MetricRecord`` "metrics"), and who
 answered what (``ConfigRecord`` "client": partition id and the instruction it answers); or, from a
 node that lacks arrays the parts refer to, only the keys it asks for again (``ConfigRecord``
-"resend"). Tensors cross as numpy arrays, bit for bit.
+"resend"). A train request without "delivery" carries the whole broadcast. Tensors cross as numpy
+arrays, bit for bit.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from fedlorm.methods import ClientReply, Instruction
 from fedlorm.methods.validation import InvalidReplyError
-from fedlorm.runtime.delivery import Delta, Part, parts_from_json, parts_to_json
+from fedlorm.runtime.delivery import FULL, Delta, Part, digest, parts_from_json, parts_to_json
 
 __all__ = [
     "ARRAYS",
@@ -122,10 +123,17 @@ def encode_train_request(instruction: Instruction, delta: Delta) -> RecordDict:
 
 
 def decode_train_request(content: RecordDict) -> TrainRequest:
-    """Inverse of :func:`encode_train_request`; ValueError (or KeyError, TypeError) if malformed."""
+    """Inverse of :func:`encode_train_request`; ValueError (or KeyError, TypeError) if malformed.
+
+    A request without a "delivery" record carries the whole broadcast, every array in full.
+    """
     instruction = Instruction.from_record(content.config_records[CONFIG])  # type: ignore[arg-type]
+    arrays = from_array_record(content.array_records[ARRAYS])
+    if DELIVERY not in content.config_records:
+        whole = {key: Part(FULL, digest(value), tuple(value.shape)) for key, value in arrays.items()}
+        return TrainRequest(instruction, whole, arrays)
     parts = parts_from_json(str(content.config_records[DELIVERY][PARTS]))
-    return TrainRequest(instruction, parts, from_array_record(content.array_records[ARRAYS]))
+    return TrainRequest(instruction, parts, arrays)
 
 
 def encode_resend_request(keys: list[str]) -> RecordDict:
