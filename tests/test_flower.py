@@ -763,6 +763,7 @@ def test_flower_simulation_equals_the_in_process_run(tmp_path, reference_run):
     assert (flower["runtime"], local["runtime"]) == ("flower", "in-process")
     assert flower["diverged"] is None and local["diverged"] is None
     assert flower["download_bytes"] > 0
+    assert flower["flower"]["resent"] == []  # every virtual SuperNode kept its arrays in its node state
     merged = load_file(str(out / SERVER_STATE))
     assert any(k.startswith("merged.") for k in merged)
     assert_equals_reference(flower, merged, reference, traffic=True)

@@ -112,7 +112,15 @@ class EvaluationReply:
 
 
 def encode_train_request(instruction: Instruction, delta: Delta) -> RecordDict:
-    """Request content for a train message: the step and this node's delta of its broadcast."""
+    """Request content for a train message.
+
+    Args:
+        instruction: The step.
+        delta: What the node is sent of the step's broadcast.
+
+    Returns:
+        The records "arrays", "delivery" and "config".
+    """
     return RecordDict(
         {
             ARRAYS: to_array_record(delta.arrays),
@@ -123,9 +131,18 @@ def encode_train_request(instruction: Instruction, delta: Delta) -> RecordDict:
 
 
 def decode_train_request(content: RecordDict) -> TrainRequest:
-    """Inverse of :func:`encode_train_request`; ValueError (or KeyError, TypeError) if malformed.
+    """Inverse of :func:`encode_train_request`.
 
     A request without a "delivery" record carries the whole broadcast, every array in full.
+
+    Args:
+        content: A train message's content.
+
+    Returns:
+        The step, every broadcast key's part and the arrays that travelled.
+
+    Raises:
+        ValueError: Or KeyError, TypeError, if the content is malformed.
     """
     instruction = Instruction.from_record(content.config_records[CONFIG])  # type: ignore[arg-type]
     arrays = from_array_record(content.array_records[ARRAYS])
@@ -137,13 +154,26 @@ def decode_train_request(content: RecordDict) -> TrainRequest:
 
 
 def encode_resend_request(keys: list[str]) -> RecordDict:
-    """Reply content of a node that lacks the arrays of ``keys``: send them again in full."""
+    """Reply content of a node that lacks arrays a train message refers to.
+
+    Args:
+        keys: The broadcast keys it lacks (to be sent again in full).
+
+    Returns:
+        The record "resend".
+    """
     return RecordDict({RESEND: ConfigRecord({"keys": sorted(keys)})})
 
 
 def resend_keys(message: Message) -> list[str] | None:
-    """The keys a train reply asks for again, or None if it is no resend request (an error reply
-    is none)."""
+    """The keys a train reply asks for again.
+
+    Args:
+        message: A reply to a train message.
+
+    Returns:
+        The keys, or None if the reply is no resend request (an error reply is none).
+    """
     if message.has_error():
         return None
     record = message.content.config_records.get(RESEND)

@@ -111,13 +111,29 @@ class Broadcast:
         self._leading: dict[tuple[str, int, int], str] = {}
 
     def digest(self, key: str) -> str:
-        """Digest of the array under ``key``."""
+        """Digest of one array of the broadcast.
+
+        Args:
+            key: The array's broadcast key.
+
+        Returns:
+            Its :func:`digest`.
+        """
         if key not in self._digests:
             self._digests[key] = digest(self.arrays[key])
         return self._digests[key]
 
     def leading_digest(self, key: str, dim: int, length: int) -> str:
-        """Digest of the first ``length`` entries along ``dim`` of the array under ``key``."""
+        """Digest of the leading part of one array of the broadcast.
+
+        Args:
+            key: The array's broadcast key.
+            dim: The axis.
+            length: How many entries along ``dim`` the part keeps.
+
+        Returns:
+            The :func:`digest` of ``array.narrow(dim, 0, length)``.
+        """
         index = (key, dim, length)
         if index not in self._leading:
             self._leading[index] = digest(self.arrays[key].narrow(dim, 0, length))
@@ -153,7 +169,14 @@ class Ledger:
         self._held: dict[int, dict[str, Held]] = {}
 
     def holdings(self, client: int) -> dict[str, Held]:
-        """What ``client`` holds (a copy; empty for a client never sent anything)."""
+        """What one client holds.
+
+        Args:
+            client: The client.
+
+        Returns:
+            Key → :class:`Held` (a copy; empty for a client never sent anything).
+        """
         return dict(self._held.get(client, {}))
 
     def plan(self, client: int, broadcast: Broadcast, lacking: Iterable[str] = ()) -> Delta:
@@ -192,18 +215,32 @@ class Ledger:
         return Delta(parts, arrays)
 
     def delivered(self, client: int, broadcast: Broadcast) -> None:
-        """``client`` answered the step: it now holds every array of ``broadcast`` (and keeps the
-        arrays of earlier steps under keys this one does not carry)."""
+        """Record that a client answered a step: it now holds every array of the step's broadcast,
+        and keeps the arrays of earlier steps under keys this one does not carry.
+
+        Args:
+            client: The client.
+            broadcast: The step's whole broadcast.
+        """
         held = self._held.setdefault(client, {})
         for key, value in broadcast.arrays.items():
             held[key] = Held(broadcast.digest(key), tuple(value.shape))
 
     def forget(self, client: int) -> None:
-        """``client`` did not answer: nothing it holds is known, its next delta is the whole broadcast."""
+        """Record that a client did not answer: nothing it holds is known any more.
+
+        Args:
+            client: The client; its next delta is the whole broadcast.
+        """
         self._held.pop(client, None)
 
     def to_record(self) -> dict[str, Any]:
-        """Plain form for a checkpoint; clients that hold the same share one entry."""
+        """The ledger in plain (JSON) form, for a checkpoint.
+
+        Returns:
+            ``holdings``: the distinct tables (key → [digest, shape]); ``clients``: client → the
+            index of its table (clients that hold the same share one).
+        """
         tables: list[dict[str, list[Any]]] = []
         index: dict[str, int] = {}
         clients: dict[str, int] = {}
@@ -310,14 +347,31 @@ def assemble(
 
 
 def parts_to_json(parts: Mapping[str, Part]) -> str:
-    """Parts as one JSON string (what a message carries)."""
+    """Parts as one JSON string, as a message carries them.
+
+    Args:
+        parts: Key → part (:attr:`Delta.parts`).
+
+    Returns:
+        The JSON text.
+    """
     return json.dumps(
         {key: [p.form, p.digest, list(p.shape), p.base, p.dim] for key, p in parts.items()}, sort_keys=True
     )
 
 
 def parts_from_json(text: str) -> dict[str, Part]:
-    """Inverse of :func:`parts_to_json`; ValueError for anything else."""
+    """Inverse of :func:`parts_to_json`.
+
+    Args:
+        text: What :func:`parts_to_json` returned.
+
+    Returns:
+        Key → part.
+
+    Raises:
+        ValueError: If ``text`` is not such a JSON text, or names an unknown form.
+    """
     try:
         raw = json.loads(text)
         parts = {
