@@ -26,13 +26,14 @@ from reference_runs import assert_equals_reference
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, ConfigRecord, Error, Message, MessageType
+from flwr.app import Array, Error, Message, MessageType
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from fedlorm.config import ConfigError, apply_overrides, config_to_dict, flat_keys
 from fedlorm.export import load_model
 from fedlorm.flower import client, clientapp, launch, serverapp
+from fedlorm.flower.delivery import FlowerDelivery
 from fedlorm.flower.federation import SERVER_STATE, run_federation
 from fedlorm.flower.launch import APP_COMPONENTS
 from fedlorm.flower.local_grid import LocalGrid
@@ -48,6 +49,7 @@ from fedlorm.methods import Instruction, add_arrays, payload_bytes
 from fedlorm.methods.ewc import ANCHOR, FISHER
 from fedlorm.presets import preset_config
 from fedlorm.runtime.checkpoint import CheckpointError
+from fedlorm.runtime.delivery import Broadcast
 from fedlorm.runtime.engine import step_clients, step_plan
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.partitions import write_partitions
@@ -250,17 +252,22 @@ def _protocol_state(cfg, partitions):
     return exp.server.state_dict()
 
 
+def _send_step(strategy, grid, instruction, arrays, clients):
+    """One plain step over ``grid`` (every node is sent the whole broadcast); its report."""
+    report = strategy.begin_step(instruction, clients, grid)
+    deltas, report.download_bytes, _ = FlowerDelivery().plan(report.nodes, Broadcast(arrays))
+    replies = grid.send_and_receive(strategy.configure_train(instruction, deltas, 1), timeout=30.0)
+    return strategy.aggregate_train(report, instruction, replies)
+
+
 def _flower_step(cfg, run_config, fault, min_clients=1):
     exp, instruction, arrays = _first_step(cfg)
     before = {k: v.clone() for k, v in exp.server.state_dict().items()}
     grid = LoopbackGrid(run_config, range(cfg.scenario.num_clients), fault)
     strategy = FedlormStrategy(exp.server, cfg.scenario.num_clients, min_clients, reply_timeout=30.0)
     assert strategy.discover(grid) == list(range(cfg.scenario.num_clients))
-    messages = strategy.configure_train(
-        1, to_array_record(arrays), ConfigRecord(instruction.to_record()), grid
-    )
-    merged, metrics = strategy.aggregate_train(1, grid.send_and_receive(messages, timeout=30.0))
-    return exp.server.state_dict(), before, strategy.report, merged, metrics
+    report = _send_step(strategy, grid, instruction, arrays, range(cfg.scenario.num_clients))
+    return exp.server.state_dict(), before, report
 
 
 def _with_summand(reply, key_index, make):
@@ -290,11 +297,10 @@ def test_a_faulty_reply_is_dropped_and_the_survivors_merge_exactly(fault_setup, 
     def fault(step, partition, request, reply):
         return corrupt(request, reply) if partition == bad else reply
 
-    state, before, report, merged, metrics = _flower_step(cfg, run_config, fault)
+    state, before, report = _flower_step(cfg, run_config, fault)
     assert [(d.partition, d.node_id) for d in report.dropped] == [(bad, NODE0 + bad)]
     assert reason in report.dropped[0].reason
-    assert report.merged == [0, 1, 3] and merged is not None
-    assert metrics["merged"] == 3 and metrics["dropped"] == 1
+    assert report.merged == [0, 1, 3] and report.kept == ""
     survivors = _protocol_state(cfg, [0, 1, 3])
     everyone = _protocol_state(cfg, [0, 1, 2, 3])
     assert state.keys() == survivors.keys()
@@ -313,7 +319,7 @@ def test_a_stale_or_duplicate_reply_is_dropped(fault_setup):
             reply.content.config_records["client"]["round"] = 3
         return reply
 
-    state, _, report, _, _ = _flower_step(cfg, run_config, fault)
+    state, _, report = _flower_step(cfg, run_config, fault)
     assert [d.partition for d in report.dropped] == [1]
     assert "answers step" in report.dropped[0].reason
     survivors = _protocol_state(cfg, [0, 2, 3])
@@ -326,16 +332,15 @@ def test_a_stale_or_duplicate_reply_is_dropped(fault_setup):
     assert strategy.discover(grid) == [0, 1, 3]
     assert "already served by node 102" in strategy.ignored[NODE0 + 2]
     assert "partition 4 of 5, but the run has 4 clients" in strategy.ignored[NODE0 + 4]
-    messages = strategy.configure_train(
-        1, to_array_record(arrays), ConfigRecord(instruction.to_record()), grid
-    )
+    report = strategy.begin_step(instruction, range(4), grid)
+    assert sorted(report.nodes) == [NODE0, NODE0 + 1, NODE0 + 3]
+    deltas, report.download_bytes, _ = FlowerDelivery().plan(report.nodes, Broadcast(arrays))
+    messages = strategy.configure_train(instruction, deltas, 1)
     assert sorted(m.metadata.dst_node_id for m in messages) == [NODE0, NODE0 + 1, NODE0 + 3]
-    assert strategy.report.download_bytes == 3 * payload_bytes(arrays) > 0  # sent to three nodes
-    strategy.aggregate_train(1, grid.send_and_receive(messages))
-    assert [(d.partition, d.node_id, d.reason) for d in strategy.report.dropped] == [
-        (2, -1, "no SuperNode serves it")
-    ]
-    assert strategy.report.merged == [0, 1, 3]
+    assert report.download_bytes == 3 * payload_bytes(arrays) > 0  # the whole broadcast to three nodes
+    report = strategy.aggregate_train(report, instruction, grid.send_and_receive(messages))
+    assert [(d.partition, d.node_id, d.reason) for d in report.dropped] == [(2, -1, "no SuperNode serves it")]
+    assert report.merged == [0, 1, 3]
 
 
 def test_too_few_valid_replies_keep_the_previous_state(fault_setup):
@@ -344,11 +349,9 @@ def test_too_few_valid_replies_keep_the_previous_state(fault_setup):
     def fault(step, partition, request, reply):
         return None if partition in (0, 3) else reply
 
-    state, before, report, merged, metrics = _flower_step(cfg, run_config, fault, min_clients=3)
-    assert merged is None
-    assert report.tally is None and report.merged == []
+    state, before, report = _flower_step(cfg, run_config, fault, min_clients=3)
+    assert report.kept == report.tally.kept == "too-few" and report.merged == []
     assert sorted(d.partition for d in report.dropped) == [0, 3]
-    assert metrics["merged"] == 0
     assert state.keys() == before.keys()
     assert all(torch.equal(state[k], before[k]) for k in state)
 
@@ -760,6 +763,7 @@ def test_flower_simulation_equals_the_in_process_run(tmp_path, reference_run):
     assert (flower["runtime"], local["runtime"]) == ("flower", "in-process")
     assert flower["diverged"] is None and local["diverged"] is None
     assert flower["download_bytes"] > 0
+    assert flower["flower"]["resent"] == []  # every virtual SuperNode kept its arrays in its node state
     merged = load_file(str(out / SERVER_STATE))
     assert any(k.startswith("merged.") for k in merged)
     assert_equals_reference(flower, merged, reference, traffic=True)

@@ -28,6 +28,7 @@ from reference_runs import ReferenceRun, assert_equals_reference
 from safetensors.torch import load_file
 
 from fedlorm.config import apply_overrides
+from fedlorm.flower.delivery import NEW_TO_NODE
 from fedlorm.flower.federation import SERVER_STATE
 from fedlorm.flower.launch import (
     FlowerProcess,
@@ -161,6 +162,11 @@ def test_a_deployed_run_sigkilled_at_the_superlink_resumes_and_equals_the_in_pro
     assert results["tasks_completed"] == 2 and not (out / "checkpoint.json").exists()
     assert [s["merged"] for s in results["flower"]["steps"]] == [[0, 1, 2]] * 4
     assert results["flower"]["dropped"] == []
+    # The fresh SuperNodes held nothing: at the first resumed step each got the whole broadcast
+    # (beyond its client's delta where that was smaller), and never anything extra again.
+    resent = results["flower"]["resent"]
+    assert len({(r["task"], r["round"], r["phase"]) for r in resent}) <= 1
+    assert all(r["reason"] == NEW_TO_NODE and r["bytes"] > 0 for r in resent)
     reference = reference_run(apply_overrides(preset_config("smoke"), OVERRIDES))
     _assert_equals_in_process(results, out, reference)
 
@@ -184,6 +190,7 @@ def test_a_deployed_secure_two_task_run_completes_and_equals_the_in_process_secu
     assert results["tasks_completed"] == 2, log.read_text()[-3000:]
     assert all(s["secure"] and s["merged"] == [0, 1, 2] for s in results["flower"]["steps"])
     assert len(results["flower"]["steps"]) == 4 and results["flower"]["dropped"] == []
+    assert results["flower"]["resent"] == []  # the nodes kept their arrays between secure steps
     _assert_equals_in_process(results, out, reference_run(cfg))
 
 
@@ -223,6 +230,7 @@ def test_deployed_nodes_reading_only_their_own_folders_equal_the_in_process_run(
     assert results["flower"]["dropped"] == [], node_logs[-3000:]
     assert results["flower"]["ignored_nodes"] == {}
     assert [s["merged"] for s in results["flower"]["steps"]] == [[0, 1, 2]] * 4
+    assert results["flower"]["resent"] == []  # each node kept its arrays in Flower's node state
 
     _assert_equals_in_process(results, out, reference_run(cfg))
 

@@ -168,13 +168,13 @@ def test_only_the_sampled_clients_compute_and_the_merge_is_theirs_alone():
     arrays = exp.server.arrays(instruction)
     download = payload_bytes(arrays)
 
-    row = InProcess().run_step(exp, instruction, step_clients(exp.cfg, instruction), _ignore)
+    tally = InProcess().run_step(exp, instruction, step_clients(exp.cfg, instruction), _ignore)
 
     sampled = sample_clients(cfg.seed, 4, 0.5, 0, 0)
     assert [k for k, *_ in calls] == sampled and len(sampled) == 2
-    assert row["clients"] == 2 and row["rejected"] == 0
-    assert row["download_bytes"] == 2 * download
-    assert row["upload_bytes"] == sum(reply.upload_bytes for _, _, reply, _ in calls) > 0
+    assert tally.clients == 2 and tally.rejected == 0
+    assert tally.download_bytes == 2 * download  # the first step: each client is sent everything
+    assert tally.upload_bytes == sum(reply.upload_bytes for _, _, reply, _ in calls) > 0
     # FedIT's merge from the sampled clients' own factors: the sample-weighted means of A and of B.
     n = torch.tensor([float(len(shares[k])) for k in sampled], dtype=torch.float64)
     assert [reply.num_examples for _, _, reply, _ in calls] == n.long().tolist()
@@ -187,8 +187,8 @@ def test_only_the_sampled_clients_compute_and_the_merge_is_theirs_alone():
     # The others' factors would have moved the mean: the full-participation merge differs.
     everyone = build_experiment(apply_overrides(cfg, ["scenario.participation=1.0"]))
     everyone.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
-    full_row = InProcess().run_step(everyone, instruction, step_clients(everyone.cfg, instruction), _ignore)
-    assert full_row["clients"] == 4 and full_row["download_bytes"] == 4 * download
+    full = InProcess().run_step(everyone, instruction, step_clients(everyone.cfg, instruction), _ignore)
+    assert full.clients == 4 and full.download_bytes == 4 * download
     # (A has no gradient in the first round, where B starts at 0: its mean is the shared init.)
     assert any(not torch.equal(exp.server.B[k], everyone.server.B[k]) for k in exp.layers)
 

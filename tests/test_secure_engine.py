@@ -27,6 +27,7 @@ from fedlorm.flower.local_grid import LocalGrid
 from fedlorm.flower.secure_step import run_secure_step
 from fedlorm.flower.settings import FlowerSettings, run_config_for
 from fedlorm.flower.strategy import FedlormStrategy
+from fedlorm.runtime import engine
 from fedlorm.runtime.engine import fold_secure_replies
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.simulator import InProcess, run_simulation
@@ -122,7 +123,7 @@ def test_flower_secure_run_sees_only_sums_and_equals_the_in_process_secure_run(
         raise AssertionError("the server looked at a single client's reply")
 
     monkeypatch.setattr(strategy, "fold_replies", forbidden)
-    monkeypatch.setattr(strategy, "check_reply", forbidden)
+    monkeypatch.setattr(engine, "check_reply", forbidden)  # the one check of a plain reply
     monkeypatch.setattr(strategy, "decode_train_reply", forbidden)
     run_config = run_config_for(cfg, FlowerSettings(out="", federated_eval=False))
     grid = SecureLoopbackGrid(run_config, cfg.scenario.num_clients)

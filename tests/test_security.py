@@ -38,6 +38,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedlorm.backbones import create_backbone
 from fedlorm.config import ConfigError, apply_overrides, validate_config
 from fedlorm.flower import client, clientapp, masks, secure_step
+from fedlorm.flower.delivery import FlowerDelivery
 from fedlorm.flower.federation import SECURE_JOURNAL, run_federation
 from fedlorm.flower.local_grid import LocalGrid
 from fedlorm.flower.messages import ARRAYS, CONFIG, to_array_record
@@ -49,6 +50,7 @@ from fedlorm.flower.settings import FlowerSettings, run_config_for
 from fedlorm.flower.strategy import FedlormStrategy
 from fedlorm.methods import add_arrays
 from fedlorm.methods.guard import guarded_aggregate
+from fedlorm.runtime.delivery import Broadcast
 from fedlorm.runtime.engine import fold_replies, fold_secure_replies
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.simulator import InProcess, run_simulation
@@ -495,11 +497,10 @@ def test_a_plain_flower_step_drops_a_hostile_reply_and_names_it(first_steps, fau
     exp.server.load_state_dict(start)
     strategy = FedlormStrategy(exp.server, 3, 1, reply_timeout=30.0)
     assert strategy.discover(grid) == [0, 1, 2]
-    messages = strategy.configure_train(
-        1, to_array_record(exp.server.arrays(instruction)), ConfigRecord(instruction.to_record()), grid
-    )
-    strategy.aggregate_train(1, grid.send_and_receive(messages))
-    report = strategy.report
+    report = strategy.begin_step(instruction, range(3), grid)
+    deltas, _, _ = FlowerDelivery().plan(report.nodes, Broadcast(exp.server.arrays(instruction)))
+    messages = strategy.configure_train(instruction, deltas, 1)
+    report = strategy.aggregate_train(report, instruction, grid.send_and_receive(messages))
     assert report.merged == [0, 1] and [d.partition for d in report.dropped] == [2]
     assert reason in report.dropped[0].reason
     state = _copy(exp.server.state_dict())

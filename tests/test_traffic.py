@@ -2,8 +2,10 @@
 
 The factor forms are checked against brute force: the merged update against least squares on the
 stacked, Gram-weighted task deltas (float64), the earlier tasks' sum against Σ B_j A_j, the layer's
-factor-form frozen update against the dense one. A smoke run checks the recorded download bytes and
-that its accuracies equal those of a run whose broadcast was turned back into dense matrices.
+factor-form frozen update against the dense one. A smoke run checks the recorded download bytes (each
+client is sent only what it does not hold from earlier steps, counted here with ``torch.equal``,
+independently of :mod:`fedlorm.runtime.delivery`) and that its accuracies equal those of a run whose
+broadcast was turned back into dense matrices.
 """
 
 from __future__ import annotations
@@ -248,7 +250,7 @@ def _smoke_run(out, densify: bool):
 
     def broadcast(instruction):
         value = _densified(arrays(instruction)) if densify else arrays(instruction)
-        sent.append(value)
+        sent.append({key: array.clone() for key, array in value.items()})
         return value
 
     server.arrays = broadcast
@@ -268,19 +270,53 @@ def smoke_runs(tmp_path_factory):
     return out, factor, dense
 
 
-def test_download_bytes_are_the_broadcast_payload_times_the_clients(smoke_runs):
+def _new_bytes(held: torch.Tensor | None, value: torch.Tensor) -> int:
+    """Bytes of ``value`` a client holding ``held`` under its key lacks: none if equal, the rest if
+    ``held`` is its leading part along one axis, else all."""
+    size = value.element_size()
+    if held is None or held.dtype != value.dtype or held.dim() != value.dim():
+        return value.numel() * size
+    if held.shape == value.shape and torch.equal(held, value):
+        return 0
+    grown = [d for d in range(value.dim()) if held.shape[d] != value.shape[d]]
+    extends = (
+        len(grown) == 1
+        and 0 < held.shape[grown[0]] < value.shape[grown[0]]
+        and torch.equal(value.narrow(grown[0], 0, held.shape[grown[0]]), held)
+    )
+    return (value.numel() - held.numel() if extends else value.numel()) * size
+
+
+def _expected_download(sent: list[dict], clients: int) -> list[int]:
+    """Each step's download when every client takes part in every step and keeps what it was sent."""
+    held: dict[str, torch.Tensor] = {}
+    out = []
+    for arrays in sent:
+        out.append(clients * sum(_new_bytes(held.get(key), value) for key, value in arrays.items()))
+        held.update(arrays)
+    return out
+
+
+def test_download_bytes_are_what_each_client_lacks_times_the_clients(smoke_runs):
     out, (results, sent, clients), (dense, dense_sent, _) = smoke_runs
-    expected = [payload_bytes(arrays) * clients for arrays in sent]
+    expected = _expected_download(sent, clients)
     assert [r["download_bytes"] for r in results["rounds"]] == expected
     assert results["download_bytes"] == sum(expected) > 0
     with open(out / "metrics.csv", newline="") as handle:
         assert [int(r["download_bytes"]) for r in csv.DictReader(handle)] == expected
     assert json.loads((out / "results.json").read_text())["download_bytes"] == sum(expected)
-    # Task 0 sends no earlier update; in task 1 the earlier task's factors are smaller than its sum.
-    dense_bytes = [r["download_bytes"] for r in dense["rounds"]]
+    # The first step sends everything; each later step of a task less: the factor that did not
+    # train and the earlier tasks' update stay with the clients.
+    whole = [payload_bytes(arrays) * clients for arrays in sent]
     steps = len(sent) // 2
+    assert expected[0] == whole[0] and all(e < w for e, w in zip(expected[1:], whole[1:], strict=True))
+    assert expected[steps] > max(expected[1:steps])  # a new task: new factors, and the earlier ones
+    # Task 0 sends no earlier update; task 1 sends it once, as factors smaller than its sum.
+    dense_bytes = [r["download_bytes"] for r in dense["rounds"]]
+    assert dense_bytes == _expected_download(dense_sent, clients)
     assert expected[:steps] == dense_bytes[:steps]
-    assert all(f < d for f, d in zip(expected[steps:], dense_bytes[steps:], strict=True))
+    assert expected[steps] < dense_bytes[steps]
+    assert expected[steps + 1 :] == dense_bytes[steps + 1 :]
     assert any(k.endswith(".earlier_B") for k in sent[-1])
     assert not any(k.endswith(".earlier_B") for k in dense_sent[-1])
 

@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_config
 
 from fedlorm.methods import ClientReply, add_arrays
-from fedlorm.methods.validation import InvalidReplyError, check_reply, reply_spec
+from fedlorm.methods.replies import Kind, Summand
+from fedlorm.methods.validation import InvalidReplyError, check_reply
 from fedlorm.runtime.engine import fold_replies, step_clients
 from fedlorm.runtime.experiment import build_experiment
 from fedlorm.runtime.simulator import InProcess
@@ -48,7 +49,13 @@ def _reply(**changes) -> ClientReply:
     return ClientReply(summands, num_examples)
 
 
-SPEC = reply_spec(_reply().summands)
+SPEC = {
+    "layer.M": Summand((4, 2)),
+    "layer.H": Summand((2, 2), kind=Kind.GRAM),
+    "layer.G": Summand((3,), kind=Kind.GRAM),
+    "head.G": Summand((5, 5), kind=Kind.GRAM),
+    "head.n": Summand((), kind=Kind.COUNT),
+}
 
 
 def _not_psd() -> torch.Tensor:
@@ -97,21 +104,25 @@ def test_each_kind_of_bad_reply_is_rejected_with_its_reason(reply, fragment):
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
-def test_values_are_checked_without_a_spec():
-    check_reply(_reply())
+def test_the_spec_fixes_the_checks_and_values_are_checked_whatever_it_says():
+    check_reply(_reply(), SPEC)
+    integers = {**SPEC, "layer.M": Summand((4, 2), torch.int64)}
     with pytest.raises(InvalidReplyError, match="floating-point"):
-        check_reply(_reply(layer__M=torch.ones(4, 2, dtype=torch.int64)))
+        check_reply(_reply(layer__M=torch.ones(4, 2, dtype=torch.int64)), integers)
+    wide = {**SPEC, "head.G": Summand((2, 3), kind=Kind.GRAM)}
     with pytest.raises(InvalidReplyError, match="expected a square matrix"):
-        check_reply(_reply(head__G=torch.ones(2, 3, dtype=F64)))
+        check_reply(_reply(head__G=torch.ones(2, 3, dtype=F64)), wide)
+    # The kind comes from the spec, not from the key: a "value" named like a Gram is not PSD-checked.
+    check_reply(_reply(head__G=_not_psd()), {**SPEC, "head.G": Summand((5, 5))})
     with pytest.raises(InvalidReplyError, match="not positive semi-definite"):
-        check_reply(_reply(head__G=_not_psd()))
+        check_reply(_reply(head__G=_not_psd()), SPEC)
 
 
 def test_a_psd_gram_with_rounding_noise_and_a_zero_gram_pass():
     x = torch.randn(1000, 6, generator=torch.Generator().manual_seed(3), dtype=F64)
     x[:, 5] = x[:, 4]  # singular: one eigenvalue is 0 up to rounding
     check_reply(_reply(head__G=torch.zeros(5, 5, dtype=F64)), SPEC)
-    check_reply(ClientReply({"a.G": x.T @ x}, 1))
+    check_reply(ClientReply({"a.G": x.T @ x}, 1), {"a.G": Summand((6, 6), kind=Kind.GRAM)})
 
 
 # ----------------------------------------------------------------------------- in the engine
@@ -197,8 +208,8 @@ def test_the_simulator_drops_a_poisoned_client(first_round, monkeypatch, caplog)
         return _poison(reply, "nan") if len(calls) == 2 else reply
 
     monkeypatch.setattr(exp.client, "update", update)
-    row = InProcess().run_step(exp, instruction, step_clients(exp.cfg, instruction), _ignore)
-    assert (row["clients"], row["rejected"]) == (3, 1)
+    tally = InProcess().run_step(exp, instruction, step_clients(exp.cfg, instruction), _ignore)
+    assert (tally.clients, tally.rejected) == (3, 1)
     assert "client 1 rejected" in caplog.text and "holds NaN or Inf" in caplog.text
     merged = _copy(server.state_dict())
 

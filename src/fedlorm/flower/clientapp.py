@@ -8,6 +8,13 @@ model's class-IL accuracy on the client's own training shares of the tasks seen 
 aggregation the evaluation arrives as a secure ``train`` message instead, and the node encodes only
 (correct predictions, examples) into the secure sum.
 
+A ``train`` message carries only what the node does not hold of the step's broadcast; the node
+rebuilds the rest from what it kept of earlier steps (:mod:`fedlorm.flower.node_state`) and keeps the
+step's broadcast once it has answered. A node that lacks what a message refers to (a fresh or
+restarted node) answers a plain step with a resend request, and the server sends the arrays again;
+in a secure step it refuses with ``protocol`` (SecAgg+ cannot wait), and the server sends it
+everything in the next step.
+
 A SuperNode may also set ``data-dir``: its own folder written by ``fedlorm partition``
 (docs/partitions.md), which it then reads instead of loading the datasets. A node without
 ``data-dir`` reads ``client-K`` inside the run config's ``client-data`` folder when that is set
@@ -42,6 +49,7 @@ from fedlorm.flower.logs import use_flower_logging
 from fedlorm.flower.policy import REQUIRE_SECURE, RefusalError, refusal_reply, requires_secure
 from fedlorm.flower.secure_client import (
     CORRECT,
+    DELIVERY,
     EVALUATE,
     EXAMPLES,
     REPLY_SPEC,
@@ -114,16 +122,26 @@ def _plain_allowed(context: Context) -> None:
 
 def _plain_train(message: Message, context: Context) -> Message:
     from fedlorm.flower import client
-    from fedlorm.flower.messages import ARRAYS, CONFIG, encode_train_reply, from_array_record
-    from fedlorm.methods import Instruction
+    from fedlorm.flower.messages import decode_train_request, encode_resend_request, encode_train_reply
+    from fedlorm.flower.node_state import after_step, held, keep
+    from fedlorm.runtime.delivery import MissingBaseError, assemble
 
     exp, partition = _experiment(context)
     try:
-        instruction = Instruction.from_record(message.content.config_records[CONFIG])  # type: ignore[arg-type]
-        arrays = from_array_record(message.content.array_records[ARRAYS])
+        request = decode_train_request(message.content)
     except (KeyError, TypeError, ValueError) as err:
         raise RefusalError("protocol", f"malformed train message: {err}") from None
-    reply = _guarded(lambda: client.local_update(exp, partition, instruction, arrays))
+    arrays, digests = held(context)
+    try:
+        broadcast = assemble(request.parts, request.arrays, arrays, digests)
+    except MissingBaseError as missing:
+        return Message(encode_resend_request(missing.keys), reply_to=message)
+    except ValueError as err:
+        raise RefusalError("protocol", f"malformed train message: {err}") from None
+    instruction = request.instruction
+    holding = after_step(arrays, digests, broadcast, request.parts)
+    reply = _guarded(lambda: client.local_update(exp, partition, instruction, dict(broadcast)))
+    keep(context, holding)
     return Message(encode_train_reply(partition, instruction, reply), reply_to=message)
 
 
@@ -139,37 +157,44 @@ def _secure_train(message: Message, context: Context) -> Message:
     import torch
 
     from fedlorm.flower import client
+    from fedlorm.flower.node_state import after_step, held, keep
     from fedlorm.methods import Instruction
+    from fedlorm.runtime.delivery import assemble, parts_from_json
     from fedlorm.secure.contribution import ContributionError, contribution, encoding_spec, spec_from_json
     from fedlorm.secure.encoding import encode
 
     try:
         _, _, config = secure_request(message)
-        broadcast = secure_broadcast(message)
+        travelled = {key: torch.from_numpy(value) for key, value in secure_broadcast(message).items()}
     except (KeyError, TypeError, ValueError) as err:
         raise RefusalError("protocol", f"malformed secure request: {err}") from None
     exp, partition = _experiment(context)
     spec = encoding_spec(exp.cfg.secure)
-    arrays = {key: torch.from_numpy(value) for key, value in broadcast.items()}
     if EVALUATE in config:
         task = int(config[EVALUATE])  # type: ignore[call-overload]
-        accuracy, examples = _guarded(lambda: client.local_accuracy(exp, partition, task, arrays))
+        accuracy, examples = _guarded(lambda: client.local_accuracy(exp, partition, task, travelled))
         correct = round(accuracy * examples / 100.0)
         counts = {CORRECT: np.array(float(correct)), EXAMPLES: np.array(float(examples))}
         try:
             return secure_reply(message, encode(counts, spec))
         except ValueError as err:
             raise RefusalError("bound", str(err)) from None
+    arrays, digests = held(context)
     try:
         instruction = Instruction.from_record(config)  # type: ignore[arg-type]
         expected = spec_from_json(str(config[REPLY_SPEC]))
-    except (KeyError, TypeError, ValueError) as err:
+        parts = parts_from_json(str(config[DELIVERY]))
+        broadcast = assemble(parts, travelled, arrays, digests)
+    except (KeyError, TypeError, ValueError) as err:  # a missing base too: SecAgg+ cannot wait for it
         raise RefusalError("protocol", f"malformed secure request: {err}") from None
-    reply = _guarded(lambda: client.local_update(exp, partition, instruction, arrays))
+    holding = after_step(arrays, digests, broadcast, parts)
+    reply = _guarded(lambda: client.local_update(exp, partition, instruction, dict(broadcast)))
     try:
-        return secure_reply(message, contribution(reply, expected, spec))
+        masked = secure_reply(message, contribution(reply, expected, spec))
     except ContributionError as refused:
         raise RefusalError(refused.word, str(refused)) from None
+    keep(context, holding)
+    return masked
 
 
 def _guarded(work: Callable[[], T]) -> T:

@@ -1,21 +1,24 @@
 """The Flower transport of the engine's run loop, and the ServerApp's run over a Flower grid.
 
 :class:`FlowerTransport` carries each step of :func:`fedlorm.runtime.engine.run` as Flower messages:
-the broadcast travels as an ``ArrayRecord`` to the SuperNodes whose clients the step asks
-(:class:`FedlormStrategy`), their replies come back, are checked and folded exactly as in process. So
-for the same config and seed the two runtimes give the same numbers and write the same files; the
-engine checkpoints after every step, and :func:`run_federation` with ``resume`` continues a run whose
-ServerApp (or SuperLink) was killed. With ``secure.aggregation`` each step is instead one SecAgg+
-secure sum (:mod:`fedlorm.flower.secure_step`): the server sees only the sums, journals each step's
-contributors before unmasking (``secure_steps.json``, so a resumed step sums exactly them again or
-keeps the state), and the federated evaluation is one more secure sum. On top the transport
-records which clients each step dropped and why (``results["flower"]``, kept across a resume), runs
-the optional federated evaluation after each task, and saves the server's final state
+each SuperNode whose client the step asks is sent the part of the step's broadcast it does not hold
+(:mod:`fedlorm.flower.delivery`; a node that lacks what it is told it holds asks again and is sent
+it), their replies come back, are checked and folded exactly as in process (:class:`FedlormStrategy`).
+So for the same config and seed the two runtimes give the same numbers, report the same bytes and
+write the same files; the engine checkpoints after every step, and :func:`run_federation` with
+``resume`` continues a run whose ServerApp (or SuperLink) was killed. With ``secure.aggregation``
+each step is instead one SecAgg+ secure sum (:mod:`fedlorm.flower.secure_step`): the server sees only
+the sums, journals each step's contributors before unmasking (``secure_steps.json``, so a resumed
+step sums exactly them again or keeps the state), and the federated evaluation is one more secure
+sum. On top the transport records which clients each step dropped and why, and what nodes were sent
+beyond their clients' share of the broadcast (``results["flower"]``, kept across a resume), runs the
+optional federated evaluation after each task, and saves the server's final state
 (``server_state.safetensors``) so that merged adapters can be compared across runtimes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -23,12 +26,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
 from fedlorm.config import validate_config
-from fedlorm.flower.messages import to_array_record
+from fedlorm.flower.delivery import FlowerDelivery
+from fedlorm.flower.messages import resend_keys, to_array_record
 from fedlorm.flower.secure_step import run_secure_evaluation, run_secure_step
 from fedlorm.flower.settings import FlowerSettings
 from fedlorm.flower.strategy import FedlormStrategy, StepReport
@@ -36,9 +40,10 @@ from fedlorm.methods import Instruction
 from fedlorm.methods.steps import step_label
 from fedlorm.results import write_json_atomic
 from fedlorm.runtime.checkpoint import CheckpointError
-from fedlorm.runtime.engine import checkpoint_config, resume_run, run, step_clients
+from fedlorm.runtime.delivery import Broadcast, Ledger
+from fedlorm.runtime.engine import checkpoint_config, resume_run, run
 from fedlorm.runtime.experiment import Experiment
-from fedlorm.runtime.report import metrics_row
+from fedlorm.runtime.report import StepTally
 from fedlorm.secure.contribution import secure_record
 
 __all__ = ["SECURE_JOURNAL", "SERVER_STATE", "FlowerTransport", "run_federation"]
@@ -50,7 +55,7 @@ SECURE_JOURNAL = "secure_steps.json"
 """A secure run's journal: each step's contributors, written before the step's sum is unmasked, so a
 resumed run sums exactly them again or keeps the state (:func:`run_secure_step`'s ``pinned``)."""
 
-_LISTS = ("steps", "dropped", "federated_evaluation")
+_LISTS = ("steps", "dropped", "resent", "federated_evaluation")
 """The lists of results["flower"] that a resumed run continues."""
 
 
@@ -71,6 +76,8 @@ class FlowerTransport:
         self.context = context or blank
         """The ServerApp's context (SecAgg+'s workflow runs in a private copy of it)."""
         self.strategy: FedlormStrategy | None = None
+        self.delivery = FlowerDelivery()
+        """What each client (and each node this ServerApp sent to) holds of the broadcasts."""
         self.step_index = 0
         """Flower's round number of the last message group (counts every step, across sessions)."""
         self.flower: dict[str, Any] = {
@@ -79,6 +86,7 @@ class FlowerTransport:
             "clients_at_start": [],
             "steps": [],
             "dropped": [],
+            "resent": [],
             "federated_evaluation": [],
             "ignored_nodes": {},
         }
@@ -91,11 +99,7 @@ class FlowerTransport:
             self.flower["secure_aggregation"] = secure_record(cfg, masked=True)
             self._open_journal()
         self.strategy = FedlormStrategy(
-            exp.server,
-            cfg.scenario.num_clients,
-            self.settings.min_clients,
-            self.settings.reply_timeout,
-            participants=lambda instruction: step_clients(cfg, instruction),
+            exp.server, cfg.scenario.num_clients, self.settings.min_clients, self.settings.reply_timeout
         )
         self.strategy.summary()
         served = self.strategy.discover(self.grid, wait=self.settings.node_wait)
@@ -105,8 +109,9 @@ class FlowerTransport:
 
     def run_step(
         self, exp: Experiment, instruction: Instruction, clients: list[int], advance: Callable[[int], None]
-    ) -> dict[str, Any]:
-        """Broadcast one step, wait for the replies (at most ``reply_timeout`` s), merge what is valid."""
+    ) -> StepTally:
+        """Send one step to ``clients``' SuperNodes, wait for the replies (at most ``reply_timeout`` s
+        per exchange), merge what is valid; the step's tally as the engine reports it."""
         strategy = self._strategy()
         started = time.perf_counter()
         self.step_index += 1
@@ -122,18 +127,13 @@ class FlowerTransport:
                 exp.cfg.secure,
                 server_round=self.step_index,
                 timeout=self.settings.reply_timeout,
+                clients=clients,
+                delivery=self.delivery,
                 pinned=self.journal.get(step),
-                pin=lambda clients: self._pin(step, clients),
+                pin=lambda contributors: self._pin(step, contributors),
             )
         else:
-            arrays = to_array_record(exp.server.arrays(instruction))
-            messages = strategy.configure_train(
-                self.step_index, arrays, ConfigRecord(instruction.to_record()), self.grid
-            )
-            replies = self.grid.send_and_receive(messages, timeout=self.settings.reply_timeout)
-            strategy.aggregate_train(self.step_index, replies)
-            assert strategy.report is not None
-            report = strategy.report
+            report = self._plain_step(exp, instruction, clients)
         advance(len(report.asked))
         logger.info(
             "%s: merged clients %s, dropped %d (%.1f s)",
@@ -144,16 +144,41 @@ class FlowerTransport:
         )
         self._record(instruction, report)
         # Every client the step asked counts; each one not merged counts as rejected.
-        return metrics_row(
-            exp,
-            instruction,
-            report.tally,
-            upload_bytes=report.upload_bytes,
-            download_bytes=report.download_bytes,
+        tally = report.tally or StepTally()
+        return dataclasses.replace(
+            tally,
             clients=len(report.asked),
             rejected=len(report.asked) - len(report.merged),
+            upload_bytes=report.upload_bytes,
+            download_bytes=report.download_bytes,
             kept=report.kept,
         )
+
+    def _plain_step(self, exp: Experiment, instruction: Instruction, clients: list[int]) -> StepReport:
+        """One plain step: each node its share of the broadcast, a resend to those that ask, the fold."""
+        strategy, grid, timeout = self._strategy(), self.grid, self.settings.reply_timeout
+        report = strategy.begin_step(instruction, clients, grid)
+        broadcast = Broadcast(exp.server.arrays(instruction))
+        deltas, report.download_bytes, report.resent = self.delivery.plan(report.nodes, broadcast)
+        messages = strategy.configure_train(instruction, deltas, self.step_index)
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        asking = {m.metadata.src_node_id: resend_keys(m) for m in replies}
+        asking = {node: keys for node, keys in asking.items() if keys is not None and node in report.nodes}
+        if asking:
+            again = {}
+            for node, keys in sorted(asking.items()):
+                again[node], resent = self.delivery.resend(node, report.nodes[node], broadcast, keys)
+                report.resent.append(resent)
+                logger.info("%s: node %d asked again for %d arrays", report.step, node, len(keys))
+            replies = [m for m in replies if m.metadata.src_node_id not in asking]
+            replies += grid.send_and_receive(
+                strategy.configure_train(instruction, again, self.step_index), timeout=timeout
+            )
+        report = strategy.aggregate_train(report, instruction, replies)
+        self.delivery.settle(
+            report.nodes, broadcast, [m.metadata.src_node_id for m in replies if _answered(m)]
+        )
+        return report
 
     def task_end(self, exp: Experiment, task: int) -> None:
         """With ``federated_eval``, the clients score the merged model on their own training shares
@@ -183,13 +208,22 @@ class FlowerTransport:
         return {"runtime": self.name, "flower": self.flower}
 
     def record(self) -> dict[str, Any]:
-        """The step counter and the per-step records so far (checkpoint)."""
-        return {"step_index": self.step_index, **{key: self.flower[key] for key in _LISTS}}
+        """The step counter, what each client holds and the per-step records so far (checkpoint)."""
+        return {
+            "step_index": self.step_index,
+            "ledger": self.delivery.run.to_record(),
+            **{key: self.flower[key] for key in _LISTS},
+        }
 
     def load_record(self, record: Mapping[str, Any]) -> None:
-        """Continue the step counter and the per-step records of the checkpointed session."""
+        """Continue the step counter, the clients' ledger and the per-step records of the checkpointed
+        session (this ServerApp has sent no node anything yet)."""
         self.resumed = True
         self.step_index = int(record.get("step_index", 0))
+        try:
+            self.delivery = FlowerDelivery(Ledger.from_record(record.get("ledger") or {}))
+        except ValueError as err:
+            raise CheckpointError(f"the checkpoint's transport record is damaged: {err}") from None
         for key in _LISTS:
             self.flower[key] = list(record.get(key, []))
 
@@ -227,17 +261,13 @@ class FlowerTransport:
 
     def _record(self, instruction: Instruction, report: StepReport) -> None:
         self.flower["steps"].append(report.to_record())
+        step = {"task": instruction.task, "round": instruction.round, "phase": instruction.phase.value}
         for dropped in report.dropped:
             self.flower["dropped"].append(
-                {
-                    "task": instruction.task,
-                    "round": instruction.round,
-                    "phase": instruction.phase.value,
-                    "node_id": dropped.node_id,
-                    "partition": dropped.partition,
-                    "reason": dropped.reason,
-                }
+                {**step, "node_id": dropped.node_id, "partition": dropped.partition, "reason": dropped.reason}
             )
+        for resent in report.resent:
+            self.flower["resent"].append({**step, **dataclasses.asdict(resent)})
 
     def _federated_evaluation(self, exp: Experiment, task: int) -> dict[str, Any]:
         strategy, grid = self._strategy(), self.grid
@@ -251,6 +281,11 @@ class FlowerTransport:
             return {"task": task, "accuracy": None, "partitions": [], "accuracies": []}
         logger.info("task %d: clients' accuracy on their own data %.2f%%", task + 1, metrics["accuracy"])
         return {"task": task, **{key: metrics[key] for key in ("accuracy", "partitions", "accuracies")}}
+
+
+def _answered(reply: Message) -> bool:
+    """Whether a train reply answers its step (no error, no resend request): the node holds the broadcast."""
+    return not reply.has_error() and resend_keys(reply) is None
 
 
 def run_federation(

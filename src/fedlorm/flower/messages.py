@@ -1,9 +1,14 @@
 """What travels in Flower messages: the protocol's tensors, instruction and replies as records.
 
-A train request holds the broadcast (``ArrayRecord`` "arrays") and the :class:`Instruction`
-(``ConfigRecord`` "config"); its reply holds exactly the client's summands (``ArrayRecord`` "summands"),
-``num-examples`` and local metrics (``MetricRecord`` "metrics"), and who answered what (``ConfigRecord``
-"client": partition id and the instruction it answers). Tensors cross as numpy arrays, bit for bit.
+A train request holds what travels of the step's broadcast (``ArrayRecord`` "arrays": the arrays the
+node does not hold, or the remainder of those that grew), how each broadcast key travels
+(``ConfigRecord`` "delivery": the parts of :mod:`fedlorm.runtime.delivery`) and the
+:class:`Instruction` (``ConfigRecord`` "config"). Its reply holds exactly the client's summands
+(``ArrayRecord`` "summands"), ``num-examples`` and local metrics (``MetricRecord`` "metrics"), and who
+answered what (``ConfigRecord`` "client": partition id and the instruction it answers); or, from a
+node that lacks arrays the parts refer to, only the keys it asks for again (``ConfigRecord``
+"resend"). A train request without "delivery" carries the whole broadcast. Tensors cross as numpy
+arrays, bit for bit.
 """
 
 from __future__ import annotations
@@ -14,31 +19,40 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch import Tensor
 
 from fedlorm.methods import ClientReply, Instruction
 from fedlorm.methods.validation import InvalidReplyError
+from fedlorm.runtime.delivery import FULL, Delta, Part, digest, parts_from_json, parts_to_json
 
 __all__ = [
     "ARRAYS",
     "CLIENT",
     "CONFIG",
+    "DELIVERY",
     "METRICS",
     "NUM_EXAMPLES",
+    "RESEND",
     "SUMMANDS",
     "EvaluationReply",
     "TrainReply",
+    "TrainRequest",
     "decode_evaluation_reply",
     "decode_train_reply",
+    "decode_train_request",
     "encode_evaluation_reply",
+    "encode_resend_request",
     "encode_train_reply",
+    "encode_train_request",
     "from_array_record",
     "payload_bytes",
+    "resend_keys",
     "to_array_record",
 ]
 
-ARRAYS, CONFIG = "arrays", "config"
+ARRAYS, CONFIG, DELIVERY, RESEND = "arrays", "config", "delivery", "resend"
+PARTS = "parts"
 SUMMANDS, METRICS, CLIENT = "summands", "metrics", "client"
 NUM_EXAMPLES = "num-examples"
 PARTITION = "partition-id"
@@ -69,6 +83,15 @@ def from_array_record(record: ArrayRecord) -> dict[str, Tensor]:
 
 
 @dataclass
+class TrainRequest:
+    """A decoded train request: the step, how each broadcast key travels, and what travelled."""
+
+    instruction: Instruction
+    parts: dict[str, Part]
+    arrays: dict[str, Tensor]
+
+
+@dataclass
 class TrainReply:
     """A decoded train reply: who sent it, which step it answers, and the protocol reply."""
 
@@ -86,6 +109,78 @@ class EvaluationReply:
     partition: int
     accuracy: float
     num_examples: int
+
+
+def encode_train_request(instruction: Instruction, delta: Delta) -> RecordDict:
+    """Request content for a train message.
+
+    Args:
+        instruction: The step.
+        delta: What the node is sent of the step's broadcast.
+
+    Returns:
+        The records "arrays", "delivery" and "config".
+    """
+    return RecordDict(
+        {
+            ARRAYS: to_array_record(delta.arrays),
+            DELIVERY: ConfigRecord({PARTS: parts_to_json(delta.parts)}),
+            CONFIG: ConfigRecord(instruction.to_record()),
+        }
+    )
+
+
+def decode_train_request(content: RecordDict) -> TrainRequest:
+    """Inverse of :func:`encode_train_request`.
+
+    A request without a "delivery" record carries the whole broadcast, every array in full.
+
+    Args:
+        content: A train message's content.
+
+    Returns:
+        The step, every broadcast key's part and the arrays that travelled.
+
+    Raises:
+        ValueError: Or KeyError, TypeError, if the content is malformed.
+    """
+    instruction = Instruction.from_record(content.config_records[CONFIG])  # type: ignore[arg-type]
+    arrays = from_array_record(content.array_records[ARRAYS])
+    if DELIVERY not in content.config_records:
+        whole = {key: Part(FULL, digest(value), tuple(value.shape)) for key, value in arrays.items()}
+        return TrainRequest(instruction, whole, arrays)
+    parts = parts_from_json(str(content.config_records[DELIVERY][PARTS]))
+    return TrainRequest(instruction, parts, arrays)
+
+
+def encode_resend_request(keys: list[str]) -> RecordDict:
+    """Reply content of a node that lacks arrays a train message refers to.
+
+    Args:
+        keys: The broadcast keys it lacks (to be sent again in full).
+
+    Returns:
+        The record "resend".
+    """
+    return RecordDict({RESEND: ConfigRecord({"keys": sorted(keys)})})
+
+
+def resend_keys(message: Message) -> list[str] | None:
+    """The keys a train reply asks for again.
+
+    Args:
+        message: A reply to a train message.
+
+    Returns:
+        The keys, or None if the reply is no resend request (an error reply is none).
+    """
+    if message.has_error():
+        return None
+    record = message.content.config_records.get(RESEND)
+    if record is None:
+        return None
+    keys = record.get("keys", [])
+    return [str(k) for k in keys] if isinstance(keys, list) else []
 
 
 def encode_train_reply(partition: int, instruction: Instruction, reply: ClientReply) -> RecordDict:

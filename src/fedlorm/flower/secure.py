@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,7 @@ __all__ = [
     "FITINS_CONFIG",
     "LAYOUT",
     "WORD_BITS",
+    "NodeRequest",
     "SecureSum",
     "SecureSumError",
     "is_secure_message",
@@ -81,20 +82,22 @@ class SecureSum:
     """Node ids whose masked arrays entered the sum (those that replied in the masking stage), ascending."""
 
 
+@dataclass(frozen=True)
+class NodeRequest:
+    """What the masking stage's request carries to one node besides the sum's common config."""
+
+    arrays: Mapping[str, np.ndarray]
+    """The arrays the node's handler gets (:func:`secure_broadcast`): its share of the broadcast."""
+    config: Mapping[str, Scalar] = field(default_factory=dict)
+    """Config entries for this node alone."""
+
+
 class _OneShotSum(Strategy):
     """The legacy strategy the workflow needs: one fit round to fixed nodes; keeps the unmasked sum."""
 
-    def __init__(
-        self,
-        grid: Grid,
-        run_id: int,
-        node_ids: Sequence[int],
-        config: dict[str, Scalar],
-        parameters: Parameters,
-    ) -> None:
-        self.proxies = [GridClientProxy(node_id, grid, run_id) for node_id in node_ids]
-        self.config = config
-        self.parameters = parameters
+    def __init__(self, grid: Grid, run_id: int, requests: Mapping[int, FitIns]) -> None:
+        self.proxies = [GridClientProxy(node_id, grid, run_id) for node_id in sorted(requests)]
+        self.requests = dict(requests)
         self.average: list[np.ndarray] | None = None
         self.contributors: list[int] = []
 
@@ -105,8 +108,8 @@ class _OneShotSum(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Every given node, with the request's config and broadcast arrays."""
-        return [(proxy, FitIns(self.parameters, dict(self.config))) for proxy in self.proxies]
+        """Every given node, with its own request (config and arrays)."""
+        return [(proxy, self.requests[int(proxy.node_id)]) for proxy in self.proxies]
 
     def aggregate_fit(
         self,
@@ -207,13 +210,14 @@ def secure_sum(
     timeout: float | None = None,
     config: Mapping[str, Scalar] | None = None,
     server_round: int = 1,
-    arrays: Mapping[str, np.ndarray] | None = None,
+    requests: Mapping[int, NodeRequest] | None = None,
     before_unmask: Callable[[list[int]], bool] | None = None,
 ) -> SecureSum | None:
     """Sum the clients' integer arrays (``layout``: key → shape, entries in [0, 2^word_bits)) with SecAgg+.
 
-    ``config`` reaches each client's handler with the layout (:func:`secure_request`), ``arrays``
-    (the step's broadcast) with it (:func:`secure_broadcast`); both only in the masking stage. Returns None
+    ``config`` reaches each client's handler with the layout (:func:`secure_request`), and a node's
+    :class:`NodeRequest` (its arrays, :func:`secure_broadcast`, and its own config entries) with it;
+    all only in the masking stage. A node without a request gets no arrays. Returns None
     when the protocol halts (too few clients left for the threshold); the server then has learnt nothing
     about the arrays. ``num_shares`` and ``reconstruction_threshold`` are SecAgg+'s (a float is a share
     of the clients, resp. of the shares). ``before_unmask`` sees the contributing node ids before any
@@ -224,13 +228,16 @@ def secure_sum(
     use_full_secret_masks()
     nodes = sorted(set(node_ids))
     _check_settings(len(nodes), num_shares, reconstruction_threshold, word_bits, modulus_bits)
-    request: dict[str, Scalar] = dict(config or {})
-    request[LAYOUT] = json.dumps({key: [int(n) for n in shape] for key, shape in layout.items()})
-    request[WORD_BITS] = word_bits
-    broadcast = dict(arrays or {})
-    request[BROADCAST] = json.dumps(list(broadcast))
-    parameters = ndarrays_to_parameters([np.asarray(a) for a in broadcast.values()])
-    strategy = _OneShotSum(grid, context.run_id, nodes, request, parameters)
+    common: dict[str, Scalar] = dict(config or {})
+    common[LAYOUT] = json.dumps({key: [int(n) for n in shape] for key, shape in layout.items()})
+    common[WORD_BITS] = word_bits
+    fitins = {}
+    for node in nodes:
+        request = (requests or {}).get(node, NodeRequest({}))
+        node_config = {**common, **request.config, BROADCAST: json.dumps(list(request.arrays))}
+        parameters = ndarrays_to_parameters([np.asarray(a) for a in request.arrays.values()])
+        fitins[node] = FitIns(parameters, node_config)
+    strategy = _OneShotSum(grid, context.run_id, fitins)
     private = Context(
         run_id=context.run_id,
         node_id=context.node_id,

@@ -25,6 +25,7 @@ from fedlorm.flower.policy import RefusalError, check_setup, refusal_reply, requ
 __all__ = [
     "BROADCAST",
     "CORRECT",
+    "DELIVERY",
     "EVALUATE",
     "EXAMPLES",
     "FITINS_CONFIG",
@@ -55,7 +56,10 @@ CORRECT = "secure:correct"
 EXAMPLES = "secure:examples"
 """Layout key of a client's encoded number of evaluated examples."""
 BROADCAST = "fedlorm-secure-broadcast"
-"""Config key: JSON list of the broadcast's array keys, in the order of ``fitins.parameters``."""
+"""Config key: JSON list of the keys of the arrays in ``fitins.parameters``, in their order."""
+DELIVERY = "fedlorm-secure-delivery"
+"""Config key: how each key of the step's broadcast travels to this node (the parts of
+:mod:`fedlorm.runtime.delivery`, as JSON); absent in a federated evaluation, whose arrays travel whole."""
 
 
 def is_secure_message(message: Message) -> bool:

@@ -1,7 +1,8 @@
 """One engine step, or one federated evaluation, as a SecAgg+ secure sum over the Flower grid.
 
-The step's broadcast and :class:`Instruction` travel with SecAgg+'s masking-stage request, with the
-reply spec every client checks its own reply against (:mod:`fedlorm.flower.clientapp`). The server
+Each node's share of the step's broadcast (what it does not hold, :mod:`fedlorm.flower.delivery`)
+and the :class:`Instruction` travel with SecAgg+'s masking-stage request, with the reply spec every
+client checks its own reply against (:mod:`fedlorm.flower.clientapp`). The server
 gets the digit sums of the contributing clients (:func:`fedlorm.flower.secure.secure_sum`) and folds
 them with :func:`~fedlorm.secure.fold.fold_secure_sum`, the in-process runtime's fold: decode, check
 the sums, merge guarded. A client that refuses (its own checks failed, a value above the bound) or
@@ -20,19 +21,22 @@ examples): the server learns the clients' overall accuracy and nothing per clien
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid
 
 from fedlorm.config import SecureConfig
-from fedlorm.flower.secure import SecureSum, secure_sum
-from fedlorm.flower.secure_client import CORRECT, EVALUATE, EXAMPLES, REPLY_SPEC
+from fedlorm.flower.delivery import FlowerDelivery
+from fedlorm.flower.secure import NodeRequest, SecureSum, secure_sum
+from fedlorm.flower.secure_client import CORRECT, DELIVERY, EVALUATE, EXAMPLES, REPLY_SPEC
 from fedlorm.flower.strategy import FedlormStrategy, StepReport
 from fedlorm.methods import Instruction, Server
-from fedlorm.runtime.engine import secure_tally, secure_upload_bytes
-from fedlorm.secure.contribution import digit_layout, encoding_spec, secure_expected, spec_to_json
+from fedlorm.runtime.delivery import Broadcast, parts_to_json
+from fedlorm.runtime.report import secure_tally
+from fedlorm.secure.contribution import digit_layout, encoding_spec, secure_upload_bytes, spec_to_json
 from fedlorm.secure.encoding import EncodingSpec, decode
 from fedlorm.secure.fold import fold_secure_sum
 
@@ -54,18 +58,38 @@ def run_secure_step(
     *,
     server_round: int,
     timeout: float,
+    clients: Iterable[int] | None = None,
+    delivery: FlowerDelivery | None = None,
     pinned: Sequence[int] | None = None,
     pin: Callable[[list[int]], None] | None = None,
 ) -> StepReport:
     """Run ``instruction``'s step as one secure sum over the asked clients' SuperNodes; its report.
 
-    ``pinned``: the clients a first run of this step summed (a resumed run); the step then asks only
-    them and halts before unmasking unless exactly they contribute. It also halts before unmasking
-    when fewer than ``strategy.min_clients`` send masked vectors, so no sum over fewer is ever
-    revealed. ``pin(clients)`` is called with the contributing clients before any mask is removed
-    (the run journals them).
+    It halts before unmasking when fewer than ``strategy.min_clients`` send masked vectors, so no
+    sum over fewer is ever revealed.
+
+    Args:
+        strategy: The run's strategy (which SuperNode serves which client).
+        grid: The ServerApp's grid.
+        context: The ServerApp's context (SecAgg+ runs in a private copy).
+        server: The method's server, which folds the sum.
+        instruction: The step.
+        secure: The run's secure-aggregation settings.
+        server_round: Flower's round number of the step's messages.
+        timeout: Seconds each SecAgg+ stage waits for replies.
+        clients: The clients the step asks; None: every client.
+        delivery: What the nodes hold of earlier broadcasts (updated here); None: nothing, so every
+            node is sent the whole broadcast.
+        pinned: The clients a first run of this step summed (a resumed run); the step then asks
+            only them and halts before unmasking unless exactly they contribute.
+        pin: Called with the contributing clients before any mask is removed (the run journals
+            them).
+
+    Returns:
+        The step's report: merged and dropped clients, tally, bytes up and down.
     """
-    report = strategy.begin_step(instruction, grid)
+    asked = range(strategy.num_clients) if clients is None else clients
+    report = strategy.begin_step(instruction, asked, grid)
     report.secure = True
     if pinned is not None:
         missing = sorted(set(pinned) - set(report.nodes.values()))
@@ -82,14 +106,21 @@ def run_secure_step(
             )
     strategy.drop_unreached(report)
     spec = encoding_spec(secure)
-    expected = secure_expected(server, instruction)
+    expected = server.expected_reply(instruction)
     layout = digit_layout(expected, spec)
-    broadcast = {key: value.detach().cpu().numpy() for key, value in server.arrays(instruction).items()}
-    report.download_bytes = sum(array.nbytes for array in broadcast.values()) * len(report.nodes)
+    delivery = delivery or FlowerDelivery()
+    broadcast = Broadcast(server.arrays(instruction))
+    deltas, report.download_bytes, report.resent = delivery.plan(report.nodes, broadcast)
+    requests = {
+        node: NodeRequest(_numpy(delta.arrays), {DELIVERY: parts_to_json(delta.parts)})
+        for node, delta in deltas.items()
+    }
     config = {**instruction.to_record(), REPLY_SPEC: spec_to_json(expected)}
     halted: list[tuple[str, str]] = []
+    masked: list[int] = []
 
     def before_unmask(nodes: list[int]) -> bool:
+        masked.extend(nodes)
         clients = sorted(report.nodes[node] for node in nodes)
         if pinned is not None and clients != sorted(pinned):
             halted.append(("contributors", "other clients than in this step's first run contributed"))
@@ -103,8 +134,9 @@ def run_secure_step(
         return True
 
     result = _sum(
-        grid, context, report, layout, spec, secure, server_round, timeout, config, broadcast, before_unmask
+        grid, context, report, layout, spec, secure, server_round, timeout, config, requests, before_unmask
     )
+    delivery.settle(report.nodes, broadcast, masked)
     if halted:  # stopped before unmasking: the server learnt no sum
         return _kept(strategy, report, *halted[0])
     if isinstance(result, str):
@@ -122,6 +154,11 @@ def run_secure_step(
         return report
     report.merged = merged
     return report
+
+
+def _numpy(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Tensors as the CPU numpy arrays SecAgg+'s request carries."""
+    return {key: value.detach().cpu().numpy() for key, value in arrays.items()}
 
 
 def evaluation_layout(spec: EncodingSpec) -> dict[str, tuple[int, ...]]:
@@ -147,7 +184,7 @@ def run_secure_evaluation(
     nodes = strategy.connected(grid)
     spec = encoding_spec(secure)
     layout = evaluation_layout(spec)
-    broadcast = {key: value.detach().cpu().numpy() for key, value in server.deployed_arrays().items()}
+    broadcast = _numpy(server.deployed_arrays())
     report = StepReport(
         step=f"task {task + 1} federated evaluation", nodes=nodes, asked=sorted(nodes.values())
     )
@@ -158,8 +195,9 @@ def run_secure_evaluation(
         "partitions": [],
         "secure": True,
     }
+    requests = {node: NodeRequest(broadcast) for node in nodes}
     result = _sum(
-        grid, context, report, layout, spec, secure, server_round, timeout, {EVALUATE: task}, broadcast, None
+        grid, context, report, layout, spec, secure, server_round, timeout, {EVALUATE: task}, requests, None
     )
     if isinstance(result, str):
         logger.warning("%s: %s", report.step, result)
@@ -191,7 +229,7 @@ def _sum(
     server_round: int,
     timeout: float,
     config: dict[str, Any],
-    broadcast: dict[str, Any],
+    requests: Mapping[int, NodeRequest],
     before_unmask: Callable[[list[int]], bool] | None,
 ) -> SecureSum | str:
     """One secure sum over ``report.nodes``, or why there is none (SecAgg+ cannot run, halts or breaks)."""
@@ -208,7 +246,7 @@ def _sum(
             timeout=timeout,
             config=config,
             server_round=server_round,
-            arrays=broadcast,
+            requests=requests,
             before_unmask=before_unmask,
         )
     except ValueError as err:  # too few SuperNodes left for SecAgg+ (settings), or the protocol broke

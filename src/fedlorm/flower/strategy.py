@@ -1,27 +1,33 @@
-"""A Flower ``Strategy`` around any fedlorm method: configure one protocol step, merge its replies.
+"""One protocol step of any fedlorm method over a Flower grid, in the shape of a Flower strategy.
 
 Before a SuperNode takes part, :meth:`FedlormStrategy.discover` asks it which client it serves (a
-query message), so every reply, drop and absence is named by client index. ``configure_train`` sends
-the step's broadcast and :class:`Instruction` to each identified SuperNode whose client the step asks
-(``participants``: the simulator's :func:`step_clients`, so a training round with
-``scenario.participation`` < 1 reaches only its sampled clients' SuperNodes); ``aggregate_train`` drops
-replies that carry an error, did not come back within the reply timeout, or fail validation
-(malformed, wrong step or partition, :func:`check_reply`: keys, shapes, dtypes, NaN, PSD), logs each
-with its reason and, if at least ``min_clients`` survive, folds the survivors' summands in partition
-order with the simulator's :func:`fold_replies`. Otherwise the global state stays as it was.
+query message), so every reply, drop and absence is named by client index. A step starts with
+:meth:`~FedlormStrategy.begin_step` (the identified SuperNodes of the clients the step asks, as the
+transport passes them), :meth:`~FedlormStrategy.configure_train` builds each such SuperNode's message
+(the step's :class:`Instruction` and that node's share of the broadcast,
+:mod:`fedlorm.runtime.delivery`), and :meth:`~FedlormStrategy.aggregate_train` drops replies that
+carry an error, did not come back within the reply timeout, are malformed, or answer another step or
+name another client, then folds the rest with the engine's :func:`fold_replies`: the one place a
+reply's content is checked (keys, shapes, dtypes, NaN, PSD, bound, spread), which merges if at least
+``min_clients`` replies pass. Otherwise the global state stays as it was.
+
+The step's state travels in the :class:`StepReport` these methods take and return, not in the
+strategy. The class keeps Flower's strategy shape (configure / aggregate, for training and for
+evaluation) but is no subclass of ``flwr.serverapp.strategy.Strategy``: Flower's ``configure_train``
+takes one ``ArrayRecord`` for every node and the step as a ``ConfigRecord``, while a fedlorm step
+sends each node only what it lacks and hands the :class:`Instruction` itself through.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from fedlorm.flower.identity import decode_identity
 from fedlorm.flower.messages import (
@@ -31,16 +37,16 @@ from fedlorm.flower.messages import (
     TrainReply,
     decode_evaluation_reply,
     decode_train_reply,
-    payload_bytes,
-    to_array_record,
+    encode_train_request,
+    resend_keys,
 )
 from fedlorm.methods import ClientReply, Instruction, Server
-from fedlorm.methods.steps import Phase
-from fedlorm.methods.validation import InvalidReplyError, check_reply, reply_spec
+from fedlorm.methods.validation import InvalidReplyError
+from fedlorm.runtime.delivery import Delta
 from fedlorm.runtime.engine import fold_replies
 from fedlorm.runtime.report import StepTally, step_name
 
-__all__ = ["Dropped", "FedlormStrategy", "StepReport", "error_reason"]
+__all__ = ["Dropped", "FedlormStrategy", "Resent", "StepReport", "error_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,21 @@ class Dropped:
 
     node_id: int
     partition: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Resent:
+    """Bytes a step sent one SuperNode beyond its share of the broadcast, and why.
+
+    The download a step reports is each asked client's delta, as the in-process runtime counts it;
+    a node that lacks what its client was sent before (a new node, a resumed ServerApp, a node
+    that lost its state) gets those arrays on top.
+    """
+
+    node_id: int
+    partition: int
+    bytes: int
     reason: str
 
 
@@ -71,7 +92,9 @@ class StepReport:
     tally: StepTally | None = None
     upload_bytes: int = 0
     download_bytes: int = 0
-    """The broadcast's tensor payload times the SuperNodes it was sent to."""
+    """The asked clients' deltas of the broadcast, summed (:mod:`fedlorm.runtime.delivery`)."""
+    resent: list[Resent] = field(default_factory=list)
+    """What went to nodes beyond their clients' deltas (not in :attr:`download_bytes`)."""
     secure: bool = False
     """The step ran as a SecAgg+ secure sum: the server saw only the sum of ``merged``'s replies."""
     kept: str = ""
@@ -90,31 +113,25 @@ class StepReport:
         return {**record, "secure": True} if self.secure else record
 
 
-class FedlormStrategy(Strategy):
+class FedlormStrategy:
     """Runs the steps of a fedlorm :class:`Server` over a Flower grid (one message per SuperNode).
 
-    ``participants(instruction)``: the clients a step asks (ascending); None asks every client.
+    Args:
+        server: The method's server, which folds the steps.
+        num_clients: The run's clients.
+        min_clients: Fewest valid replies a plain step merges.
+        reply_timeout: Seconds a step waits for its replies.
     """
 
-    def __init__(
-        self,
-        server: Server,
-        num_clients: int,
-        min_clients: int,
-        reply_timeout: float,
-        participants: Callable[[Instruction], Sequence[int]] | None = None,
-    ) -> None:
+    def __init__(self, server: Server, num_clients: int, min_clients: int, reply_timeout: float) -> None:
         self.server = server
         self.num_clients = num_clients
         self.min_clients = min_clients
         self.reply_timeout = reply_timeout
-        self.participants = participants
         self.partitions: dict[int, int] = {}
         """SuperNode id → the client index it serves (from its answer to the identity query)."""
         self.ignored: dict[int, str] = {}
         """SuperNodes that cannot take part (bad node config, duplicate partition), with the reason."""
-        self.report: StepReport | None = None
-        self._instruction: Instruction | None = None
 
     def summary(self) -> None:
         """Log what this strategy runs."""
@@ -190,59 +207,77 @@ class FedlormStrategy(Strategy):
             logger.info("SuperNode %d serves client %d", node, identity.partition)
 
     # -- training steps -----------------------------------------------------------------------------
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """One train message per connected SuperNode whose client the step asks: ``arrays`` and ``config``."""
-        report = self.begin_step(Instruction.from_record(config), grid)
-        report.download_bytes = payload_bytes(arrays) * len(report.nodes)
-        return self._messages(
-            report.nodes, RecordDict({ARRAYS: arrays, CONFIG: config}), MessageType.TRAIN, server_round
-        )
+    def begin_step(self, instruction: Instruction, clients: Iterable[int], grid: Grid) -> StepReport:
+        """The step's report: the connected SuperNodes whose clients ``instruction`` asks.
 
-    def begin_step(self, instruction: Instruction, grid: Grid) -> StepReport:
-        """The step's report: the connected SuperNodes whose clients ``instruction`` asks."""
-        asked = self.asked(instruction)
+        Args:
+            instruction: The step.
+            clients: The clients it asks (:func:`~fedlorm.runtime.engine.step_clients`).
+            grid: The grid whose connected nodes are looked up.
+
+        Returns:
+            A report with ``nodes`` (node → client) and ``asked``, nothing dropped or merged yet.
+        """
+        asked = sorted(int(k) for k in clients)
         wanted = set(asked)
         nodes = {n: p for n, p in self.connected(grid).items() if p in wanted}
-        self._instruction = instruction
-        self.report = StepReport(step=step_name(instruction), nodes=nodes, asked=asked)
-        return self.report
+        return StepReport(step=step_name(instruction), nodes=nodes, asked=asked)
+
+    def configure_train(
+        self, instruction: Instruction, deltas: Mapping[int, Delta], server_round: int
+    ) -> list[Message]:
+        """One train message per SuperNode of ``deltas``: the step and that node's share of the broadcast.
+
+        Args:
+            instruction: The step.
+            deltas: SuperNode id → what it is sent of the broadcast.
+            server_round: Flower's round number (the messages' group).
+
+        Returns:
+            The messages, in node order.
+        """
+        return [
+            Message(
+                content=encode_train_request(instruction, deltas[node]),
+                message_type=MessageType.TRAIN,
+                dst_node_id=node,
+                group_id=str(server_round),
+            )
+            for node in sorted(deltas)
+        ]
 
     def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate replies, fold the survivors (partition order) if enough; the deployed arrays or None."""
-        if self._instruction is None or self.report is None:
-            raise RuntimeError("aggregate_train called before configure_train")
-        instruction, report = self._instruction, self.report
+        self, report: StepReport, instruction: Instruction, replies: Iterable[Message]
+    ) -> StepReport:
+        """Take the step's replies, drop what cannot be one, fold the rest (partition order).
+
+        Args:
+            report: The step's report from :meth:`begin_step` (updated and returned).
+            instruction: The step.
+            replies: The replies that came back.
+
+        Returns:
+            ``report`` with what was merged, dropped (and why), the tally and the upload.
+        """
         accepted = self._accept(instruction, report, list(replies))
-        if len(accepted) < self.min_clients:
-            logger.warning(
-                "%s: only %d valid replies (min_clients = %d); the previous global state stays",
-                report.step,
-                len(accepted),
-                self.min_clients,
-            )
-            report.kept = "too-few"
-            return None, self._train_metrics(report, instruction)
-        tally = fold_replies(self.server, instruction, [(k, accepted[k]) for k in sorted(accepted)])
+        tally = fold_replies(
+            self.server, instruction, [(k, accepted[k]) for k in sorted(accepted)], self.min_clients
+        )
         nodes = {partition: node for node, partition in report.nodes.items()}
         for partition, reason in sorted(tally.dropped.items()):
             report.dropped.append(Dropped(node_id=nodes[partition], partition=partition, reason=reason))
         report.tally, report.kept = tally, tally.kept
-        if tally.kept:
-            return None, self._train_metrics(report, instruction)
-        report.merged = sorted(set(accepted) - set(tally.dropped))
-        return to_array_record(self.server.deployed_arrays()), self._train_metrics(report, instruction)
+        if not tally.kept:
+            report.merged = sorted(set(accepted) - set(tally.dropped))
+        return report
 
     def _accept(
         self, instruction: Instruction, report: StepReport, replies: list[Message]
     ) -> dict[int, ClientReply]:
-        """The valid replies by client; every other reply (or missing one) goes to ``report.dropped``."""
+        """The decoded replies by client, for the engine to check; every reply that cannot be one (or
+        a missing one) goes to ``report.dropped``."""
         by_node = {m.metadata.src_node_id: m for m in replies if m.metadata.src_node_id in report.nodes}
         accepted: dict[int, ClientReply] = {}
-        expected = self.server.expected_reply(instruction)
         for node, partition in sorted(report.nodes.items(), key=lambda item: item[1]):
             message = by_node.get(node)
             try:
@@ -250,15 +285,14 @@ class FedlormStrategy(Strategy):
                     raise InvalidReplyError(f"no reply within the {self.reply_timeout:g} s reply timeout")
                 if message.has_error():
                     raise InvalidReplyError(f"error reply: {error_reason(message)}")
+                if resend_keys(message) is not None:
+                    raise InvalidReplyError("it lacks broadcast arrays even after they were sent again")
                 reply = decode_train_reply(message.content)
                 report.upload_bytes += reply.reply.upload_bytes
                 _check_identity(instruction, partition, reply)
-                check_reply(reply.reply, expected)
             except InvalidReplyError as err:
                 self.drop(report, node, partition, str(err))
                 continue
-            if expected is None:
-                expected = reply_spec(reply.reply.summands)
             accepted[partition] = reply.reply
         self.drop_unreached(report)
         return accepted
@@ -277,19 +311,6 @@ class FedlormStrategy(Strategy):
         """Record (and log) that ``partition``'s reply is not in the step's merge, and why."""
         report.dropped.append(Dropped(node_id=node, partition=partition, reason=reason))
         logger.warning("%s: client %d (node %d) dropped: %s", report.step, partition, node, reason)
-
-    @staticmethod
-    def _train_metrics(report: StepReport, instruction: Instruction) -> MetricRecord:
-        metrics: dict[str, int | float] = {
-            "merged": len(report.merged),
-            "dropped": len(report.dropped),
-            "upload-bytes": report.upload_bytes,
-            "download-bytes": report.download_bytes,
-        }
-        tally = report.tally
-        if tally is not None and instruction.phase is Phase.TRAIN and tally.examples:
-            metrics["train-loss"] = tally.loss_sum / tally.examples
-        return MetricRecord(metrics)
 
     # -- federated evaluation -----------------------------------------------------------------------
     def configure_evaluate(
@@ -327,12 +348,6 @@ class FedlormStrategy(Strategy):
         )
 
     # -- helpers ------------------------------------------------------------------------------------
-    def asked(self, instruction: Instruction) -> list[int]:
-        """The clients ``instruction``'s step asks (ascending): ``participants``, else every client."""
-        if self.participants is None:
-            return list(range(self.num_clients))
-        return sorted(int(k) for k in self.participants(instruction))
-
     def connected(self, grid: Grid) -> dict[int, int]:
         """Connected, identified SuperNodes → the client each serves."""
         connected = set(grid.get_node_ids())

@@ -207,17 +207,19 @@ class Server(ABC):
             num_examples: The contributing clients' total sample count.
         """
 
-    def expected_reply(self, instruction: Instruction) -> ReplySpec | None:
+    @abstractmethod
+    def expected_reply(self, instruction: Instruction) -> ReplySpec:
         """What each array of a valid reply is, so that both runtimes check every reply against it.
+
+        Secure aggregation publishes it to the clients before any reply exists, so every method
+        must know it in advance.
 
         Args:
             instruction: The step.
 
         Returns:
-            Key → :class:`~fedlorm.methods.replies.Summand` (shape, dtype, kind), or None: then the
-            first valid reply fixes keys and shapes, and kinds go by the key convention.
+            Key → :class:`~fedlorm.methods.replies.Summand` (shape, dtype, kind) of every summand.
         """
-        return None
 
     @abstractmethod
     def deployed_arrays(self) -> Arrays:

@@ -4,23 +4,18 @@ A reply that is not finite, has the wrong keys, shapes or dtypes, carries a Gram
 positive semi-definite, or a sample count (a divisor on the server) that is not positive, would
 poison the merge of every other client, so it is rejected with a one-line reason and the round goes
 on with the rest. What each array is comes from the method's :class:`~fedlorm.methods.replies.Summand`
-spec; only for a method that publishes none does :func:`reply_spec` read it off the key convention.
+spec (:meth:`~fedlorm.methods.base.Server.expected_reply`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from fedlorm.methods.base import ClientReply
-from fedlorm.methods.replies import Kind, ReplySpec, Summand
+from fedlorm.methods.replies import Kind, ReplySpec
 
-__all__ = ["InvalidReplyError", "check_reply", "reply_spec"]
-
-_CONVENTION = {".G": Kind.GRAM, ".H": Kind.GRAM, ".n": Kind.COUNT}
-"""Key endings a spec-less method's replies are read by (``n`` alone is a count too)."""
+__all__ = ["InvalidReplyError", "check_reply"]
 
 # Relative tolerance of the PSD test: eigenvalues above -tol · d · max|G| count as >= 0, which absorbs
 # float64 rounding of sums over millions of tokens.
@@ -31,56 +26,42 @@ class InvalidReplyError(ValueError):
     """A client reply that must not be merged; the message names the array and the problem."""
 
 
-def reply_spec(summands: Mapping[str, Tensor]) -> ReplySpec:
-    """The spec of an observed reply, to check other replies of the same step against.
-
-    For methods without :meth:`~fedlorm.methods.base.Server.expected_reply`: kinds follow the key
-    convention (``*.G``/``*.H`` Grams, ``n``/``*.n`` counts, anything else a value).
-    """
-    return {key: Summand(tuple(value.shape), value.dtype, _kind(key)) for key, value in summands.items()}
-
-
-def _kind(key: str) -> Kind:
-    if key == "n":
-        return Kind.COUNT
-    return next((kind for end, kind in _CONVENTION.items() if key.endswith(end)), Kind.VALUE)
-
-
-def check_reply(reply: ClientReply, expected: ReplySpec | None = None) -> None:
+def check_reply(reply: ClientReply, expected: ReplySpec) -> None:
     """Raise :class:`InvalidReplyError` unless ``reply`` is finite, well-formed and PSD where it must be.
 
-    ``expected`` (from :meth:`Server.expected_reply` or :func:`reply_spec`) fixes keys, shapes,
-    dtypes and kinds; without it the values are checked with kinds read off the keys.
+    Args:
+        reply: One client's reply.
+        expected: The step's spec (:meth:`~fedlorm.methods.base.Server.expected_reply`): keys,
+            shapes, dtypes and kinds.
+
+    Raises:
+        InvalidReplyError: Naming the first array that is wrong, and how.
     """
     n = reply.num_examples
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidReplyError(f"num_examples = {reply.num_examples!r}; expected an integer >= 1")
     summands = reply.summands
-    if expected is not None:
-        missing = sorted(set(expected) - set(summands))
-        extra = sorted(set(summands) - set(expected))
-        if missing or extra:
-            raise InvalidReplyError(
-                f"reply keys differ from the protocol's: missing {missing[:3]}, extra {extra[:3]}"
-            )
+    missing = sorted(set(expected) - set(summands))
+    extra = sorted(set(summands) - set(expected))
+    if missing or extra:
+        raise InvalidReplyError(
+            f"reply keys differ from the protocol's: missing {missing[:3]}, extra {extra[:3]}"
+        )
     for key, value in summands.items():
         if not isinstance(value, Tensor):
             raise InvalidReplyError(f"{key} is a {type(value).__name__}, not a tensor")
-        kind = _kind(key)
-        if expected is not None:
-            spec = expected[key]
-            if tuple(value.shape) != spec.shape:
-                raise InvalidReplyError(f"{key} has shape {tuple(value.shape)}; expected {spec.shape}")
-            if value.dtype != spec.dtype:
-                raise InvalidReplyError(f"{key} has dtype {value.dtype}; expected {spec.dtype}")
-            kind = spec.kind
+        spec = expected[key]
+        if tuple(value.shape) != spec.shape:
+            raise InvalidReplyError(f"{key} has shape {tuple(value.shape)}; expected {spec.shape}")
+        if value.dtype != spec.dtype:
+            raise InvalidReplyError(f"{key} has dtype {value.dtype}; expected {spec.dtype}")
         if not value.is_floating_point():
             raise InvalidReplyError(f"{key} has dtype {value.dtype}; expected a floating-point tensor")
         if not bool(torch.isfinite(value).all()):
             raise InvalidReplyError(f"{key} holds NaN or Inf")
-        if kind is Kind.GRAM:
+        if spec.kind is Kind.GRAM:
             _check_gram(key, value)
-        if kind is Kind.COUNT and not bool((value > 0).all()):
+        if spec.kind is Kind.COUNT and not bool((value > 0).all()):
             raise InvalidReplyError(f"{key} is a sample count but is not positive")
 
 

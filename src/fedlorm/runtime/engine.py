@@ -3,10 +3,13 @@ checkpoint, over a :class:`Transport` that carries the messages.
 
 The loop owns everything a run's numbers depend on apart from the clients' local work: the step plan
 (:func:`step_plan`), which clients each step asks (:func:`step_clients`), how replies are checked and
-summed (:func:`fold_replies`), the server's random stream, the evaluation after each step, the
-checkpoint after each completed step and the files a run leaves (results.json, metrics.csv,
-accuracy.png, ``model/``). A transport only delivers a step's broadcast to the asked clients and
-brings their replies back: :class:`fedlorm.runtime.simulator.InProcess` calls the clients in turn,
+summed (:func:`fold_replies`; under secure aggregation in process :func:`fold_secure_replies`, whose
+sums go through the one secure fold, :func:`fedlorm.secure.fold.fold_secure_sum`), the server's
+random stream, the evaluation after each step, the checkpoint after each completed step and the
+files a run leaves (results.json, metrics.csv, accuracy.png, ``model/``). A transport only delivers a
+step's broadcast to the asked clients (each only the part it does not hold,
+:mod:`fedlorm.runtime.delivery`) and brings their replies back:
+:class:`fedlorm.runtime.simulator.InProcess` calls the clients in turn,
 ``fedlorm.flower.federation.FlowerTransport`` sends Flower messages to SuperNodes. So both runtimes
 give the same numbers for the same config and seed, and both resume after a crash
 (:func:`resume_run`) with the numbers of an uninterrupted run.
@@ -33,7 +36,7 @@ from fedlorm.methods import ClientReply, Instruction, Server, add_arrays
 from fedlorm.methods.bounds import check_bound, outliers, sample_magnitudes
 from fedlorm.methods.guard import guarded_aggregate
 from fedlorm.methods.steps import Phase, step_label
-from fedlorm.methods.validation import InvalidReplyError, check_reply, reply_spec
+from fedlorm.methods.validation import InvalidReplyError, check_reply
 from fedlorm.results import MetricsCSV, plot_run, write_json_atomic
 from fedlorm.runtime.checkpoint import (
     Checkpoint,
@@ -51,17 +54,19 @@ from fedlorm.runtime.report import (
     METRICS_FIELDS,
     StepTally,
     evaluate_step,
+    metrics_row,
     note_divergence,
     run_results,
     save_run_model,
+    secure_tally,
     step_name,
     task_diagnostics,
     task_test_sizes,
 )
 from fedlorm.runtime.tensorboard import open_board
-from fedlorm.secure.contribution import contribution, digit_layout, secure_expected
+from fedlorm.secure.contribution import contribution, digit_layout, secure_upload_bytes
 from fedlorm.secure.encoding import EncodingSpec, modular_sum
-from fedlorm.secure.fold import SecureFold, fold_secure_sum
+from fedlorm.secure.fold import fold_secure_sum
 from fedlorm.seeding import derive_seed, torch_generator
 
 __all__ = [
@@ -73,8 +78,6 @@ __all__ = [
     "kill_point",
     "resume_run",
     "run",
-    "secure_tally",
-    "secure_upload_bytes",
     "step_clients",
     "step_plan",
 ]
@@ -98,10 +101,12 @@ _SERVER = "server."
 class Transport(Protocol):
     """How a step's broadcast reaches the asked clients and their replies come back.
 
-    ``run_step`` returns the step's metrics row (:func:`fedlorm.runtime.report.metrics_row`) after
-    folding the replies into ``exp.server`` with :func:`fold_replies`; it calls ``advance(n)`` as n
-    clients finish (progress bar). ``record`` / ``load_record`` carry the transport's own
-    JSON-compatible bookkeeping through a checkpoint; ``results_extra`` is added to results.json.
+    ``run_step`` delivers the step to ``clients`` (calling ``advance(n)`` as n clients finish, for
+    the progress bar), folds the replies into ``exp.server`` (:func:`fold_replies`, or the secure
+    fold) and returns the step's :class:`~fedlorm.runtime.report.StepTally`: whom it asked, what it
+    merged, the bytes up and down. ``record`` / ``load_record`` carry the transport's own
+    JSON-compatible bookkeeping (what each client holds, for instance) through a checkpoint;
+    ``results_extra`` is added to results.json.
     """
 
     name: str
@@ -110,7 +115,7 @@ class Transport(Protocol):
 
     def run_step(
         self, exp: Experiment, instruction: Instruction, clients: list[int], advance: Callable[[int], None]
-    ) -> dict[str, Any]: ...
+    ) -> StepTally: ...
 
     def task_end(self, exp: Experiment, task: int) -> None: ...
 
@@ -212,18 +217,31 @@ def step_clients(cfg: RunConfig, instruction: Instruction) -> list[int]:
 
 
 def fold_replies(
-    server: Server, instruction: Instruction, replies: Iterable[tuple[int, ClientReply]]
+    server: Server,
+    instruction: Instruction,
+    replies: Iterable[tuple[int, ClientReply]],
+    min_clients: int = 0,
 ) -> StepTally:
     """Check each client's reply, sum the valid ones, hand the sums to the server (every transport).
 
-    A reply is left out, and logged with its reason, if it fails :func:`check_reply` (finite,
+    This is the one place a plain reply is checked. A reply is left out, and logged with its
+    reason, if it fails :func:`check_reply` against :meth:`Server.expected_reply` (finite,
     well-formed, PSD), exceeds the public bound 2^``secure.bound_exponent`` per sample, or is more
     than ``secure.spread_limit`` (values: ``secure.value_spread_limit``) times the median of the
-    step's other replies per sample (:mod:`fedlorm.methods.bounds`). The rest are summed in client
+    step's other replies per sample (:mod:`fedlorm.methods.bounds`). If fewer than ``min_clients``
+    replies pass the first two checks, nothing is merged. Otherwise the rest are summed in client
     order and merged by :func:`~fedlorm.methods.guard.guarded_aggregate`; if none is left, or the
-    merge fails, the server's state stays as it was and the tally's ``kept`` says why. Without
-    :meth:`Server.expected_reply`, the first valid reply fixes the keys, shapes and dtypes the
-    others must have.
+    merge fails, the server's state stays as it was and the tally's ``kept`` says why.
+
+    Args:
+        server: The method's server.
+        instruction: The step the replies answer.
+        replies: (client, reply) pairs, in the order they are summed.
+        min_clients: Fewest valid replies the step merges (Flower's ``min-clients``; the in-process
+            runtime has no minimum).
+
+    Returns:
+        The step's tally (its ``download_bytes`` is the transport's to fill in).
     """
     expected = server.expected_reply(instruction)
     secure = server.cfg.secure
@@ -235,8 +253,6 @@ def fold_replies(
         tally.upload_bytes += reply.upload_bytes
         try:
             check_reply(reply, expected)
-            if expected is None:
-                expected = reply_spec(reply.summands)
             magnitudes = sample_magnitudes(reply, expected)
             beyond = check_bound(magnitudes, bound)
             if beyond is not None:
@@ -245,8 +261,17 @@ def fold_replies(
             _reject(tally, instruction, k, str(err))
             continue
         checked.append((k, reply, magnitudes))
+    if len(checked) < min_clients:
+        logger.warning(
+            "%s: only %d valid replies (min_clients = %d); the previous global state stays",
+            step_name(instruction),
+            len(checked),
+            min_clients,
+        )
+        tally.kept = "too-few"
+        return tally
     sizes = [magnitudes for _, _, magnitudes in checked]
-    far = outliers(sizes, expected or {}, secure.spread_limit, secure.value_spread_limit)
+    far = outliers(sizes, expected, secure.spread_limit, secure.value_spread_limit)
     sums = None
     for i, (k, reply, _) in enumerate(checked):
         if i in far:
@@ -279,16 +304,25 @@ def _reject(tally: StepTally, instruction: Instruction, client: int, reason: str
 def fold_secure_replies(
     server: Server, instruction: Instruction, replies: Iterable[tuple[int, ClientReply]], spec: EncodingSpec
 ) -> tuple[StepTally, list[int]]:
-    """The secure-aggregation fold in process: the encoding SecAgg+ sums, without the masks.
+    """The in-process runtime's secure sum: the encoding SecAgg+ sums, without the masks.
 
     Each client checks and encodes its own reply (:func:`~fedlorm.secure.contribution.contribution`;
     one that fails contributes nothing, as a client that errors out of SecAgg+), the digits are
-    summed modulo 2^modulus_bits and folded by :func:`~fedlorm.secure.fold.fold_secure_sum`, as a
-    Flower run folds its secure sum. Returns the tally and the contributing clients; the numbers are
-    the bits a Flower run's secure sum gives. As a Flower server, it logs which clients are not in the
-    sum, and why only at the debug level (in process, the clients are this process).
+    summed modulo 2^modulus_bits and folded by the one secure fold,
+    :func:`~fedlorm.secure.fold.fold_secure_sum`, as a Flower run folds its secure sum. As a Flower
+    server, it logs which clients are not in the sum, and why only at the debug level (in process,
+    the clients are this process).
+
+    Args:
+        server: The method's server.
+        instruction: The step the replies answer.
+        replies: (client, reply) pairs.
+        spec: The run's public encoding (:func:`~fedlorm.secure.contribution.encoding_spec`).
+
+    Returns:
+        The step's tally (the bits a Flower run's secure sum gives) and the contributing clients.
     """
-    expected = secure_expected(server, instruction)
+    expected = server.expected_reply(instruction)
     layout = digit_layout(expected, spec)
     encodings, contributors, clients = [], [], 0
     for k, reply in replies:
@@ -307,32 +341,6 @@ def fold_secure_replies(
     upload = len(encodings) * secure_upload_bytes(layout)
     tally = secure_tally(fold, instruction, clients=clients, contributors=len(encodings), upload_bytes=upload)
     return tally, contributors
-
-
-def secure_upload_bytes(layout: Mapping[str, tuple[int, ...]]) -> int:
-    """One client's masked upload: an int64 per digit of the layout."""
-    return 8 * sum(math.prod(shape) for shape in layout.values())
-
-
-def secure_tally(
-    fold: SecureFold, instruction: Instruction, *, clients: int, contributors: int, upload_bytes: int
-) -> StepTally:
-    """The tally of ``instruction``'s folded secure sum (:func:`~fedlorm.secure.fold.fold_secure_sum`);
-    a kept state is logged with its reason.
-
-    ``clients`` were asked and ``contributors`` of them are in the sums; the rest count as rejected.
-    """
-    if fold.kept is not None:
-        logger.warning("%s: %s; the previous global state stays", step_name(instruction), fold.reason)
-    return StepTally(
-        clients=clients,
-        rejected=clients - contributors,
-        examples=fold.examples,
-        loss_sum=fold.loss_sum,
-        upload_bytes=upload_bytes,
-        merge_seconds=fold.merge_seconds,
-        kept=fold.kept or "",
-    )
 
 
 def kill_point(name: str) -> None:
@@ -388,7 +396,16 @@ class _Loop:
                 instruction, last = steps[step], step == len(steps) - 1
                 bar.set_description(f"task {task + 1}/{scenario.num_tasks} {step_label(instruction)}")
                 step_started = time.perf_counter()
-                row = transport.run_step(exp, instruction, step_clients(cfg, instruction), bar.update)
+                tally = transport.run_step(exp, instruction, step_clients(cfg, instruction), bar.update)
+                row = metrics_row(
+                    exp,
+                    instruction,
+                    tally,
+                    upload_bytes=tally.upload_bytes,
+                    download_bytes=tally.download_bytes,
+                    clients=tally.clients,
+                    rejected=tally.rejected,
+                )
                 row["step_seconds"] = round(time.perf_counter() - step_started, 6)
                 note_divergence(exp, state, instruction, row)
                 if cfg.train.eval_every_round or last:

@@ -24,6 +24,7 @@ from fedlorm.results import versions
 from fedlorm.runtime.evaluation import Evaluation, evaluate
 from fedlorm.runtime.experiment import Experiment
 from fedlorm.runtime.progress import RunProgress
+from fedlorm.secure.fold import SecureFold
 
 __all__ = [
     "KEPT_WORDS",
@@ -36,6 +37,7 @@ __all__ = [
     "note_divergence",
     "run_results",
     "save_run_model",
+    "secure_tally",
     "step_name",
     "task_diagnostics",
     "task_test_sizes",
@@ -87,18 +89,56 @@ seed; every other column is reproducible."""
 
 @dataclass
 class StepTally:
-    """What the server folded in one step."""
+    """What one step did: whom it asked, what it folded, what it sent and received.
+
+    Every transport's ``run_step`` returns one (:class:`fedlorm.runtime.engine.Transport`); the
+    engine turns it into the step's metrics row.
+    """
 
     clients: int = 0
+    """The clients the step asked."""
     rejected: int = 0
+    """Asked clients whose reply is not in the merge (invalid, missing, not in the secure sum)."""
     examples: int = 0
     loss_sum: float = 0.0
     upload_bytes: int = 0
+    download_bytes: int = 0
+    """The step's broadcast as the protocol sends it: each asked client's delta
+    (:mod:`fedlorm.runtime.delivery`), summed."""
     merge_seconds: float = 0.0
     kept: str = ""
     """A word of :data:`KEPT_WORDS` when nothing was merged (the previous state stays), else ""."""
     dropped: dict[int, str] = field(default_factory=dict)
     """Client → reason, for each reply the server checked and left out (plain mode)."""
+
+
+def secure_tally(
+    fold: SecureFold, instruction: Instruction, *, clients: int, contributors: int, upload_bytes: int
+) -> StepTally:
+    """The tally of ``instruction``'s folded secure sum (:func:`~fedlorm.secure.fold.fold_secure_sum`);
+    a kept state is logged with its reason.
+
+    Args:
+        fold: What folding the secure sum did.
+        instruction: The step.
+        clients: How many clients the step asked.
+        contributors: How many of them are in the sum; the rest count as rejected.
+        upload_bytes: The contributors' masked uploads, summed.
+
+    Returns:
+        The step's tally (its ``download_bytes`` is the transport's to fill in).
+    """
+    if fold.kept is not None:
+        logger.warning("%s: %s; the previous global state stays", step_name(instruction), fold.reason)
+    return StepTally(
+        clients=clients,
+        rejected=clients - contributors,
+        examples=fold.examples,
+        loss_sum=fold.loss_sum,
+        upload_bytes=upload_bytes,
+        merge_seconds=fold.merge_seconds,
+        kept=fold.kept or "",
+    )
 
 
 def step_name(instruction: Instruction) -> str:

@@ -2,7 +2,10 @@
 calls the step's clients in turn on the one shared model.
 
 Client k's RNG stream is derived from (seed, task, round, k), exactly as a Flower SuperNode derives
-it, so the replies are the same bits in both runtimes. With an output directory the run is
+it, so the replies are the same bits in both runtimes. The clients share this process, so each gets
+the whole broadcast; the download each step reports is what a Flower SuperNode of that client is
+sent, only the arrays it does not hold yet (:mod:`fedlorm.runtime.delivery`), so both runtimes report
+the same bytes. With an output directory the run is
 checkpointed after every completed step; :func:`resume_simulation` continues from the last one and
 gives the same accuracy matrix as an uninterrupted run with the same seed. A finished run writes
 its deployed model to ``model/`` (:mod:`fedlorm.export`) and removes its checkpoint: ``results.json``
@@ -18,8 +21,10 @@ from typing import Any
 from torch import Tensor
 
 from fedlorm.config import RunConfig, validate_config
-from fedlorm.methods import ClientReply, Instruction, payload_bytes
+from fedlorm.methods import ClientReply, Instruction
 from fedlorm.methods.steps import step_label
+from fedlorm.runtime.checkpoint import CheckpointError
+from fedlorm.runtime.delivery import Broadcast, Ledger
 from fedlorm.runtime.engine import (
     checkpoint_config,
     fold_replies,
@@ -29,7 +34,7 @@ from fedlorm.runtime.engine import (
     run,
 )
 from fedlorm.runtime.experiment import Experiment, build_experiment
-from fedlorm.runtime.report import metrics_row
+from fedlorm.runtime.report import StepTally
 from fedlorm.secure.contribution import encoding_spec, secure_record
 from fedlorm.seeding import torch_generator
 
@@ -45,6 +50,8 @@ class InProcess:
         self.secure: dict[str, Any] | None = None
         """With ``secure.aggregation``: results.json's record of it (the encoding; nothing is masked in
         process, and the record says so)."""
+        self.ledger = Ledger()
+        """What each client holds of the broadcasts so far, by client index (the download count)."""
 
     def begin(self, exp: Experiment) -> None:
         """Nothing to connect; with secure aggregation, check the run's config allows it."""
@@ -54,29 +61,35 @@ class InProcess:
 
     def run_step(
         self, exp: Experiment, instruction: Instruction, clients: list[int], advance: Callable[[int], None]
-    ) -> dict[str, Any]:
+    ) -> StepTally:
         """One broadcast → local work on ``clients`` → checked, summed replies → server merge.
 
         With ``secure.aggregation`` the replies are encoded, summed modulo 2^k and decoded as
         SecAgg+ would (:func:`fold_secure_replies`), so the numbers are a Flower secure run's; no
-        mask is applied (nothing leaves this process).
+        mask is applied (nothing leaves this process). Every client that answers holds the
+        broadcast afterwards; under secure aggregation a client not in the sum is forgotten, as a
+        Flower server forgets a SuperNode whose masked vector did not come back.
+
+        Returns:
+            The step's tally; its download is the sum of the clients' deltas.
         """
-        arrays = exp.server.arrays(instruction)
-        replies = self.replies(exp, instruction, arrays, clients, advance)
+        broadcast = Broadcast(exp.server.arrays(instruction))
+        download = sum(self.ledger.plan(k, broadcast).payload_bytes for k in clients)
+        replies = self.replies(exp, instruction, broadcast.arrays, clients, advance)
+        answered = set(clients)
         if self.secure is not None:
             spec = encoding_spec(exp.cfg.secure)
-            tally, _ = fold_secure_replies(exp.server, instruction, replies, spec)
+            tally, contributors = fold_secure_replies(exp.server, instruction, replies, spec)
+            answered = set(contributors)
         else:
             tally = fold_replies(exp.server, instruction, replies)
-        return metrics_row(
-            exp,
-            instruction,
-            tally,
-            upload_bytes=tally.upload_bytes,
-            download_bytes=payload_bytes(arrays) * len(clients),
-            clients=tally.clients,
-            rejected=tally.rejected,
-        )
+        for k in clients:
+            if k in answered:
+                self.ledger.delivered(k, broadcast)
+            else:
+                self.ledger.forget(k)
+        tally.download_bytes = download
+        return tally
 
     @staticmethod
     def replies(
@@ -104,11 +117,16 @@ class InProcess:
         return {"runtime": self.name, "secure_aggregation": self.secure}
 
     def record(self) -> dict[str, Any]:
-        """No bookkeeping of its own to checkpoint."""
-        return {}
+        """What each client holds (checkpoint): a resumed run counts the bytes an uninterrupted one does."""
+        return {"ledger": self.ledger.to_record()}
 
     def load_record(self, record: Mapping[str, Any]) -> None:
-        """Nothing to restore."""
+        """Restore what each client holds (a checkpoint written before the ledger existed: nothing);
+        CheckpointError if the record is damaged."""
+        try:
+            self.ledger = Ledger.from_record(record.get("ledger") or {})
+        except ValueError as err:
+            raise CheckpointError(f"the checkpoint's transport record is damaged: {err}") from None
 
     def finish(self, exp: Experiment, out: Path) -> None:
         """No artefacts beyond the engine's."""

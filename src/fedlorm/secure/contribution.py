@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fedlorm.config import RunConfig, SecureConfig
-from fedlorm.methods.base import Arrays, ClientReply, Instruction, Server
+from fedlorm.methods.base import Arrays, ClientReply
 from fedlorm.methods.replies import Kind, ReplySpec, Summand
 from fedlorm.methods.validation import InvalidReplyError, check_reply
 from fedlorm.secure.encoding import EncodingSpec, encode
@@ -33,8 +33,8 @@ __all__ = [
     "contribution",
     "digit_layout",
     "encoding_spec",
-    "secure_expected",
     "secure_record",
+    "secure_upload_bytes",
     "spec_from_json",
     "spec_to_json",
     "unpack",
@@ -78,23 +78,17 @@ def secure_record(cfg: RunConfig, *, masked: bool) -> dict[str, Any]:
     }
 
 
-def secure_expected(server: Server, instruction: Instruction) -> ReplySpec:
-    """The step's reply spec, which a secure step needs before any reply (ValueError without one)."""
-    expected = server.expected_reply(instruction)
-    if expected is None:
-        raise ValueError(
-            f"{type(server).__name__} publishes no reply spec (Server.expected_reply) for "
-            f"{instruction.phase.value} steps; secure aggregation cannot run this method"
-        )
-    return expected
-
-
 def digit_layout(expected: ReplySpec, spec: EncodingSpec) -> dict[str, tuple[int, ...]]:
     """Key → shape of the digit arrays a client sends (summands, then count and loss sum), in order."""
     shapes = {key: summand.shape for key, summand in sorted(expected.items())}
     shapes[NUM_EXAMPLES] = ()
     shapes[LOSS_SUM] = ()
     return {key: (spec.words, *shape) for key, shape in shapes.items()}
+
+
+def secure_upload_bytes(layout: Mapping[str, tuple[int, ...]]) -> int:
+    """One client's masked upload in bytes: an int64 per digit of ``layout`` (:func:`digit_layout`)."""
+    return 8 * sum(math.prod(shape) for shape in layout.values())
 
 
 class ContributionError(ValueError):

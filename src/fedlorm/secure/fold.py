@@ -29,7 +29,7 @@ from torch import Tensor
 from fedlorm.methods.base import Instruction, Server
 from fedlorm.methods.guard import guarded_aggregate
 from fedlorm.methods.replies import Kind, ReplySpec
-from fedlorm.secure.contribution import LOSS_SUM, NUM_EXAMPLES, secure_expected, unpack
+from fedlorm.secure.contribution import LOSS_SUM, NUM_EXAMPLES, unpack
 from fedlorm.secure.encoding import EncodingSpec, decode, error_bound
 
 __all__ = ["GRAM_TOLERANCE", "SecureFold", "check_sums", "fold_secure_sum"]
@@ -66,7 +66,7 @@ def fold_secure_sum(
     :func:`check_sums`) or ``merge`` (:func:`~fedlorm.methods.guard.guarded_aggregate` kept the
     state); the server's state is then as before.
     """
-    expected = secure_expected(server, instruction)
+    expected = server.expected_reply(instruction)
     try:
         decoded = decode(digit_sums, spec, contributors)
         sums, examples, loss_sum = unpack(decoded)
