@@ -307,9 +307,9 @@ def _label(rate: float) -> str:
 
 def test_runs(root: Path, settings: Iterable[str] = tuple(SETTINGS)) -> list[PlannedRun]:
     """The test stage at the presets' validated settings: for each of ``settings``, seed by seed,
-    every method (so a stage cut short leaves whole seeds), and the plain head of PLAIN_VARIANTS
-    where their table holds a projection."""
-    runs = []
+    every method (so a stage cut short leaves whole seeds); then the plain head of PLAIN_VARIANTS
+    where their table holds a projection, in the same order."""
+    runs, plain_runs = [], []
     for setting in settings:
         preset = SETTINGS[setting]
         for seed in SEEDS:
@@ -320,10 +320,10 @@ def test_runs(root: Path, settings: Iterable[str] = tuple(SETTINGS)) -> list[Pla
                                        tuple([*COMMON, *TEST])))
                 if method in PLAIN_VARIANTS and "lorm.head_projection" in PRESETS[preset].validated.get(method, {}):
                     ridge = PRESETS[preset].overrides["lorm"]["head_ridge"]
-                    runs.append(PlannedRun(root / "test" / setting / f"{method}-plain" / f"s{seed}", preset,
-                                           method, seed,
-                                           tuple([*COMMON, *TEST, *PLAIN, f"lorm.head_ridge={ridge}"])))
-    return runs
+                    plain_runs.append(PlannedRun(root / "test" / setting / f"{method}-plain" / f"s{seed}",
+                                                 preset, method, seed,
+                                                 tuple([*COMMON, *TEST, *PLAIN, f"lorm.head_ridge={ridge}"])))
+    return runs + plain_runs
 
 
 def _execute(runs: Iterable[PlannedRun], workers: int) -> None:
@@ -362,21 +362,25 @@ def _cell(values: list[float]) -> str:
 
 def _test_results(root: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Finished test runs: setting → method → results in seed order (β-free methods shared). Only
-    whole seeds count: a seed of a setting enters once every run of it has finished, so every
-    method of a setting is summarised over the same seeds."""
-    done: dict[tuple[str, str], list[tuple[str, dict[str, Any] | None]]] = {}
+    whole seeds count: a seed of a setting enters once every method's run of it has finished (a
+    plain-head variant joins a seed that has, once its own run has), so every method of a setting
+    is summarised over the same seeds."""
+    done: dict[tuple[str, str], dict[str, dict[str, Any] | None]] = {}
     for run in test_runs(root):
         setting, method, seed = run.folder.parts[-3:]
-        done.setdefault((setting, seed), []).append((method, _results(run)))
+        done.setdefault((setting, seed), {})[method] = _results(run)
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for (setting, _), runs in done.items():
-        if all(results is not None for _, results in runs):
-            for method, results in runs:
-                out.setdefault(setting, {}).setdefault(method, []).append(results)
+    for (setting, _), by_method in done.items():
+        if all(results is not None for method, results in by_method.items() if method in METHODS):
+            for method, results in by_method.items():
+                if results is not None:
+                    out.setdefault(setting, {}).setdefault(method, []).append(results)
     for setting in ("b0.1", "b0.05"):
+        seeds = {r["seed"] for runs in out.get(setting, {}).values() for r in runs}
         for method in BETA_FREE:
-            if method in out.get("b0.5", {}):
-                out.setdefault(setting, {})[method] = out["b0.5"][method]
+            shared = [r for r in out.get("b0.5", {}).get(method, []) if r["seed"] in seeds]
+            if shared:
+                out[setting][method] = shared
     return {s: {m: out[s][m] for m in _row_order(out[s])} for s in SETTINGS if s in out}
 
 
@@ -595,7 +599,7 @@ def _plot(data: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
             ax.errorbar(xs, means, yerr=stds, marker="o", ls="none", capsize=3, label=method)
     ax.set_xticks(range(len(settings)), settings)
     ax.set_xlabel("setting (built-in benchmark at β = 0.5, 0.1, 0.05; headroom)")
-    ax.set_ylabel("final class-IL accuracy (%), mean ± std, 3 seeds")
+    ax.set_ylabel("final class-IL accuracy (%), mean ± std over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
