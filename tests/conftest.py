@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -46,6 +47,48 @@ TINY = [
 def tiny_config(*overrides: str) -> RunConfig:
     """MNIST (the offline 5k subset), 2 tasks x 5 classes, 3 clients, EfficientNet-Lite0 at 32 px."""
     return apply_overrides(RunConfig(), [*TINY, *overrides])
+
+
+def run_recording_head_features(cfg: RunConfig):
+    """Run ``cfg`` in process, recording at every ``head_stats`` step the pooled features (float64)
+    and labels of the client's data through its deployed model: ``(experiment, results, features,
+    labels)``, stacked over clients and tasks."""
+    from fedlorm.runtime.experiment import build_experiment
+    from fedlorm.runtime.simulator import run_simulation
+
+    exp = build_experiment(cfg)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    update = exp.client.update
+
+    def recording_update(arrays, instruction, data, generator):
+        reply = update(arrays, instruction, data, generator)
+        if instruction.phase == "head_stats":  # the deployed model is loaded: record its features
+            with torch.no_grad():
+                seen.append((exp.model.features(data.images).double(), data.labels))
+        return reply
+
+    exp.client.update = recording_update
+    results = run_simulation(cfg, experiment=exp)
+    return exp, results, torch.cat([f for f, _ in seen]), torch.cat([y for _, y in seen])
+
+
+@pytest.fixture
+def flower_process():
+    """What a Flower process holds, for tests that build messages or call the ClientApp in this one:
+    a run/node/task identity for messages; afterwards, fedlorm's logger (the ClientApp routes it to
+    Flower's handlers), torch's threads (it pins them) and its cached experiment restored."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlorm.flower import client
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    logger = logging.getLogger("fedlorm")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    threads = torch.get_num_threads()
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+    torch.set_num_threads(threads)
+    client._CACHE.clear()
 
 
 @pytest.fixture

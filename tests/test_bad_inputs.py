@@ -174,7 +174,7 @@ CLI_CASES: dict[str, Case] = {
     "normalize-unknown": Case(run_args("data.normalize=clip"), "'clip'"),
     "head-init-unknown": Case(run_args("model.head_init=xavier"), "'xavier'"),
     "adapt-tasks-without-the-analytic-head": Case(
-        run_args("lorm.adapt_tasks=1", "lorm.head_merge=fedavg"),
+        run_args("lorm.adapt_tasks=1", "lorm.head_merge=fedavg", "lorm.head_projection=0"),
         "lorm.adapt_tasks = 1 is not allowed with lorm.head_merge = 'fedavg'",
     ),
     "adapting-method-without-the-analytic-head": Case(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import run_recording_head_features, tiny_config
 from torch import nn
 
 from fedlorm.adapters import LoRALinear
@@ -217,22 +217,10 @@ def test_analytic_head_is_ridge_regression_on_every_seen_task_s_deployed_feature
     cfg = tiny_config(
         f"method={method}", "train.rounds=1", "lorm.head_merge=analytic", "lorm.head_ridge=0.01"
     )
-    exp = build_experiment(cfg)
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    update = exp.client.update
-
-    def recording_update(arrays, instruction, data, generator):
-        reply = update(arrays, instruction, data, generator)
-        if instruction.phase == "head_stats":  # the deployed model is loaded: record its features
-            with torch.no_grad():
-                seen.append((exp.model.features(data.images).double(), data.labels))
-        return reply
-
-    exp.client.update = recording_update
-    results = run_simulation(cfg, experiment=exp)
-    features = torch.cat([f for f, _ in seen]).numpy()
+    exp, results, seen_features, seen_labels = run_recording_head_features(cfg)
+    features = seen_features.numpy()
     features = np.hstack([features, np.ones((len(features), 1))])
-    targets = np.eye(10)[torch.cat([y for _, y in seen]).numpy()]
+    targets = np.eye(10)[seen_labels.numpy()]
     lam = 0.01 * np.mean(np.sum(features**2, axis=0))
     d = features.shape[1]
     solution = np.linalg.lstsq(

@@ -26,7 +26,10 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 def test_presets_lists_every_preset(capsys):
     code, out, _ = _run(capsys, "presets")
     assert code == 0
-    assert [line.split()[0] for line in out.strip().splitlines()] == list(PRESETS)
+    lines = out.strip().splitlines()
+    assert [line.split()[0] for line in lines if not line.startswith(" ")] == list(PRESETS)
+    validated = [line.split()[2].rstrip(":") for line in lines if line.strip().startswith("validated for")]
+    assert validated == [m for p in PRESETS.values() for m in p.validated]
 
 
 def test_run_writes_results_and_refuses_to_overwrite(capsys, tmp_path):

@@ -10,8 +10,6 @@ gets the whole broadcast, the one that lost its state asks again, and both are r
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from conftest import tiny_config
@@ -20,9 +18,8 @@ from reference_runs import assert_equals_reference
 pytest.importorskip("flwr")
 
 from flwr.app import Context, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
-from fedlorm.flower import client, clientapp
+from fedlorm.flower import clientapp
 from fedlorm.flower.delivery import ASKED, NEW_TO_NODE
 from fedlorm.flower.federation import run_federation
 from fedlorm.flower.local_grid import LocalGrid
@@ -196,17 +193,8 @@ def test_the_ledger_survives_its_record_and_a_forgotten_client_gets_everything()
 
 # -- over Flower ------------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
-def _flower_process():
-    """Messages built outside a Flower process need a run/node/task identity; the ClientApp routes
-    fedlorm's logger to Flower's handlers and pins torch threads: undo both afterwards."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    logger = logging.getLogger("fedlorm")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    threads = torch.get_num_threads()
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
-    torch.set_num_threads(threads)
-    client._CACHE.clear()
+def _flower_process(flower_process):
+    """Every test here runs as in a Flower process (conftest.flower_process)."""
 
 
 class ChangingGrid(LocalGrid):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import run_recording_head_features, tiny_config
 from torch import nn
 
 from fedlorm.backbones import Backbone
@@ -176,22 +176,10 @@ def test_a_run_deploys_the_ridge_solve_on_every_seen_task_s_projected_features(m
     of the features the clients' deployed models produced, and the deployed model's logits (which
     the run's accuracies come from) are that head on σ(F R) of the test features."""
     cfg = tiny_config("train.threads=1", "train.rounds=1", f"method={method}", *PROJECTED)
-    exp = build_experiment(cfg)
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    update = exp.client.update
-
-    def recording_update(arrays, instruction, data, generator):
-        reply = update(arrays, instruction, data, generator)
-        if instruction.phase == "head_stats":  # the deployed model is loaded: record its features
-            with torch.no_grad():
-                seen.append((exp.model.features(data.images).double(), data.labels))
-        return reply
-
-    exp.client.update = recording_update
-    results = run_simulation(cfg, experiment=exp)
+    exp, results, seen_features, seen_labels = run_recording_head_features(cfg)
     r = projection_matrix(exp.model.feature_dim, 96, cfg.seed).double().numpy()
-    h = np.maximum(torch.cat([f for f, _ in seen]).numpy() @ r, 0.0)
-    weight, bias = _ridge(h, np.eye(10)[torch.cat([y for _, y in seen]).numpy()], 0.01)
+    h = np.maximum(seen_features.numpy() @ r, 0.0)
+    weight, bias = _ridge(h, np.eye(10)[seen_labels.numpy()], 0.01)
     got_weight, got_bias = exp.server.analytic_head
     assert got_weight.shape == (10, 96)
     np.testing.assert_allclose(got_weight.double().numpy(), weight, rtol=2e-3, atol=2e-6)

@@ -7,8 +7,6 @@ and records every reply that reaches the server, so the tests can assert what th
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from conftest import tiny_config
@@ -18,7 +16,6 @@ pytest.importorskip("flwr")
 
 from flwr.app import Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlorm.config import ConfigError, apply_overrides, validate_config
 from fedlorm.flower import client, clientapp, strategy
@@ -40,16 +37,8 @@ TOLERANCE = 1e-6
 
 
 @pytest.fixture(autouse=True)
-def _isolation():
-    """Torch threads, the ClientApp's experiment cache, fedlorm's logger and Flower's message identity."""
-    threads = torch.get_num_threads()
-    logger = logging.getLogger("fedlorm")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    torch.set_num_threads(threads)
-    logger.handlers[:], logger.level, logger.propagate = saved
-    client._CACHE.clear()
+def _flower_process(flower_process):
+    """Every test here runs as in a Flower process (conftest.flower_process)."""
 
 
 class SecureLoopbackGrid(LocalGrid):

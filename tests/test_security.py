@@ -33,7 +33,6 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlorm.backbones import create_backbone
 from fedlorm.config import ConfigError, apply_overrides, validate_config
@@ -65,16 +64,8 @@ NODE0 = 501
 
 
 @pytest.fixture(autouse=True)
-def _isolation():
-    """Torch threads, the ClientApp's experiment cache, fedlorm's logger and Flower's message identity."""
-    threads = torch.get_num_threads()
-    logger = logging.getLogger("fedlorm")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    torch.set_num_threads(threads)
-    logger.handlers[:], logger.level, logger.propagate = saved
-    client._CACHE.clear()
+def _flower_process(flower_process):
+    """Every test here runs as in a Flower process (conftest.flower_process)."""
 
 
 # -- masks -----------------------------------------------------------------------------------------
@@ -886,6 +877,24 @@ def test_a_secure_flower_simulation_of_the_smoke_preset_leaves_nothing_per_clien
     assert not sorted(form for form in own if _written(form, text))
 
 
+def _first_secure_step(cfg, fault, *, min_clients):
+    """Task 0's first step as a SecAgg+ sum over 3 SuperNodes whose replies pass through ``fault``:
+    the experiment, its server state before the step, the grid and the step's report."""
+    exp = build_experiment(cfg)
+    classes = exp.scenario.task_classes(0)
+    exp.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
+    instruction = next(iter(exp.server.instructions(0, classes)))
+    start = _copy(exp.server.state_dict())
+    grid = RecordingGrid(_secure_run_config(cfg), 3, fault=fault)
+    strategy = FedlormStrategy(exp.server, 3, min_clients, reply_timeout=30.0)
+    assert strategy.discover(grid) == [0, 1, 2]
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    report = run_secure_step(
+        strategy, grid, context, exp.server, instruction, cfg.secure, server_round=1, timeout=30.0
+    )
+    return exp, start, grid, report
+
+
 def test_a_malformed_masked_vector_stops_the_secure_sum_not_the_server(monkeypatch):
     """Client 2 answers the masking stage with bytes that are no array: SecAgg+ breaks on it, the step
     keeps the state (``halted``) and says nothing about the client but that the sum failed."""
@@ -898,18 +907,7 @@ def test_a_malformed_masked_vector_stops_the_secure_sum_not_the_server(monkeypat
             record[Key.MASKED_PARAMETERS] = [b"not an array"] * len(record[Key.MASKED_PARAMETERS])
         return reply
 
-    exp = build_experiment(cfg)
-    classes = exp.scenario.task_classes(0)
-    exp.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
-    instruction = next(iter(exp.server.instructions(0, classes)))
-    start = _copy(exp.server.state_dict())
-    grid = RecordingGrid(_secure_run_config(cfg), 3, fault=garbage)
-    strategy = FedlormStrategy(exp.server, 3, 1, reply_timeout=30.0)
-    assert strategy.discover(grid) == [0, 1, 2]
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    report = run_secure_step(
-        strategy, grid, context, exp.server, instruction, cfg.secure, server_round=1, timeout=30.0
-    )
+    exp, start, _, report = _first_secure_step(cfg, garbage, min_clients=1)
     assert report.kept == "halted" and report.merged == [] and report.tally is None
     assert {d.reason for d in report.dropped} == {
         "no secure sum: SecAgg+ failed on a client's message (ValueError)"
@@ -926,18 +924,7 @@ def test_a_secure_step_with_fewer_contributors_than_min_clients_reveals_no_sum()
         stage = message.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE)
         return None if partition == 2 and stage == Stage.COLLECT_MASKED_VECTORS else reply
 
-    exp = build_experiment(cfg)
-    classes = exp.scenario.task_classes(0)
-    exp.server.start_task(0, classes, torch_generator(cfg.seed, "server"))
-    instruction = next(iter(exp.server.instructions(0, classes)))
-    start = _copy(exp.server.state_dict())
-    grid = RecordingGrid(_secure_run_config(cfg), 3, fault=lose_2)
-    strategy = FedlormStrategy(exp.server, 3, 3, reply_timeout=30.0)
-    assert strategy.discover(grid) == [0, 1, 2]
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    report = run_secure_step(
-        strategy, grid, context, exp.server, instruction, cfg.secure, server_round=1, timeout=30.0
-    )
+    exp, start, grid, report = _first_secure_step(cfg, lose_2, min_clients=3)
     assert report.kept == "too-few" and report.merged == [] and report.tally is None
     assert Stage.UNMASK not in {stage for _, stage in grid.stages}
     _same_state(_copy(exp.server.state_dict()), start)

@@ -256,7 +256,13 @@ def check_method_config(cfg: RunConfig) -> None:
             "lorm.stats_model='reference' reproduces the authors' setup and needs "
             f"lorm.task_start='pretrained', got {lorm.task_start!r}"
         )
+    _check_frozen_backbone_head(cfg, method)
     _check_head_projection(cfg, task_structured)
+
+
+def _check_frozen_backbone_head(cfg: RunConfig, method: Method | None) -> None:
+    """An adapted-task limit needs a head that takes later tasks' classes from feature sums alone."""
+    lorm = cfg.lorm
     limit = method.adapted_tasks(cfg) if method is not None else lorm.adapt_tasks
     head = HEADS.get(lorm.head_merge)
     if limit is None or head is None or head.supports_frozen_backbone:
