@@ -80,7 +80,7 @@ def _check_gram(key: str, value: Tensor) -> None:
         raise InvalidReplyError(f"{key} is a Gram but is not symmetric")
     # A Cholesky factorisation of G + tol·max|G|·I exists iff no eigenvalue is below -tol·max|G|; it is
     # several times cheaper than an eigendecomposition of a 3072×3072 Gram.
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    shifted = gram + _PSD_TOL * gram.shape[0] * scale * eye
+    shifted = gram.clone()
+    shifted.diagonal().add_(_PSD_TOL * gram.shape[0] * scale)
     if int(torch.linalg.cholesky_ex(shifted).info) != 0:
         raise InvalidReplyError(f"{key} is a Gram but not positive semi-definite")
