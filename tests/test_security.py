@@ -651,12 +651,9 @@ class _Crash(BaseException):
     """The server process dies (not an Exception: nothing in the run may catch it)."""
 
 
-def test_a_resumed_secure_step_sums_its_first_contributors_or_keeps_the_state(monkeypatch, tmp_path):
-    """The server learns task 1 round 2's sum over clients 0-2 and dies before its checkpoint. Resumed
-    with client 2 gone at masking, the step halts before any mask is removed (no unmask stage, no
-    merge): the server never holds a sum over 0-1 that, with the first, would give client 2's reply."""
-    cfg = tiny_config("train.threads=1", "secure.aggregation=true")
-    settings = FlowerSettings(out=str(tmp_path), min_clients=1, reply_timeout=60.0, federated_eval=False)
+def _crash_before_the_second_steps_checkpoint(monkeypatch, cfg, settings, out):
+    """Run ``cfg`` securely until the server has folded task 1 round 2's sum, then kill it (before
+    that step's checkpoint)."""
     fold = secure_step.fold_secure_sum
 
     def crash_at_second_step(server, instruction, *args, **kwargs):
@@ -666,9 +663,18 @@ def test_a_resumed_secure_step_sums_its_first_contributors_or_keeps_the_state(mo
 
     monkeypatch.setattr(secure_step, "fold_secure_sum", crash_at_second_step)
     with pytest.raises(_Crash):
-        run_federation(RecordingGrid(_secure_run_config(cfg), 3), build_experiment(cfg), settings, tmp_path)
-    assert json.loads((tmp_path / SECURE_JOURNAL).read_text())["task0.round1"] == [0, 1, 2]
+        run_federation(RecordingGrid(_secure_run_config(cfg), 3), build_experiment(cfg), settings, out)
     monkeypatch.setattr(secure_step, "fold_secure_sum", fold)
+
+
+def test_a_resumed_secure_step_sums_its_first_contributors_or_keeps_the_state(monkeypatch, tmp_path):
+    """The server learns task 1 round 2's sum over clients 0-2 and dies before its checkpoint. Resumed
+    with client 2 gone at masking, the step halts before any mask is removed (no unmask stage, no
+    merge): the server never holds a sum over 0-1 that, with the first, would give client 2's reply."""
+    cfg = tiny_config("train.threads=1", "secure.aggregation=true")
+    settings = FlowerSettings(out=str(tmp_path), min_clients=1, reply_timeout=60.0, federated_eval=False)
+    _crash_before_the_second_steps_checkpoint(monkeypatch, cfg, settings, tmp_path)
+    assert json.loads((tmp_path / SECURE_JOURNAL).read_text())["task0.round1"] == [0, 1, 2]
 
     first_resumed_step = []
 
@@ -705,19 +711,7 @@ def test_a_resumed_secure_step_with_its_first_contributors_equals_an_uninterrupt
     settings = FlowerSettings(
         out=str(tmp_path / "a"), min_clients=1, reply_timeout=60.0, federated_eval=False
     )
-    fold = secure_step.fold_secure_sum
-
-    def crash_at_second_step(server, instruction, *args, **kwargs):
-        if (instruction.task, instruction.round) == (0, 1):
-            raise _Crash
-        return fold(server, instruction, *args, **kwargs)
-
-    monkeypatch.setattr(secure_step, "fold_secure_sum", crash_at_second_step)
-    with pytest.raises(_Crash):
-        run_federation(
-            RecordingGrid(_secure_run_config(cfg), 3), build_experiment(cfg), settings, tmp_path / "a"
-        )
-    monkeypatch.setattr(secure_step, "fold_secure_sum", fold)
+    _crash_before_the_second_steps_checkpoint(monkeypatch, cfg, settings, tmp_path / "a")
     resumed_exp = build_experiment(cfg)
     resumed = run_federation(
         RecordingGrid(_secure_run_config(cfg), 3), resumed_exp, settings, tmp_path / "a", resume=True
