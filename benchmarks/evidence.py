@@ -318,7 +318,8 @@ def test_runs(root: Path, settings: Iterable[str] = tuple(SETTINGS)) -> list[Pla
                     continue
                 runs.append(PlannedRun(root / "test" / setting / method / f"s{seed}", preset, method, seed,
                                        tuple([*COMMON, *TEST])))
-                if method in PLAIN_VARIANTS and "lorm.head_projection" in PRESETS[preset].validated.get(method, {}):
+                projected = "lorm.head_projection" in PRESETS[preset].validated.get(method, {})
+                if method in PLAIN_VARIANTS and projected:
                     ridge = PRESETS[preset].overrides["lorm"]["head_ridge"]
                     plain_runs.append(PlannedRun(root / "test" / setting / f"{method}-plain" / f"s{seed}",
                                                  preset, method, seed,
@@ -635,7 +636,8 @@ def main() -> None:
         sel = select(args.runs) if args.stage in ("select", "all") else Selection()
         pending = list(sel.needed)
         if args.stage in ("test", "all") and not sel.needed:
-            pending += [run for run in test_runs(args.runs, _settings(args.settings)) if _results(run) is None]
+            planned = test_runs(args.runs, _settings(args.settings))
+            pending += [run for run in planned if _results(run) is None]
         if args.action == "plan" or not pending:
             for run in pending:
                 print(" ".join(run.command()[2:]))
