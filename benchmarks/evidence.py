@@ -170,6 +170,12 @@ class Selection:
     needed: list[PlannedRun] = field(default_factory=list)
 
 
+def _runs_at(method: str, setting: str) -> bool:
+    """Whether ``method`` has runs of its own at ``setting``: β-free methods run at β = 0.5 and on
+    ``headroom`` only, and serve the other β settings from β = 0.5."""
+    return method not in BETA_FREE or setting in ("b0.5", "headroom")
+
+
 def _selection_run(root: Path, setting: str, method: str, label: str, keys: dict[str, Any]) -> PlannedRun:
     overrides = [*COMMON, *VALIDATION, *(f"{k}={v}" for k, v in keys.items())]
     return PlannedRun(root / "select" / setting / method / label / "s0", SETTINGS[setting], method, 0,
@@ -191,7 +197,7 @@ def select(root: Path) -> Selection:
     out = Selection()
     for setting in SETTINGS:
         for method in METHODS:
-            if method in BETA_FREE and setting not in ("b0.5", "headroom"):
+            if not _runs_at(method, setting):
                 continue
             if method == "head-only":  # nothing a rate acts on: one run, nothing chosen
                 run = _selection_run(root, setting, method, "", _selection_keys(method, None))
@@ -314,7 +320,7 @@ def test_runs(root: Path, settings: Iterable[str] = tuple(SETTINGS)) -> list[Pla
         preset = SETTINGS[setting]
         for seed in SEEDS:
             for method in METHODS:
-                if method in BETA_FREE and setting not in ("b0.5", "headroom"):
+                if not _runs_at(method, setting):
                     continue
                 runs.append(PlannedRun(root / "test" / setting / method / f"s{seed}", preset, method, seed,
                                        tuple([*COMMON, *TEST])))
